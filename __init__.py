@@ -1,0 +1,22 @@
+"""SISO (Single Image Subject Optimization) for ComfyUI.
+
+Registered through ComfyUI's V3 extension API. Importing the pack is cheap: timm and the
+feature networks load only when SISO Optimize first runs.
+"""
+from comfy_api.v0_0_2 import ComfyExtension
+
+from .siso_ops.comfy_adapter import register_model_folders
+
+WEB_DIRECTORY = "./web"
+
+register_model_folders()
+
+
+class SISOExtension(ComfyExtension):
+    async def get_node_list(self):
+        from .nodes import NODES
+        return NODES
+
+
+async def comfy_entrypoint() -> SISOExtension:
+    return SISOExtension()

@@ -1,0 +1,96 @@
+import logging
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..siso_ops import comfy_adapter as host
+from ..siso_ops.generation import GenerationSettings, optimize_subject
+from ..siso_ops.optimize import OptimizationSettings
+from ..siso_ops.report import loss_curve
+from .progress import IterationProgress
+from .graph_types import CATEGORY, Subject, SubjectLoRA
+
+log = logging.getLogger("siso")
+
+
+class SISOOptimize(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        weight_files = host.weight_file_choices()
+        return io.Schema(
+            node_id="SISOOptimize",
+            display_name="SISO Optimize Subject LoRA",
+            category=CATEGORY,
+            description=(
+                "Single Image Subject Optimization: learns a small LoRA on YOUR loaded model until the image it "
+                "generates from a fixed seed looks like the subject photo (judged by DINOv2 and an image-retrieval "
+                "network). Use a simple prompt ('a photo of a dog') and 1 step here, then apply the LoRA with any "
+                "prompt and more steps. Progress shows the current image every iteration; Cancel stops within one "
+                "iteration. The input MODEL and VAE are not changed."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.x, SD2.x / SD-Turbo, SDXL / SDXL-Turbo, Flux)."),
+                io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
+                io.Conditioning.Input("positive", tooltip="The SIMPLE prompt, e.g. 'a photo of a dog' (better prompt adherence later)."),
+                Subject.Input("subject", tooltip="From SISO Load Subject."),
+                io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
+                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The ONE noise seed reused at every iteration."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=8, tooltip="Image width during optimisation (multiple of 8)."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Image height during optimisation (multiple of 8)."),
+                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Denoising steps per iteration (1 for turbo/schnell models)."),
+                io.Int.Input("grad_steps", default=1, min=1, max=50, tooltip="Gradients flow through the last this-many steps only (1 for distilled models, about 3 for 20-step models)."),
+                io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
+                io.Int.Input("max_iterations", default=50, min=1, max=1000, tooltip="Iteration cap."),
+                io.Float.Input("learning_rate", default=2e-4, min=1e-6, max=1e-1, step=1e-5, tooltip="AdamW learning rate (paper: 2e-4 generation, 3e-4 editing)."),
+                io.Int.Input("lora_rank", default=4, min=1, max=128, tooltip="LoRA rank."),
+                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=128.0, step=0.5, tooltip="LoRA alpha; 0 means alpha = rank (scale 1)."),
+                io.Combo.Input("lora_target", options=list(host.TARGETS), default=host.TARGETS[0], tooltip="Layers that get LoRA: attention q/k/v/out (for Flux also context projections and MLPs), or every linear layer."),
+                io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight a of the DINOv2 distance (0 skips the network)."),
+                io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
+                io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, tooltip="Stop when the loss has not improved by this many percent..."),
+                io.Int.Input("early_stop_patience", default=7, min=1, max=1000, tooltip="...within this many iterations."),
+            ],
+            outputs=[
+                SubjectLoRA.Output(display_name="subject_lora", tooltip="The best iteration's LoRA: connect to SISO Apply LoRA or SISO Save LoRA."),
+                io.Image.Output(display_name="best_image", tooltip="The image of the best iteration."),
+                io.Image.Output(display_name="loss_curve", tooltip="Loss (white), DINO (blue) and IR (orange) distance per iteration; the best iteration is circled."),
+                io.String.Output(display_name="report", tooltip="Why it stopped and the best loss."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=512, height=512, steps=1, grad_steps=1, max_iterations=50, **kwargs):
+        if isinstance(width, int) and width % 8:
+            return f"width {width} is not a multiple of 8"
+        if isinstance(height, int) and height % 8:
+            return f"height {height} is not a multiple of 8"
+        if isinstance(steps, int) and isinstance(grad_steps, int) and grad_steps > steps:
+            return f"grad_steps ({grad_steps}) cannot exceed steps ({steps})"
+        if isinstance(max_iterations, int) and max_iterations < 1:
+            return f"max_iterations must be at least 1, got {max_iterations}"
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, positive, subject, dino_weights, ir_weights, seed, width, height, steps, grad_steps,
+                scheduler, max_iterations, learning_rate, lora_rank, lora_alpha, lora_target, dino_weight, ir_weight,
+                early_stop_percent, early_stop_patience):
+        settings = GenerationSettings(
+            width=width, height=height, seed=seed, steps=steps, grad_steps=grad_steps, scheduler=scheduler,
+            rank=lora_rank, alpha=lora_alpha, target=lora_target, dino_weight=dino_weight, ir_weight=ir_weight,
+            optimization=OptimizationSettings(max_iterations=max_iterations, learning_rate=learning_rate,
+                                              early_stop_percent=early_stop_percent,
+                                              early_stop_patience=early_stop_patience))
+        settings.check()
+        host.check_supported(model)
+        # Resolve both files before any expensive work so a missing one fails fast.
+        dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
+        ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
+        progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None))
+        lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
+                                                    on_iteration=progress)
+        report = result.describe()
+        progress.finish(report)
+        log.info("SISO: %s", report)
+        curve = torch.from_numpy(loss_curve(result.history, result.best_iteration)).unsqueeze(0)
+        return io.NodeOutput(lora, best_image, curve, report, ui={"text": [report]})

@@ -1,0 +1,311 @@
+"""The one module that knows ComfyUI's internals (0.3.75).
+
+It turns the host's MODEL / VAE / CONDITIONING into what the SISO loop needs: a trainable
+LoRA on a *clone* of the model, a denoiser callable over sigma driven through ComfyUI's own
+guider (so SDXL's size vectors and Flux's guidance are built by ComfyUI, not by hand), a
+sigma schedule, and a differentiable decoder. The host's objects are never mutated: the
+LoRA lives in weight wrappers of the clone, the decoder is a private copy, and the clone is
+unloaded in a ``finally`` so the shared modules return to their stock state.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import re
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import folder_paths
+
+from .feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
+from .lora import LoRADelta, export_lora
+
+log = logging.getLogger("siso")
+
+WEIGHTS_FOLDER = "siso"
+SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST)
+# BaseModel covers SD1.x and SD2.x (eps and v); the others are ComfyUI's class names.
+SUPPORTED_MODELS = ("BaseModel", "SDXL", "Flux")
+SCHEDULERS = tuple(comfy.samplers.SCHEDULER_NAMES)
+
+UNET_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+DIT_DEFAULT = re.compile(
+    r"\.(img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.0|img_mlp\.2|"
+    r"txt_mlp\.0|txt_mlp\.2|linear1|linear2)\.weight$")
+TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
+
+
+# ----------------------------------------------------------------------------- model folders
+def register_model_folders():
+    """models/siso for the similarity networks; entries from extra_model_paths.yaml are kept."""
+    default = os.path.join(folder_paths.models_dir, WEIGHTS_FOLDER)
+    known = folder_paths.folder_names_and_paths.get(WEIGHTS_FOLDER)
+    if known is None or default not in known[0]:
+        folder_paths.add_model_folder_path(WEIGHTS_FOLDER, default)
+    paths, extensions = folder_paths.folder_names_and_paths[WEIGHTS_FOLDER]
+    folder_paths.folder_names_and_paths[WEIGHTS_FOLDER] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+def weight_file_choices() -> list:
+    return folder_paths.get_filename_list(WEIGHTS_FOLDER)
+
+
+EXPECTED_FILES = {
+    "dino": ("DINOv2 ViT-L/14", "dinov2_vitl14.safetensors (or dinov2_vitl14_pretrain.pth)", DINO_SOURCE),
+    "ir": ("IR ViT-H/14 + fc1", "ir_features.pth (or ir_features.safetensors)", IR_SOURCE),
+}
+
+
+def weight_file_path(kind: str, name: str) -> str:
+    what, expected, source = EXPECTED_FILES[kind]
+    folders = folder_paths.get_folder_paths(WEIGHTS_FOLDER)
+    path = folder_paths.get_full_path(WEIGHTS_FOLDER, name) if name else None
+    if path is None:
+        raise WeightFileError(
+            f"{what} weights '{name}' not found. Put {expected} into one of the '{WEIGHTS_FOLDER}' "
+            f"model folders {folders} (or add a '{WEIGHTS_FOLDER}:' entry to extra_model_paths.yaml) "
+            f"and refresh. Source: {source}.")
+    return path
+
+
+# ----------------------------------------------------------------------------- model checks
+def describe_model(model) -> str:
+    base = model.model
+    sampling = type(model.get_model_object("model_sampling")).__name__
+    return f"{type(base).__name__} ({type(base.model_config).__name__}, {sampling})"
+
+
+def check_supported(model):
+    """Raise before any work when the MODEL has no differentiable path we know."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(model, "get_model_object"):
+        raise TypeError(f"expected a ComfyUI MODEL, got {type(model).__name__}")
+    name = type(base).__name__
+    sampling = model.get_model_object("model_sampling")
+    if name not in SUPPORTED_MODELS or not isinstance(sampling, SUPPORTED_SAMPLING):
+        raise ValueError(
+            f"SISO cannot optimise this model type: {describe_model(model)}. Supported: SD1.x, "
+            "SD2.x (eps and v), SDXL (SDXL-Turbo) and Flux (schnell, dev) with EPS, V-prediction "
+            "or flow sampling.")
+    if getattr(base, "latent_format", None) is not None and base.latent_format.latent_dimensions != 2:
+        raise ValueError(f"SISO needs an image model; {describe_model(model)} makes video/3D latents")
+
+
+def is_dit(model) -> bool:
+    return type(model.model).__name__ == "Flux"
+
+
+def compute_device():
+    return comfy.model_management.get_torch_device()
+
+
+def throw_if_interrupted():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# ----------------------------------------------------------------------------- conditioning
+def _detach_copy(obj):
+    """Normal (non-inference) copies of every tensor in a conditioning structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _detach_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_detach_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_detach_copy(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- trainable clone
+def _identity(weight):
+    # A non-empty wrapper list makes ComfyUI's cast path hand out a fresh copy of the weight,
+    # so no inference tensor of the host model is ever saved for backward.
+    return weight
+
+
+class _CloneInput:
+    """Calls a norm layer on a copy of its input: ComfyUI's DiT blocks add residuals in place
+    after a LayerNorm saved its input for backward."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def __call__(self, x, *args, **kwargs):
+        return self.forward(x.clone(), *args, **kwargs)
+
+
+class TrainableModel:
+    """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
+
+    def __init__(self, model, rank: int = 4, alpha: float | None = None, target: str = TARGETS[0]):
+        check_supported(model)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.host = model
+        self.rank = int(rank)
+        self.alpha = float(alpha if alpha else rank)
+        self.patcher = model.clone()
+        self.deltas = {}
+        device = model.load_device
+        diffusion = self.patcher.model.diffusion_model
+        all_linear = target == TARGETS[1]
+        pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+        for name, module in diffusion.named_modules():
+            full = f"diffusion_model.{name}"
+            if hasattr(module, "weight_function"):
+                weight = getattr(module, "weight", None)
+                if weight is not None:
+                    key = f"{full}.weight"
+                    self.patcher.add_weight_wrapper(key, _identity)
+                    wanted = isinstance(module, torch.nn.Linear) and (all_linear or pattern.search(key))
+                    if wanted:
+                        delta = LoRADelta(weight.shape[0], weight.shape[1], self.rank, self.alpha, device=device)
+                        self.patcher.add_weight_wrapper(key, delta)
+                        self.deltas[key] = delta
+                if getattr(module, "bias", None) is not None:
+                    self.patcher.add_weight_wrapper(f"{full}.bias", _identity)
+            else:
+                # Raw parameters outside ComfyUI's cast path (e.g. Flux's RMSNorm scales):
+                # give the clone its own normal copies.
+                for pname, param in module.named_parameters(recurse=False):
+                    self.patcher.add_object_patch(f"diffusion_model.{name}.{pname}".replace("..", "."),
+                                                  torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+            if is_dit(model) and isinstance(module, torch.nn.LayerNorm):
+                self.patcher.add_object_patch(f"{full}.forward", _CloneInput(module.forward))
+        if not self.deltas:
+            raise ValueError(f"no LoRA target layers found in {describe_model(model)} for target '{target}'")
+
+    def parameters(self) -> dict:
+        out = {}
+        for key, delta in self.deltas.items():
+            out[f"{key}:down"] = delta.down
+            out[f"{key}:up"] = delta.up
+        return out
+
+    def load_state(self, state: dict):
+        with torch.no_grad():
+            for name, param in self.parameters().items():
+                param.copy_(state[name])
+
+    def export(self, state: dict | None = None) -> dict:
+        if state is not None:
+            self.load_state(state)
+        return export_lora(self.deltas)
+
+    def unload(self):
+        """Detach the clone from the shared modules (weights, wrappers and object patches)."""
+        for loaded in list(comfy.model_management.current_loaded_models):
+            if loaded.model is self.patcher:
+                loaded.model_unload()
+                comfy.model_management.current_loaded_models.remove(loaded)
+        self.patcher.detach(unpatch_all=True)
+        self.patcher.weight_wrapper_patches = {}
+        self.patcher.object_patches = {}
+
+
+# ----------------------------------------------------------------------------- sampling
+def sigma_schedule(model, scheduler: str, steps: int) -> torch.Tensor:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler '{scheduler}', choose one of {SCHEDULERS}")
+    sampling = model.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(sampling, scheduler, steps).float()
+
+
+def empty_latent(model, width: int, height: int) -> torch.Tensor:
+    latent = torch.zeros([1, 4, height // 8, width // 8])
+    return comfy.sample.fix_empty_latent_channels(model, latent)
+
+
+def seed_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
+    # The exact noise a stock KSampler draws for this seed, so iteration 0 matches it.
+    return comfy.sample.prepare_noise(latent, seed)
+
+
+class _LoopSampler(comfy.samplers.Sampler):
+    """A ComfyUI sampler whose "sampling" is the caller's whole optimisation loop.
+
+    ComfyUI's guider loads the model, builds the model-specific conditioning and then calls
+    ``sample``; we hand the caller a denoiser over (x, sigma) and the start latent."""
+
+    def __init__(self, body):
+        self.body = body
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        sampling = model_wrap.inner_model.model_sampling
+
+        def denoise(x, sigma):
+            return model_wrap(x, sigma.reshape(1).expand(x.shape[0]).to(x), **extra_args)
+
+        start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        self.result = self.body(denoise, start, sigmas)
+        return latent_image
+
+
+def run_with_denoiser(trainable: TrainableModel, positive, latent: torch.Tensor, noise: torch.Tensor,
+                      sigmas: torch.Tensor, seed: int, body):
+    """Run ``body(denoise, start_latent, sigmas)`` inside ComfyUI's guider; return its result."""
+    guider = comfy.samplers.CFGGuider(trainable.patcher)
+    guider.set_conds(_detach_copy(positive), [])
+    guider.set_cfg(1.0)
+    sampler = _LoopSampler(body)
+    guider.sample(noise, latent, sampler, sigmas, seed=seed)
+    return sampler.result
+
+
+# ----------------------------------------------------------------------------- decoding
+class DifferentiableDecoder:
+    """A private copy of the VAE decoder: model latents -> unclamped RGB in [0, 1] range.
+
+    ``VAE.decode`` clamps (zero gradients), may tile and moves data off the device; the host
+    VAE's weights are inference tensors, so we decode with our own copy."""
+
+    def __init__(self, vae, model, device, dtype=torch.float32):
+        first_stage = vae.first_stage_model
+        encoder = getattr(first_stage, "encoder", None)
+        memo = {id(encoder): None} if encoder is not None else {}
+        self.module = copy.deepcopy(first_stage, memo)  # the encoder is not needed to decode
+        self.module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.model = model.model
+        self.dtype = dtype
+
+    def __call__(self, model_latent: torch.Tensor) -> torch.Tensor:
+        latent = self.model.process_latent_out(model_latent)
+        pixels = self.module.decode(latent.to(self.dtype))
+        return (pixels.float() + 1.0) / 2.0
+
+    def release(self):
+        self.module = None
+
+
+# ----------------------------------------------------------------------------- LoRA use
+def apply_lora(model, lora_tensors: dict, strength: float):
+    """The stock LoRA path (same as LoraLoaderModelOnly): a patched clone of the MODEL."""
+    if strength == 0:
+        return model
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
+    return patched
+
+
+def lora_folder() -> str:
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+def free_cached_memory():
+    comfy.model_management.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def training_mode():
+    """Gradients inside a node: ComfyUI runs nodes under inference_mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield

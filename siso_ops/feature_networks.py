@@ -1,0 +1,211 @@
+"""The two similarity networks SISO scores against, built with timm and loaded from the
+published checkpoint formats, strictly.
+
+- DINOv2 ViT-L/14 (timm ``vit_large_patch14_dinov2``), CLS token after the final norm, input
+  518 px. Accepted files: timm's own ``model.safetensors`` (hub repo
+  ``timm/vit_large_patch14_dinov2.lvd142m``) and Meta's ``dinov2_vitl14_pretrain.pth``.
+- IR: the image-retrieval tower of the 1st-place Google Universal Image Embedding solution:
+  OpenCLIP ViT-H/14 vision tower at 290 px whose patch convolution has stride 12 (24 x 24
+  overlapping patches + CLS = 577 tokens), ``ln_post(CLS) @ proj`` (1024-d), then the
+  ``fc1`` head 1024 -> 64. Accepted file: the authors' ``ir_features.pth`` state dict
+  (optionally with a ``module.`` prefix, OpenCLIP key names, ``fc1``; ``fc2`` is the unused
+  margin head and is ignored) or the same tensors as ``.safetensors``.
+
+Widths and depths are read from the file (so small test networks in the same format load
+through the same code); everything that defines the published geometry (patch size, stride,
+token count, head size) is checked and a mismatch is reported with the file name.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+DINO_IMAGE_SIZE = 518
+DINO_PATCH = 14
+DINO_HEAD_DIM = 64
+IR_IMAGE_SIZE = 290
+IR_PATCH = 14
+IR_STRIDE = 12
+IR_HEAD_DIM = 80
+IR_EMBED_DIM = 64
+
+DINO_SOURCE = ("https://huggingface.co/timm/vit_large_patch14_dinov2.lvd142m (model.safetensors) "
+               "or Meta's dinov2_vitl14_pretrain.pth from https://github.com/facebookresearch/dinov2")
+IR_SOURCE = ("the ir_features.pth file of the SISO authors' setup (Kaggle dataset of the 1st-place "
+             "Google Universal Image Embedding solution, linked from https://github.com/yairshp/SISO); "
+             "it must be downloaded and placed by hand")
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing or not in the expected format; the message says what to do."""
+
+
+def read_state_dict(path: str) -> dict:
+    """Tensors of a .safetensors or .pth/.pt/.bin file; pickles only with weights_only=True."""
+    if not os.path.isfile(path):
+        raise WeightFileError(f"weight file not found: {path}")
+    if path.endswith(".safetensors"):
+        import safetensors.torch
+        return safetensors.torch.load_file(path, device="cpu")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle refused or not a torch file: say which file and why
+        raise WeightFileError(
+            f"{os.path.basename(path)} could not be read as a PyTorch weight file with "
+            f"weights_only=True ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "Use the published file or convert it to .safetensors.") from error
+    for wrapper in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightFileError(f"{os.path.basename(path)} does not hold a state dict of tensors")
+    return data
+
+
+def _strip_prefix(state_dict: dict, prefix: str) -> dict:
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _block_count(keys, pattern: str) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _load_strict(model: torch.nn.Module, state_dict: dict, path: str, what: str, source: str):
+    missing, unexpected = [], []
+    own = model.state_dict()
+    for key in own:
+        if key not in state_dict:
+            missing.append(key)
+    for key, value in state_dict.items():
+        if key not in own:
+            unexpected.append(key)
+        elif own[key].shape != value.shape:
+            unexpected.append(f"{key} (shape {tuple(value.shape)}, expected {tuple(own[key].shape)})")
+    if missing or unexpected:
+        raise WeightFileError(
+            f"{os.path.basename(path)} is not a {what} checkpoint: "
+            f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected or mis-shaped "
+            f"keys {unexpected[:4]}. Expected {source}.")
+    model.load_state_dict(state_dict, strict=True)
+
+
+@dataclass
+class FeatureNetwork:
+    """A frozen embedding network with its input geometry."""
+    module: torch.nn.Module
+    image_size: int
+    mean: tuple
+    std: tuple
+    name: str
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        from .preprocess import prepare_for_network
+        x = prepare_for_network(images, self.image_size, self.mean, self.std)
+        return self.module(x.to(next(self.module.parameters()).dtype))
+
+    def to(self, *args, **kwargs):
+        self.module.to(*args, **kwargs)
+        return self
+
+    def __repr__(self):
+        return f"FeatureNetwork({self.name}, {self.image_size}px)"
+
+
+def load_dino(path: str) -> FeatureNetwork:
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    sd = _strip_prefix(read_state_dict(path), "module.")
+    name = os.path.basename(path)
+    if "cls_token" not in sd or "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        raise WeightFileError(f"{name} is not a DINOv2 ViT checkpoint (no cls_token / pos_embed / "
+                              f"patch_embed.proj.weight). Expected {DINO_SOURCE}.")
+    width = sd["cls_token"].shape[-1]
+    depth = _block_count(sd, r"blocks\.(\d+)\.")
+    tokens = (DINO_IMAGE_SIZE // DINO_PATCH) ** 2 + 1
+    if sd["patch_embed.proj.weight"].shape[-1] != DINO_PATCH or sd["pos_embed"].shape[-2] != tokens:
+        raise WeightFileError(
+            f"{name}: patch size {sd['patch_embed.proj.weight'].shape[-1]} and "
+            f"{sd['pos_embed'].shape[-2]} position entries do not match DINOv2 ViT-/14 at 518 px "
+            f"({DINO_PATCH}, {tokens}). Expected {DINO_SOURCE}.")
+    if width % DINO_HEAD_DIM:
+        raise WeightFileError(f"{name}: width {width} is not a multiple of DINOv2's head size 64")
+    model = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=DINO_IMAGE_SIZE,
+                              embed_dim=width, depth=depth, num_heads=width // DINO_HEAD_DIM,
+                              num_classes=0)
+    converted = checkpoint_filter_fn(dict(sd), model)
+    _load_strict(model, converted, path, "DINOv2 ViT/14", DINO_SOURCE)
+    model.eval().requires_grad_(False)
+    return FeatureNetwork(model, DINO_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, f"DINOv2 {name}")
+
+
+class IRNetwork(torch.nn.Module):
+    """OpenCLIP ViT-H/14 tower with stride-12 patches and the 1024 -> 64 ``fc1`` head."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.fc1 = head
+
+    def forward(self, x):
+        return self.fc1(self.backbone(x))
+
+
+def _build_ir_backbone(width: int, depth: int, proj_dim: int):
+    import timm
+    model = timm.create_model("vit_huge_patch14_clip_224", pretrained=False, img_size=IR_IMAGE_SIZE,
+                              embed_dim=width, depth=depth, num_heads=width // IR_HEAD_DIM,
+                              num_classes=proj_dim)
+    grid = (IR_IMAGE_SIZE - IR_PATCH) // IR_STRIDE + 1
+    # Overlapping patches: same 14 px kernel, stride 12 -> a 24 x 24 grid (577 tokens with CLS).
+    model.patch_embed.proj.stride = (IR_STRIDE, IR_STRIDE)
+    model.patch_embed.grid_size = (grid, grid)
+    model.patch_embed.num_patches = grid * grid
+    model.pos_embed = torch.nn.Parameter(torch.zeros(1, grid * grid + 1, width))
+    return model
+
+
+def load_ir(path: str) -> FeatureNetwork:
+    from timm.models.vision_transformer import _convert_openai_clip
+    from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    sd = _strip_prefix(read_state_dict(path), "module.")
+    name = os.path.basename(path)
+    required = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+                "visual.proj", "fc1.weight", "fc1.bias")
+    absent = [k for k in required if k not in sd]
+    if absent:
+        raise WeightFileError(f"{name} is not an IR (OpenCLIP ViT-H/14 + fc1) checkpoint: missing "
+                              f"{absent}. Expected {IR_SOURCE}.")
+    width = sd["visual.class_embedding"].shape[-1]
+    depth = _block_count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
+    proj_dim = sd["visual.proj"].shape[-1]
+    grid = (IR_IMAGE_SIZE - IR_PATCH) // IR_STRIDE + 1
+    if sd["visual.conv1.weight"].shape[-1] != IR_PATCH or sd["visual.positional_embedding"].shape[0] != grid * grid + 1:
+        raise WeightFileError(
+            f"{name}: patch size {sd['visual.conv1.weight'].shape[-1]} and "
+            f"{sd['visual.positional_embedding'].shape[0]} position entries do not match the IR "
+            f"tower (14 px patches, stride 12 at 290 px: {grid * grid + 1} positions). Expected {IR_SOURCE}.")
+    if sd["fc1.weight"].shape != (IR_EMBED_DIM, proj_dim):
+        raise WeightFileError(f"{name}: fc1 has shape {tuple(sd['fc1.weight'].shape)}, expected "
+                              f"({IR_EMBED_DIM}, {proj_dim}). Expected {IR_SOURCE}.")
+    if width % IR_HEAD_DIM:
+        raise WeightFileError(f"{name}: width {width} is not a multiple of ViT-H's head size 80")
+    backbone = _build_ir_backbone(width, depth, proj_dim)
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    leftovers = [k for k in sd if not k.startswith(("visual.", "fc1.", "fc2."))]
+    if leftovers:
+        raise WeightFileError(f"{name} has keys the IR network does not use: {leftovers[:4]}. "
+                              f"Expected {IR_SOURCE}.")
+    _load_strict(backbone, _convert_openai_clip(visual, backbone), path, "IR ViT-H/14", IR_SOURCE)
+    head = torch.nn.Linear(proj_dim, IR_EMBED_DIM)
+    head.load_state_dict({"weight": sd["fc1.weight"], "bias": sd["fc1.bias"]}, strict=True)
+    model = IRNetwork(backbone, head).eval().requires_grad_(False)
+    return FeatureNetwork(model, IR_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, f"IR {name}")

@@ -1,0 +1,126 @@
+"""SISO subject-driven generation: optimise a LoRA on the host model until its image from a
+fixed seed matches the subject photo. The node calls ``optimize_subject``; everything
+ComfyUI-specific goes through ``comfy_adapter``."""
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import comfy_adapter as host
+from .feature_networks import load_dino, load_ir
+from .optimize import OptimizationSettings, optimize
+from .sampler import sample
+from .similarity import SimilarityLoss
+from .lora import SubjectLoRA
+from .subject import SubjectPhoto
+
+
+@dataclass
+class GenerationSettings:
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    steps: int = 1
+    grad_steps: int = 1
+    scheduler: str = "simple"
+    rank: int = 4
+    alpha: float = 0.0          # 0 -> alpha = rank (scale 1)
+    target: str = host.TARGETS[0]
+    dino_weight: float = 1.0
+    ir_weight: float = 1.0
+    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
+
+    def check(self):
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < 64 or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 1 <= self.grad_steps <= self.steps:
+            raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
+        if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
+            raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+        self.optimization.check()
+
+
+class _NetworkCache:
+    """Similarity networks stay loaded (on the CPU between runs) so a second run in the same
+    session skips the file read; keyed by path and modification time."""
+
+    def __init__(self):
+        self.entries = {}
+
+    def get(self, kind: str, path: str):
+        key = (kind, os.path.abspath(path), os.path.getmtime(path))
+        entry = self.entries.get(kind)
+        if entry is None or entry[0] != key:
+            self.entries.pop(kind, None)
+            gc.collect()
+            with torch.inference_mode(False):
+                network = (load_dino if kind == "dino" else load_ir)(path)
+            self.entries[kind] = (key, network)
+        return self.entries[kind][1]
+
+    def clear(self):
+        self.entries.clear()
+        gc.collect()
+
+
+networks = _NetworkCache()
+
+
+def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str | None, ir_path: str | None,
+                     settings: GenerationSettings, on_iteration=None, feature_networks=None):
+    """Returns (SubjectLoRA, best image BHWC, OptimizationResult).
+
+    ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks)."""
+    settings.check()
+    host.check_supported(model)
+    device = host.compute_device()
+    with host.training_mode():
+        if feature_networks is None:
+            dino = networks.get("dino", dino_path) if settings.dino_weight > 0 else None
+            ir = networks.get("ir", ir_path) if settings.ir_weight > 0 else None
+        else:
+            dino, ir = feature_networks
+        used = [n for n in (dino, ir) if n is not None]
+        trainable = None
+        decoder = None
+        try:
+            for net in used:
+                net.to(device)
+            score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
+                                   settings.dino_weight, settings.ir_weight)
+            trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target)
+            decoder = host.DifferentiableDecoder(vae, model, device)
+            latent = host.empty_latent(model, settings.width, settings.height)
+            noise = host.seed_noise(latent, settings.seed)
+            sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
+
+            def body(denoise, start, sigmas_on_device):
+                def generate():
+                    return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps))
+
+                return optimize(trainable.parameters(), generate, score, settings.optimization, on_iteration)
+
+            result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
+            lora = SubjectLoRA(
+                tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
+                model=host.describe_model(model), best_iteration=result.best_iteration,
+                iterations=result.iterations, best_loss=result.best_loss, stop_reason=result.stop_reason,
+                history=result.history)
+            return lora, result.best_image.permute(0, 2, 3, 1).contiguous(), result
+        finally:
+            if trainable is not None:
+                trainable.unload()
+            if decoder is not None:
+                decoder.release()
+            for net in used:
+                net.to("cpu")
+            del trainable, decoder
+            gc.collect()
+            host.free_cached_memory()

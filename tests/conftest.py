@@ -1,0 +1,67 @@
+"""Runs the tests against a REAL ComfyUI 0.3.75 (the embedded runtime unless SISO_COMFYUI_DIR
+points elsewhere): ComfyUI is imported in-process on the CPU with a temporary base directory,
+and the pack is loaded through ComfyUI's own custom-node loader."""
+import asyncio
+import importlib
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMFYUI = pathlib.Path(os.environ.get("SISO_COMFYUI_DIR", REPO / ".comfyui")).resolve()
+if not (COMFYUI / "main.py").exists():
+    raise RuntimeError(f"no ComfyUI at {COMFYUI}: run the tests with `make test` (it installs one)")
+PACK_NAME = "comfyui_siso"
+BASE = pathlib.Path(tempfile.mkdtemp(prefix="siso-inproc-"))
+
+sys.path.insert(0, str(COMFYUI))
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+args.base_directory = str(BASE)
+args.disable_api_nodes = True
+
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402  (ComfyUI's nodes.py)
+
+(BASE / "custom_nodes").mkdir(parents=True, exist_ok=True)
+_link = BASE / "custom_nodes" / PACK_NAME
+_link.symlink_to(REPO, target_is_directory=True)
+if not asyncio.run(nodes.load_custom_node(str(_link))):
+    raise RuntimeError("ComfyUI failed to load the pack; see the log above")
+pack = next(m for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and pathlib.Path(m.__file__) == _link / "__init__.py")
+
+
+def siso(module: str):
+    """A pack module as ComfyUI loaded it (the same objects the nodes use)."""
+    return importlib.import_module(f"{pack.__name__}.{module}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_base():
+    return BASE
+
+
+@pytest.fixture(scope="session")
+def feature_files():
+    import tiny
+    folder = pathlib.Path(folder_paths.models_dir) / "siso"
+    return tiny.write_feature_files(str(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_networks(feature_files):
+    import torch
+    fn = siso("siso_ops.feature_networks")
+    folder = pathlib.Path(folder_paths.models_dir) / "siso"
+    with torch.inference_mode(False):
+        return fn.load_dino(str(folder / feature_files[0])), fn.load_ir(str(folder / feature_files[1]))
