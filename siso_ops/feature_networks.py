@@ -89,7 +89,7 @@ def _load_strict(model: torch.nn.Module, state_dict: dict, path: str, what: str,
             unexpected.append(f"{key} (shape {tuple(value.shape)}, expected {tuple(own[key].shape)})")
     if missing or unexpected:
         raise WeightFileError(
-            f"{os.path.basename(path)} is not a {what} checkpoint: "
+            f"{os.path.basename(path)} is not {what} checkpoint: "
             f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected or mis-shaped "
             f"keys {unexpected[:4]}. Expected {source}.")
     model.load_state_dict(state_dict, strict=True)
@@ -141,7 +141,7 @@ def load_dino(path: str) -> FeatureNetwork:
                               embed_dim=width, depth=depth, num_heads=width // DINO_HEAD_DIM,
                               num_classes=0)
     converted = checkpoint_filter_fn(dict(sd), model)
-    _load_strict(model, converted, path, "DINOv2 ViT/14", DINO_SOURCE)
+    _load_strict(model, converted, path, "a DINOv2 ViT/14", DINO_SOURCE)
     model.eval().requires_grad_(False)
     return FeatureNetwork(model, DINO_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, f"DINOv2 {name}")
 
@@ -204,7 +204,7 @@ def load_ir(path: str) -> FeatureNetwork:
     if leftovers:
         raise WeightFileError(f"{name} has keys the IR network does not use: {leftovers[:4]}. "
                               f"Expected {IR_SOURCE}.")
-    _load_strict(backbone, _convert_openai_clip(visual, backbone), path, "IR ViT-H/14", IR_SOURCE)
+    _load_strict(backbone, _convert_openai_clip(visual, backbone), path, "an IR ViT-H/14", IR_SOURCE)
     head = torch.nn.Linear(proj_dim, IR_EMBED_DIM)
     head.load_state_dict({"weight": sd["fc1.weight"], "bias": sd["fc1.bias"]}, strict=True)
     model = IRNetwork(backbone, head).eval().requires_grad_(False)
