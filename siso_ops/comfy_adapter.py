@@ -126,10 +126,12 @@ def _detach_copy(obj):
 
 
 # ----------------------------------------------------------------------------- trainable clone
-def _identity(weight):
+def _detached(weight):
     # A non-empty wrapper list makes ComfyUI's cast path hand out a fresh copy of the weight,
-    # so no inference tensor of the host model is ever saved for backward.
-    return weight
+    # so no inference tensor of the host model is ever saved for backward. The copy is still
+    # linked to the host parameter by autograd (host parameters have requires_grad=True), so
+    # cut it here: otherwise every backward writes a full-size .grad onto the host's weights.
+    return weight.detach()
 
 
 class _CloneInput:
@@ -155,6 +157,7 @@ class TrainableModel:
         self.alpha = float(alpha if alpha else rank)
         self.patcher = model.clone()
         self.deltas = {}
+        self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
         all_linear = target == TARGETS[1]
@@ -165,14 +168,14 @@ class TrainableModel:
                 weight = getattr(module, "weight", None)
                 if weight is not None:
                     key = f"{full}.weight"
-                    self.patcher.add_weight_wrapper(key, _identity)
+                    self.patcher.add_weight_wrapper(key, _detached)
                     wanted = isinstance(module, torch.nn.Linear) and (all_linear or pattern.search(key))
                     if wanted:
                         delta = LoRADelta(weight.shape[0], weight.shape[1], self.rank, self.alpha, device=device)
                         self.patcher.add_weight_wrapper(key, delta)
                         self.deltas[key] = delta
                 if getattr(module, "bias", None) is not None:
-                    self.patcher.add_weight_wrapper(f"{full}.bias", _identity)
+                    self.patcher.add_weight_wrapper(f"{full}.bias", _detached)
             else:
                 # Raw parameters outside ComfyUI's cast path (e.g. Flux's RMSNorm scales):
                 # give the clone its own normal copies.
@@ -181,6 +184,7 @@ class TrainableModel:
                                                   torch.nn.Parameter(param.detach().clone(), requires_grad=False))
             if is_dit(model) and isinstance(module, torch.nn.LayerNorm):
                 self.patcher.add_object_patch(f"{full}.forward", _CloneInput(module.forward))
+                self.forward_patched.append(module)
         if not self.deltas:
             raise ValueError(f"no LoRA target layers found in {describe_model(model)} for target '{target}'")
 
@@ -210,6 +214,11 @@ class TrainableModel:
         self.patcher.detach(unpatch_all=True)
         self.patcher.weight_wrapper_patches = {}
         self.patcher.object_patches = {}
+        for module in self.forward_patched:
+            # Restoring an object patch of `forward` leaves the original bound method as an
+            # instance attribute; drop it so the module is exactly as it was.
+            if getattr(vars(module).get("forward"), "__self__", None) is module:
+                del module.forward
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -1,0 +1,245 @@
+"""SISO generation inside a real ComfyUI (in-process, CPU), on tiny random models built with
+ComfyUI's own classes. Nodes are called as ComfyUI's executor calls them: under
+torch.inference_mode()."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.model_management
+import folder_paths
+import nodes as comfy_nodes
+import tiny
+from conftest import siso
+
+host = siso("siso_ops.comfy_adapter")
+gen = siso("siso_ops.generation")
+optim = siso("siso_ops.optimize")
+subject_mod = siso("siso_ops.subject")
+NODE = comfy_nodes.NODE_CLASS_MAPPINGS
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny.build_model("sd15"), tiny.build_vae(4), tiny.conditioning("sd15", 0), tiny.conditioning("sd15", 7)
+
+
+@pytest.fixture(scope="module")
+def subject():
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        return NODE["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g), "subject", "white").args[0]
+
+
+def ksampler(model, positive, negative, steps=1, seed=42):
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+        return comfy_nodes.common_ksampler(model, seed, steps, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+
+
+def run_node(model, vae, positive, subject, feature_files, **overrides):
+    args = dict(dino_weights=feature_files[0], ir_weights=feature_files[1], seed=42, width=SIZE, height=SIZE, steps=1,
+                grad_steps=1, scheduler="simple", max_iterations=3, learning_rate=2e-4, lora_rank=4, lora_alpha=0.0,
+                lora_target=host.TARGETS[0], dino_weight=1.0, ir_weight=1.0, early_stop_percent=3.0, early_stop_patience=7)
+    args.update(overrides)
+    with torch.inference_mode():
+        return NODE["SISOOptimize"].execute(model, vae, positive, subject, **args).args
+
+
+def host_state(model):
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+def assert_shared_modules_are_stock(model):
+    for name, module in model.model.diffusion_model.named_modules():
+        assert not getattr(module, "weight_function", []), name
+        assert not getattr(module, "bias_function", []), name
+        assert "forward" not in vars(module), name
+    assert not any(lm.model.model is model.model and lm.model is not model
+                   for lm in comfy.model_management.current_loaded_models)
+
+
+def test_host_model_and_stock_ksampler_are_bitwise_unchanged_after_optimisation(sd15, subject, feature_files):
+    model, vae, positive, negative = sd15
+    before_weights = host_state(model)
+    before_sample = ksampler(model, positive, negative)
+    vae_before = {k: v.clone() for k, v in vae.first_stage_model.state_dict().items()}
+    lora, best, curve, report = run_node(model, vae, positive, subject, feature_files, learning_rate=1e-2)
+    assert any(t.abs().sum() > 0 for k, t in lora.tensors.items() if k.endswith("lora_up.weight"))
+    after = host_state(model)
+    assert before_weights.keys() == after.keys()
+    assert all(torch.equal(before_weights[k], after[k]) for k in after)
+    assert torch.equal(ksampler(model, positive, negative), before_sample)
+    assert all(torch.equal(v, vae.first_stage_model.state_dict()[k]) for k, v in vae_before.items())
+    assert_shared_modules_are_stock(model)
+    assert best.shape == (1, SIZE, SIZE, 3) and curve.ndim == 4 and "iteration" in report
+
+
+def test_a_cancelled_run_stops_within_one_iteration_and_leaves_the_host_usable(sd15, subject, feature_files, monkeypatch):
+    model, vae, positive, negative = sd15
+    before_weights = host_state(model)
+    before_sample = ksampler(model, positive, negative)
+    seen = []
+    progress = siso("nodes.progress").IterationProgress
+
+    original = progress.__call__
+
+    def cancel_after_first(self, report):
+        seen.append(report.iteration)
+        if report.iteration == 1:
+            comfy.model_management.interrupt_current_processing(True)  # what POST /interrupt does
+        original(self, report)
+
+    monkeypatch.setattr(progress, "__call__", cancel_after_first)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(model, vae, positive, subject, feature_files, max_iterations=20, learning_rate=1e-2)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert seen == [0, 1]
+    after = host_state(model)
+    assert all(torch.equal(before_weights[k], after[k]) for k in after)
+    assert torch.equal(ksampler(model, positive, negative), before_sample)
+    assert_shared_modules_are_stock(model)
+
+
+def test_gradients_reach_the_lora_and_nothing_else(sd15, subject, tiny_networks):
+    model, vae, positive, _ = sd15
+    dino, ir = tiny_networks
+    with torch.inference_mode(), host.training_mode():
+        trainable = host.TrainableModel(model, rank=4)
+        decoder = host.DifferentiableDecoder(vae, model, torch.device("cpu"))
+        score = siso("siso_ops.similarity").SimilarityLoss(dino, ir, subject.image.clone())
+        latent = host.empty_latent(model, SIZE, SIZE)
+        sampler = siso("siso_ops.sampler")
+
+        def body(denoise, start, sigmas):
+            loss = score(decoder(sampler.sample(denoise, start, sigmas, 1)))["loss"]
+            loss.backward()
+            return loss
+
+        try:
+            host.run_with_denoiser(trainable, positive, latent, host.seed_noise(latent, 0),
+                                   host.sigma_schedule(model, "simple", 1), 0, body)
+        finally:
+            trainable.unload()
+        deltas = list(trainable.deltas.values())
+        assert deltas and all(d.up.grad is not None and d.up.grad.abs().sum() > 0 for d in deltas)
+        assert [n for n, p in model.model.named_parameters() if p.grad is not None] == []   # host weights get nothing
+        assert all(p.grad is None for p in decoder.module.parameters())
+        assert all(p.grad is None for net in (dino, ir) for p in net.module.parameters())
+        # default targets: the UNet's attention projections only
+        assert all(host.UNET_ATTENTION.search(k) for k in trainable.deltas)
+
+
+def test_similarity_loss_decreases_over_iterations_on_a_tiny_model(sd15, subject, tiny_networks):
+    model, vae, positive, _ = sd15
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=1, optimization=optim.OptimizationSettings(
+        max_iterations=8, learning_rate=5e-3, early_stop_patience=8))
+    with torch.inference_mode():
+        _, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] and result.best_loss < losses[0]
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 5   # mostly downhill
+
+
+def test_iteration_zero_is_the_stock_ksampler_image(sd15, subject, tiny_networks):
+    model, vae, positive, negative = sd15
+    first = []
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, optimization=optim.OptimizationSettings(max_iterations=1))
+    with torch.inference_mode():
+        gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks,
+                             on_iteration=lambda r: first.append(r.image))
+        stock = vae.decode(ksampler(model, positive, negative, steps=1, seed=42))
+    torch.testing.assert_close(first[0].permute(0, 2, 3, 1), stock.float(), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_every_model_family_runs_an_optimisation_iteration(family, subject, tiny_networks):
+    model = tiny.build_model(family)
+    vae = tiny.build_vae(16 if family.startswith("flux") else 4)
+    before = host_state(model)
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=1e-2))
+    with torch.inference_mode():
+        lora, image, result = gen.optimize_subject(model, vae, tiny.conditioning(family), subject, None, None, settings,
+                                                   feature_networks=tiny_networks)
+    assert result.iterations == 2 and np.isfinite(result.best_loss)
+    assert image.shape == (1, SIZE, SIZE, 3)
+    keys = [k for k in lora.tensors if k.endswith(".lora_up.weight")]
+    if family.startswith("flux"):
+        assert any("txt_attn.qkv" in k for k in keys) and any("img_mlp.0" in k for k in keys) and any("linear1" in k for k in keys)
+    else:
+        assert keys and all(".attn" in k for k in keys)
+    after = host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert_shared_modules_are_stock(model)
+
+
+def test_an_unsupported_model_is_refused_before_any_work(sd15, subject, feature_files):
+    model, vae, positive, _ = sd15
+    import comfy.model_sampling
+
+    class RFlowSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.COSMOS_RFLOW):
+        pass  # a prediction type the differentiable sampler does not know
+
+    with torch.inference_mode():
+        odd = model.clone()
+        odd.add_object_patch("model_sampling", RFlowSampling(model.model.model_config))
+    with pytest.raises(ValueError, match="cannot optimise this model type: BaseModel .*RFlowSampling"):
+        run_node(odd, vae, positive, subject, feature_files)
+    with pytest.raises(TypeError, match="expected a ComfyUI MODEL"):
+        run_node(vae, vae, positive, subject, feature_files)
+
+
+def test_a_missing_weight_file_names_the_folder_and_the_expected_file(sd15, subject, feature_files):
+    model, vae, positive, _ = sd15
+    with pytest.raises(ValueError) as error:
+        run_node(model, vae, positive, subject, feature_files, ir_weights="nowhere.pth")
+    text = str(error.value)
+    assert "'siso' model folders" in text and "ir_features.pth" in text and "placed by hand" in text
+    assert folder_paths.get_folder_paths("siso")[0] in text
+
+
+def test_saved_lora_loaded_by_the_stock_loader_equals_apply_siso_lora(sd15, subject, feature_files):
+    model, vae, positive, negative = sd15
+    lora = run_node(model, vae, positive, subject, feature_files, learning_rate=2e-2)[0]
+    with torch.inference_mode():
+        name = NODE["SaveSISOLoRA"].execute(lora, "roundtrip test", True).args[0]
+        assert name == "roundtrip test.safetensors" and name in folder_paths.get_filename_list("loras")
+        stock = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 0.8)[0]
+        ours = NODE["ApplySISOLoRA"].execute(model, lora, 0.8).args[0]
+    complex_prompt = tiny.conditioning("sd15", 11)
+    a = ksampler(stock, complex_prompt, negative, steps=4)
+    b = ksampler(ours, complex_prompt, negative, steps=4)
+    base = ksampler(model, complex_prompt, negative, steps=4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, base)   # the LoRA changes the 4-step, other-prompt output (two-stage)
+    assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("bad", ["../escape", "sub/dir", "..", ".hidden", "a\\b", ""])
+def test_lora_file_names_cannot_leave_the_loras_folder(bad):
+    assert NODE["SaveSISOLoRA"].validate_inputs(name=bad) is not True
+
+
+def test_load_subject_handles_rgba_gray_masks_and_batches():
+    with torch.inference_mode():
+        rgba = torch.ones(1, 10, 12, 4) * 0.3
+        rgba[..., 3] = 0
+        rgba[:, 2:5, 3:6, 3] = 1
+        s = subject_mod.prepare_subject(rgba, background="white")
+        assert s.image.shape == (1, 3, 10, 12)
+        assert torch.allclose(s.image[0, :, 0, 0], torch.ones(3)) and torch.allclose(s.image[0, :, 3, 4], torch.full((3,), 0.3))
+        gray = subject_mod.prepare_subject(torch.rand(1, 9, 7, 1))
+        assert gray.image.shape == (1, 3, 9, 7)
+        mask = torch.zeros(1, 5, 6)
+        mask[:, :2] = 1  # LoadImage's MASK: 1 = transparent background
+        s = subject_mod.prepare_subject(torch.full((1, 10, 12, 3), 0.5), mask, "background", "black")
+        assert float(s.image[0, 0, 0, 0]) == 0.0 and float(s.image[0, 0, 9, 0]) == 0.5
+        with pytest.raises(ValueError, match="batch of 2 images"):
+            subject_mod.prepare_subject(torch.rand(2, 8, 8, 3))
+        with pytest.raises(ValueError, match="mask is empty"):
+            subject_mod.prepare_subject(torch.rand(1, 8, 8, 3), torch.zeros(1, 8, 8))
