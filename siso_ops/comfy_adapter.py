@@ -214,6 +214,14 @@ class TrainableModel:
         self.patcher.detach(unpatch_all=True)
         self.patcher.weight_wrapper_patches = {}
         self.patcher.object_patches = {}
+        # ComfyUI leaves weight wrappers on the shared modules after a full-load unpatch (the
+        # next load wipes them). Take ours off now so the LoRA is neither active nor kept alive.
+        ours = set(map(id, self.deltas.values())) | {id(_detached)}
+        for module in self.patcher.model.modules():
+            for attr in ("weight_function", "bias_function"):
+                functions = getattr(module, attr, None)
+                if functions:
+                    setattr(module, attr, [f for f in functions if id(f) not in ours])
         for module in self.forward_patched:
             # Restoring an object patch of `forward` leaves the original bound method as an
             # instance attribute; drop it so the module is exactly as it was.
