@@ -69,6 +69,15 @@ class SISOOptimize(io.ComfyNode):
             return f"grad_steps ({grad_steps}) cannot exceed steps ({steps})"
         if isinstance(max_iterations, int) and max_iterations < 1:
             return f"max_iterations must be at least 1, got {max_iterations}"
+        # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse a missing file at
+        # queue time, with the folder and the expected name, instead of mid-run.
+        for kind, key in (("dino", "dino_weights"), ("ir", "ir_weights")):
+            value = kwargs.get(key)
+            if isinstance(value, str):
+                try:
+                    host.weight_file_path(kind, value)
+                except ValueError as error:
+                    return f"{key}: {error}"
         return True
 
     @classmethod
