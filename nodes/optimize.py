@@ -99,7 +99,7 @@ class SISOOptimize(io.ComfyNode):
         lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
                                                     on_iteration=progress)
         report = result.describe()
-        progress.finish(report)
+        progress.finish()
         log.info("SISO: %s", report)
         curve = torch.from_numpy(loss_curve(result.history, result.best_iteration)).unsqueeze(0)
         return io.NodeOutput(lora, best_image, curve, report, ui={"text": [report]})

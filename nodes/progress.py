@@ -16,5 +16,5 @@ class IterationProgress:
         # Cancel: ComfyUI's interrupt flag is checked once per iteration (and inside layers).
         host.throw_if_interrupted()
 
-    def finish(self, report: str):
+    def finish(self):
         self.bar.update_absolute(self.total, self.total)

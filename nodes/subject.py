@@ -1,4 +1,3 @@
-import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops.subject import prepare_subject

@@ -121,6 +121,5 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 decoder.release()
             for net in used:
                 net.to("cpu")
-            del trainable, decoder
             gc.collect()
             host.free_cached_memory()

@@ -1,7 +1,6 @@
 """SISO generation inside a real ComfyUI (in-process, CPU), on tiny random models built with
 ComfyUI's own classes. Nodes are called as ComfyUI's executor calls them: under
 torch.inference_mode()."""
-import os
 
 import numpy as np
 import pytest
