@@ -3,5 +3,6 @@ lives in ``siso_ops``."""
 from .subject import LoadSubject
 from .optimize import SISOOptimize
 from .lora import ApplySISOLoRA, SaveSISOLoRA
+from .invert import ReNoiseInvert
 
-NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA]
+NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert]

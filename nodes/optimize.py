@@ -4,11 +4,12 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import comfy_adapter as host
+from ..siso_ops.editing import check_edit
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.report import loss_curve
 from .progress import IterationProgress
-from .graph_types import CATEGORY, Subject, SubjectLoRA
+from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
 log = logging.getLogger("siso")
 
@@ -26,7 +27,11 @@ class SISOOptimize(io.ComfyNode):
                 "generates from a fixed seed looks like the subject photo (judged by DINOv2 and an image-retrieval "
                 "network). Use a simple prompt ('a photo of a dog') and 1 step here, then apply the LoRA with any "
                 "prompt and more steps. Progress shows the current image every iteration; Cancel stops within one "
-                "iteration. The input MODEL and VAE are not changed."),
+                "iteration. The input MODEL and VAE are not changed.\n\nSubject swap (editing): connect an 'inversion' "
+                "from SISO ReNoise Invert and the 'mask' of the subject to replace in that photo (SISO Subject Mask or a "
+                "hand-drawn mask). Each iteration then denoises the inverted photo and the loss adds background_weight x "
+                "the squared error outside the mask, so the background stays. Size, steps and sampler come from the "
+                "inversion; use the same prompt as the inversion and learning rate 3e-4 (paper)."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to personalise (SD1.x, SD2.x / SD-Turbo, SDXL / SDXL-Turbo, Flux)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
@@ -37,7 +42,7 @@ class SISOOptimize(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The ONE noise seed reused at every iteration."),
                 io.Int.Input("width", default=512, min=64, max=2048, step=8, tooltip="Image width during optimisation (multiple of 8)."),
                 io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Image height during optimisation (multiple of 8)."),
-                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Denoising steps per iteration (1 for turbo/schnell models)."),
+                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Denoising steps per iteration (1 for turbo/schnell models). Editing: taken from the inversion."),
                 io.Int.Input("grad_steps", default=1, min=1, max=50, tooltip="Gradients flow through the last this-many steps only (1 for distilled models, about 3 for 20-step models)."),
                 io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
                 io.Int.Input("max_iterations", default=50, min=1, max=1000, tooltip="Iteration cap."),
@@ -49,6 +54,9 @@ class SISOOptimize(io.ComfyNode):
                 io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
                 io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, tooltip="Stop when the loss has not improved by this many percent..."),
                 io.Int.Input("early_stop_patience", default=7, min=1, max=1000, tooltip="...within this many iterations."),
+                io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="Editing only: weight c of the background loss (mean squared error outside the mask against the photo). Paper: 10."),
+                Inversion.Input("inversion", optional=True, tooltip="Editing: the photo inverted by SISO ReNoise Invert (with the same model). Leave empty to generate from the seed."),
+                io.Mask.Input("mask", optional=True, tooltip="Editing: the subject to replace in the inverted photo (1 = subject), from SISO Subject Mask or drawn in the mask editor. Same size as the photo."),
             ],
             outputs=[
                 SubjectLoRA.Output(display_name="subject_lora", tooltip="The best iteration's LoRA: connect to SISO Apply LoRA or SISO Save LoRA."),
@@ -65,8 +73,8 @@ class SISOOptimize(io.ComfyNode):
             return f"width {width} is not a multiple of 8"
         if isinstance(height, int) and height % 8:
             return f"height {height} is not a multiple of 8"
-        if isinstance(steps, int) and isinstance(grad_steps, int) and grad_steps > steps:
-            return f"grad_steps ({grad_steps}) cannot exceed steps ({steps})"
+        # grad_steps <= steps is checked when the node runs (before any work): when editing,
+        # steps come from the linked inversion, which validation cannot see.
         if isinstance(max_iterations, int) and max_iterations < 1:
             return f"max_iterations must be at least 1, got {max_iterations}"
         # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse a missing file at
@@ -83,21 +91,24 @@ class SISOOptimize(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, subject, dino_weights, ir_weights, seed, width, height, steps, grad_steps,
                 scheduler, max_iterations, learning_rate, lora_rank, lora_alpha, lora_target, dino_weight, ir_weight,
-                early_stop_percent, early_stop_patience):
+                early_stop_percent, early_stop_patience, background_weight=10.0, inversion=None, mask=None):
         settings = GenerationSettings(
             width=width, height=height, seed=seed, steps=steps, grad_steps=grad_steps, scheduler=scheduler,
             rank=lora_rank, alpha=lora_alpha, target=lora_target, dino_weight=dino_weight, ir_weight=ir_weight,
-            optimization=OptimizationSettings(max_iterations=max_iterations, learning_rate=learning_rate,
+            background_weight=background_weight, optimization=OptimizationSettings(max_iterations=max_iterations, learning_rate=learning_rate,
                                               early_stop_percent=early_stop_percent,
                                               early_stop_patience=early_stop_patience))
-        settings.check()
         host.check_supported(model)
+        if inversion is not None:
+            check_edit(inversion, model, mask, background_weight, grad_steps)
+        else:
+            settings.check()
         # Resolve both files before any expensive work so a missing one fails fast.
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None))
         lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
-                                                    on_iteration=progress)
+                                                    on_iteration=progress, inversion=inversion, mask=mask)
         report = result.describe()
         progress.finish()
         log.info("SISO: %s", report)

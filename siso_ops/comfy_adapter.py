@@ -237,6 +237,27 @@ def sigma_schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(sampling, scheduler, steps).float()
 
 
+def is_flow(model) -> bool:
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
+def latent_channels(model) -> int:
+    return int(model.model.latent_format.latent_channels)
+
+
+def encode_photo(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Stock VAE encode of a BHWC photo (sizes already checked: no silent crop)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return vae.encode(pixels[..., :3]).detach().float().clone().cpu()
+
+
+def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
+    """Stock VAE decode of a model-space latent, BHWC in [0, 1]."""
+    with torch.no_grad():
+        latent = model.model.process_latent_out(model_latent.detach().float().clone())
+        return vae.decode(latent).detach().float().clone().cpu()
+
+
 def empty_latent(model, width: int, height: int) -> torch.Tensor:
     latent = torch.zeros([1, 4, height // 8, width // 8])
     return comfy.sample.fix_empty_latent_channels(model, latent)
@@ -251,7 +272,8 @@ class _LoopSampler(comfy.samplers.Sampler):
     """A ComfyUI sampler whose "sampling" is the caller's whole optimisation loop.
 
     ComfyUI's guider loads the model, builds the model-specific conditioning and then calls
-    ``sample``; we hand the caller a denoiser over (x, sigma) and the start latent."""
+    ``sample``; we hand the caller a denoiser over (x, sigma), the start latent (noise scaled
+    to sigmas[0]) and the clean latent, both in the model's latent space."""
 
     def __init__(self, body):
         self.body = body
@@ -264,14 +286,16 @@ class _LoopSampler(comfy.samplers.Sampler):
             return model_wrap(x, sigma.reshape(1).expand(x.shape[0]).to(x), **extra_args)
 
         start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        self.result = self.body(denoise, start, sigmas)
+        self.result = self.body(denoise, start, sigmas, latent_image)
         return latent_image
 
 
-def run_with_denoiser(trainable: TrainableModel, positive, latent: torch.Tensor, noise: torch.Tensor,
-                      sigmas: torch.Tensor, seed: int, body):
-    """Run ``body(denoise, start_latent, sigmas)`` inside ComfyUI's guider; return its result."""
-    guider = comfy.samplers.CFGGuider(trainable.patcher)
+def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, seed: int,
+                      body):
+    """Run ``body(denoise, start_latent, sigmas, clean_latent)`` inside ComfyUI's guider and
+    return its result. ``model``: a TrainableModel, or the host MODEL itself for work that
+    needs no gradient into the model (inversion), which is then used exactly as KSampler uses it."""
+    guider = comfy.samplers.CFGGuider(getattr(model, "patcher", model))
     guider.set_conds(_detach_copy(positive), [])
     guider.set_cfg(1.0)
     sampler = _LoopSampler(body)

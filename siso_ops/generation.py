@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import comfy_adapter as host
+from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
 from .sampler import sample
@@ -31,6 +32,7 @@ class GenerationSettings:
     target: str = host.TARGETS[0]
     dino_weight: float = 1.0
     ir_weight: float = 1.0
+    background_weight: float = 10.0    # c of c * L_bg when editing
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -74,12 +76,23 @@ networks = _NetworkCache()
 
 
 def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str | None, ir_path: str | None,
-                     settings: GenerationSettings, on_iteration=None, feature_networks=None):
+                     settings: GenerationSettings, on_iteration=None, feature_networks=None, inversion=None, mask=None):
     """Returns (SubjectLoRA, best image BHWC, OptimizationResult).
 
+    With ``inversion`` (a PhotoInversion) it edits: every iteration denoises the inverted photo
+    with its stored noises, and the loss adds ``background_weight`` * L_bg outside ``mask``
+    (MASK, 1 = the subject to replace). Size, steps and sampler then come from the inversion.
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks)."""
-    settings.check()
     host.check_supported(model)
+    keep = None
+    if inversion is not None:
+        keep = check_edit(inversion, model, mask, settings.background_weight, settings.grad_steps)
+        height, width = inversion.size
+        settings = replace(settings, steps=len(inversion.sigmas) - 1, width=width, height=height)
+    elif mask is not None:
+        raise ValueError("a mask is only used when editing: connect an inversion from SISO ReNoise Invert too, "
+                         "or disconnect the mask")
+    settings.check()
     device = host.compute_device()
     with host.training_mode():
         if feature_networks is None:
@@ -95,15 +108,29 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 net.to(device)
             score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
                                    settings.dino_weight, settings.ir_weight)
+            if inversion is not None:
+                # clones: tensors made under the executor's inference_mode cannot enter autograd
+                score = EditScore(score, inversion.photo.to(device).clone(),
+                                  None if keep is None else keep.to(device).clone(), settings.background_weight)
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target)
             decoder = host.DifferentiableDecoder(vae, model, device)
             latent = host.empty_latent(model, settings.width, settings.height)
-            noise = host.seed_noise(latent, settings.seed)
-            sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
+            if inversion is None:
+                noise = host.seed_noise(latent, settings.seed)
+                sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
+                noises, flow = None, False
+            else:
+                noise = torch.zeros_like(latent)
+                sigmas, noises, flow = inversion.sigmas, None, inversion.flow
 
-            def body(denoise, start, sigmas_on_device):
+            def body(denoise, start, sigmas_on_device, clean):
+                nonlocal noises
+                if inversion is not None:
+                    start = inversion.latent.to(start).clone()
+                    noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
+
                 def generate():
-                    return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps))
+                    return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
 
                 return optimize(trainable.parameters(), generate, score, settings.optimization, on_iteration)
 

@@ -114,7 +114,7 @@ def test_gradients_reach_the_lora_and_nothing_else(sd15, subject, tiny_networks)
         latent = host.empty_latent(model, SIZE, SIZE)
         sampler = siso("siso_ops.sampler")
 
-        def body(denoise, start, sigmas):
+        def body(denoise, start, sigmas, clean):
             loss = score(decoder(sampler.sample(denoise, start, sigmas, 1)))["loss"]
             loss.backward()
             return loss
