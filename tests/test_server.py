@@ -23,18 +23,17 @@ import uuid
 
 import pytest
 
+import workflow_graphs as graphs
 from conftest import COMFYUI, REPO
 
 PACK_NAME = "comfyui_siso"
 CKPT_NAME = "siso_tiny_sd15.safetensors"
-API_WORKFLOW = REPO / "tests" / "workflows" / "two_stage_api.json"
-UI_WORKFLOW = REPO / "example_workflows" / "siso_two_stage.json"
-OUR_NODES = ("LoadSubject", "SISOOptimize", "ApplySISOLoRA", "SaveSISOLoRA")
-OPTIMIZE_ID = "5"  # the SISOOptimize node in two_stage_api.json
+API_WORKFLOW = REPO / "tests" / "workflows" / "siso_two_stage_api.json"
+OUR_NODES = ("LoadSubject", "SISOOptimize", "ApplySISOLoRA", "SaveSISOLoRA", "ReNoiseInvert")
+OPTIMIZE_ID = "5"  # the SISOOptimize node in siso_two_stage_api.json
 STARTUP_TIMEOUT = 180
 PROMPT_TIMEOUT = 600
-# Node types that live only in the frontend (never in /object_info).
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+FRONTEND_ONLY = graphs.FRONTEND_ONLY  # node types that live only in the frontend
 
 
 # ----------------------------------------------------------------------------- server process
@@ -299,7 +298,6 @@ def test_two_stage_prompt_runs_end_to_end(server):
 
 # ----------------------------------------------------------------------------- (d) UI example workflow
 ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'(=:,])(?:/(?:home|root|tmp|work|usr|opt|Users|mnt|var)\b|[A-Za-z]:[\\/]|~[\\/]|\\\\)")
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 USER_FILE_COMBOS = {"ckpt_name", "image", "dino_weights", "ir_weights"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 
@@ -314,26 +312,6 @@ def _strings(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from _strings(v)
-
-
-def _widget_inputs(info: dict):
-    """The node's widgets in the order the frontend serialises widgets_values, with the extra
-    values the frontend adds (control_after_generate, image upload)."""
-    out = []
-    for category in ("required", "optional"):
-        for name in info.get("input_order", {}).get(category, []):
-            spec = info["input"][category][name]
-            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
-            if isinstance(kind, list):
-                kind, options = "COMBO", dict(options, options=kind)
-            if kind not in WIDGET_TYPES or options.get("forceInput"):
-                continue
-            out.append((name, kind, options))
-            if options.get("control_after_generate"):
-                out.append((f"{name}:control_after_generate", "CONTROL", {}))
-            if options.get("image_upload") or options.get("upload"):
-                out.append((f"{name}:upload", "UPLOAD", {}))
-    return out
 
 
 def _check_widget_value(node_type, name, kind, options, value):
@@ -359,8 +337,19 @@ def _check_widget_value(node_type, name, kind, options, value):
             assert value <= options["max"], where
 
 
-def test_ui_example_workflow_matches_server(object_info):
-    workflow = json.loads(UI_WORKFLOW.read_text())
+@pytest.mark.parametrize("spec", graphs.WORKFLOWS, ids=[w.name for w in graphs.WORKFLOWS])
+def test_committed_workflows_are_what_the_server_nodes_make_of_their_description(spec, object_info):
+    """`make workflows` output is committed; rebuilt here from the running server's node
+    definitions it must be identical, so no widget order or socket can drift."""
+    ui = json.loads((REPO / "example_workflows" / f"{spec.name}.json").read_text())
+    assert ui == graphs.build_ui(spec, object_info), f"example_workflows/{spec.name}.json is stale: run `make workflows`"
+    api = json.loads((REPO / "tests" / "workflows" / f"{spec.name}_api.json").read_text())
+    assert api == graphs.ui_to_api(ui, object_info, spec.test_overrides), f"tests/workflows/{spec.name}_api.json is stale"
+
+
+@pytest.mark.parametrize("spec", graphs.WORKFLOWS, ids=[w.name for w in graphs.WORKFLOWS])
+def test_ui_example_workflow_matches_server(spec, object_info):
+    workflow = json.loads((REPO / "example_workflows" / f"{spec.name}.json").read_text())
     for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
         assert key in workflow, f"UI workflow lacks '{key}'"
     bad = [s for s in _strings(workflow) if ABSOLUTE_PATH.search(s) or s.strip().startswith("/")]
@@ -370,8 +359,7 @@ def test_ui_example_workflow_matches_server(object_info):
     assert len(nodes) == len(workflow["nodes"]), "duplicate node ids"
     assert workflow["last_node_id"] >= max(nodes)
     types = {n["type"] for n in nodes.values()}
-    for ours in OUR_NODES:
-        assert ours in types, f"the example workflow does not use {ours}"
+    assert types & set(OUR_NODES), "the example workflow uses none of the pack's nodes"
     unknown = sorted(t for t in types if t not in object_info and t not in FRONTEND_ONLY)
     assert not unknown, f"node types neither stock nor registered: {unknown}"
     assert "Note" in types or "MarkdownNote" in types, "the example workflow should explain which files go where"
@@ -381,7 +369,7 @@ def test_ui_example_workflow_matches_server(object_info):
         if node["type"] in FRONTEND_ONLY:
             continue
         info = object_info[node["type"]]
-        widgets = _widget_inputs(info)
+        widgets = graphs.widget_slots(info)
         values = node.get("widgets_values", [])
         assert len(values) == len(widgets), (
             f"node {node['id']} {node['type']}: {len(values)} widget values for widgets {[w[0] for w in widgets]}")
@@ -405,14 +393,14 @@ def test_ui_example_workflow_matches_server(object_info):
         if node["type"] in FRONTEND_ONLY:
             continue
         info = object_info[node["type"]]
-        widget_names = {w[0] for w in _widget_inputs(info)}
+        widget_names = {w[0] for w in graphs.widget_slots(info)}
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for name in info["input"].get("required", {}):
             if name not in widget_names:
                 assert name in linked, f"node {node['id']} {node['type']}: required input '{name}' is not connected"
 
     # the same graph as the tested API prompt (same ids, classes and connections)
-    api = api_prompt()
+    api = json.loads((REPO / "tests" / "workflows" / f"{spec.name}_api.json").read_text())
     graph_nodes = {str(i): n for i, n in nodes.items() if n["type"] not in FRONTEND_ONLY}
     assert {i: n["type"] for i, n in graph_nodes.items()} == {i: n["class_type"] for i, n in api.items()}
     ui_edges = {(str(dst), nodes[dst]["inputs"][dst_slot]["name"], str(src), src_slot)

@@ -1,0 +1,224 @@
+"""The example workflows, described once in Python, and the two conversions the tests and
+`make workflows` need:
+
+- ``build_ui(workflow, object_info)``: the UI-format JSON (what users drag into ComfyUI and what
+  the template browser lists), with widgets in the order the server's /object_info defines;
+- ``ui_to_api(ui, object_info)``: what the frontend's "Save (API)" produces from it; the API
+  twin under tests/workflows is that plus ``test_overrides`` (tiny files and sizes).
+
+The server tests rebuild both from the running server's /object_info and compare them with
+the committed files, so a workflow can never drift from the nodes it uses."""
+from __future__ import annotations
+
+import copy
+import uuid
+from dataclasses import dataclass, field
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple
+    size: tuple = (320, 120)
+    widgets: dict = field(default_factory=dict)        # widget name -> value (others: server defaults)
+    links: dict = field(default_factory=dict)          # input name -> (source node id, output slot)
+    title: str | None = None
+    color: str | None = None                           # "#232" green (positive), "#322" red (negative)
+
+
+@dataclass
+class Workflow:
+    name: str                     # file stem in example_workflows/
+    note: str                     # the "Read me" note: which file goes where
+    nodes: list
+    groups: list = field(default_factory=list)           # (title, x, y, w, h, color)
+    test_overrides: dict = field(default_factory=dict)   # node id -> {input: value} for the API twin
+    note_size: tuple = (780, 300)
+
+
+# ----------------------------------------------------------------------------- widgets
+def widget_slots(info: dict) -> list:
+    """(name, kind, options) in widgets_values order, with the entries the frontend adds
+    (a seed's control_after_generate, an image's upload button)."""
+    out = []
+    for category in ("required", "optional"):
+        for name in info.get("input_order", {}).get(category, []):
+            spec = info["input"][category][name]
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list):
+                kind, options = "COMBO", dict(options, options=kind)
+            if kind not in WIDGET_TYPES or options.get("forceInput"):
+                continue
+            out.append((name, kind, options))
+            if options.get("control_after_generate"):
+                out.append((f"{name}:control_after_generate", "CONTROL", {}))
+            if options.get("image_upload") or options.get("upload"):
+                out.append((f"{name}:upload", "UPLOAD", {}))
+    return out
+
+
+def _default(name, kind, options):
+    if kind == "CONTROL":
+        return "fixed"
+    if kind == "UPLOAD":
+        return "image"
+    if "default" in options:
+        return options["default"]
+    if kind == "COMBO":
+        return options["options"][0] if options.get("options") else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+def _socket_inputs(info: dict) -> list:
+    """(name, type) of the inputs that are sockets (not widgets), required then optional."""
+    out = []
+    for category in ("required", "optional"):
+        for name in info.get("input_order", {}).get(category, []):
+            spec = info["input"][category][name]
+            kind = spec[0]
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(kind, list) or (kind in WIDGET_TYPES and not options.get("forceInput")):
+                continue
+            out.append((name, kind))
+    return out
+
+
+# ----------------------------------------------------------------------------- UI format
+def build_ui(workflow: Workflow, object_info: dict) -> dict:
+    nodes, links = [], []
+    by_id = {n.id: n for n in workflow.nodes}
+    outgoing = {}
+    for node in workflow.nodes:
+        info = object_info[node.type]
+        sockets = dict(_socket_inputs(info))
+        for name, (src, slot) in node.links.items():
+            if name not in sockets:
+                raise ValueError(f"{workflow.name}: node {node.id} {node.type} has no socket input '{name}'")
+            kind = object_info[by_id[src].type]["output"][slot]
+            if kind != sockets[name] and sockets[name] != "*":
+                raise ValueError(f"{workflow.name}: {by_id[src].type} output {slot} is {kind}, {node.type}.{name} wants {sockets[name]}")
+            links.append([len(links) + 1, src, slot, node.id, name, kind])
+            outgoing.setdefault((src, slot), []).append(len(links))
+    order = _topological_order(workflow)
+    for node in workflow.nodes:
+        info = object_info[node.type]
+        unknown = set(node.widgets) - {w[0] for w in widget_slots(info)}
+        if unknown:
+            raise ValueError(f"{workflow.name}: node {node.id} {node.type} has no widgets {sorted(unknown)}")
+        values = [node.widgets.get(name, _default(name, kind, options)) for name, kind, options in widget_slots(info)]
+        inputs = []
+        for name, kind in _socket_inputs(info):
+            link = next((l[0] for l in links if l[3] == node.id and l[4] == name), None)
+            inputs.append({"name": name, "type": kind, "link": link})
+        outputs = []
+        for slot, (kind, name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
+            outputs.append({"name": name, "type": kind, "slot_index": slot, "links": outgoing.get((node.id, slot))})
+        entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
+                 "order": order[node.id], "mode": 0, "inputs": inputs, "outputs": outputs,
+                 "properties": {"Node name for S&R": node.type}, "widgets_values": values}
+        if node.title:
+            entry["title"] = node.title
+        if node.color:
+            entry["color"], entry["bgcolor"] = node.color, {"#232": "#353", "#322": "#533"}.get(node.color, node.color)
+        nodes.append(entry)
+    note_id = max(by_id) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [min(n.pos[0] for n in workflow.nodes), min(n.pos[1] for n in workflow.nodes) - workflow.note_size[1] - 80],
+                  "size": list(workflow.note_size), "flags": {}, "order": len(workflow.nodes), "mode": 0, "inputs": [],
+                  "outputs": [], "properties": {"text": ""}, "widgets_values": [workflow.note],
+                  "title": "Read me: files and how it works", "color": "#432", "bgcolor": "#653"})
+    # links in UI format carry the input's slot index, not its name
+    slot_of = {n["id"]: {i["name"]: k for k, i in enumerate(n["inputs"])} for n in nodes}
+    ui_links = [[lid, src, slot, dst, slot_of[dst][name], kind] for lid, src, slot, dst, name, kind in links]
+    groups = [{"id": k + 1, "title": title, "bounding": [x, y, w, h], "color": color, "font_size": 24, "flags": {}}
+              for k, (title, x, y, w, h, color) in enumerate(workflow.groups)]
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"siso/{workflow.name}")), "revision": 0,
+            "last_node_id": note_id, "last_link_id": len(ui_links), "nodes": nodes, "links": ui_links,
+            "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [500, 400]}}, "version": 0.4}
+
+
+def _topological_order(workflow: Workflow) -> dict:
+    done, order = set(), {}
+    pending = list(workflow.nodes)
+    while pending:
+        ready = [n for n in pending if all(src in done for src, _ in n.links.values())]
+        if not ready:
+            raise ValueError(f"{workflow.name}: the graph has a cycle")
+        for n in ready:
+            order[n.id] = len(order)
+            done.add(n.id)
+            pending.remove(n)
+    return order
+
+
+# ----------------------------------------------------------------------------- API format
+def ui_to_api(ui: dict, object_info: dict, overrides: dict | None = None) -> dict:
+    nodes = {n["id"]: n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    link_source = {l[0]: (l[1], l[2]) for l in ui["links"]}
+    api = {}
+    for node_id, node in nodes.items():
+        info = object_info[node["type"]]
+        inputs = {}
+        for (name, kind, _), value in zip(widget_slots(info), node["widgets_values"]):
+            if kind not in ("CONTROL", "UPLOAD"):
+                inputs[name] = value
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                src, slot = link_source[socket["link"]]
+                inputs[socket["name"]] = [str(src), slot]
+        api[str(node_id)] = {"class_type": node["type"], "_meta": {"title": node.get("title") or info.get("display_name", node["type"])},
+                             "inputs": inputs}
+    for node_id, values in (overrides or {}).items():
+        api[str(node_id)]["inputs"].update(copy.deepcopy(values))
+    return api
+
+
+# ----------------------------------------------------------------------------- the workflows
+TURBO = "sd_turbo.safetensors"
+FILES_NOTE = (
+    "- models/checkpoints/sd_turbo.safetensors: a turbo checkpoint (SD-Turbo; SDXL-Turbo or Flux schnell also work).\n"
+    "- models/siso/dinov2_vitl14.safetensors: DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth also works).\n"
+    "- models/siso/ir_features.pth: the image-retrieval network weights (placed by hand, see the README).\n")
+TINY = {"ckpt_name": "siso_tiny_sd15.safetensors"}
+WEIGHTS = {"dino_weights": "dinov2_vitl14.safetensors", "ir_weights": "ir_features.pth"}
+NEGATIVE = "#322"
+POSITIVE = "#232"
+
+TWO_STAGE = Workflow(
+    name="siso_two_stage",
+    note=("SISO two-stage workflow (Single Image Subject Optimization)\n\n"
+          "Files to place before running (names are what the dropdowns list):\n" + FILES_NOTE +
+          "- input/: your ONE subject photo (upload it in Load Image).\n\n"
+          "Stage 1 (top): SISO Optimize learns a small LoRA on the loaded model from the simple prompt (\"a photo of a dog\") "
+          "until the 1-step image looks like your subject. Watch the progress preview; Cancel stops within one iteration.\n"
+          "Stage 2 (bottom): SISO Apply LoRA + a stock KSampler (4 steps, cfg 1.0 for turbo) render the subject with any prompt.\n"
+          "SISO Save LoRA writes models/loras/<name>.safetensors so LoraLoader can reuse it later."),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (stage 1)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 680), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        Node(6, "ApplySISOLoRA", (420, 780), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
+        Node(7, "CLIPTextEncode", (-40, 780), (400, 140),
+             {"text": "a watercolor painting of a dog wearing a red scarf, sitting on a wooden pier at sunset"}, {"clip": (1, 1)},
+             "Any prompt (stage 2)", POSITIVE),
+        Node(8, "CLIPTextEncode", (-40, 960), (400, 100), {"text": ""}, {"clip": (1, 1)}, "Negative prompt", NEGATIVE),
+        Node(9, "EmptyLatentImage", (420, 900), (320, 106), {"width": 512, "height": 512}),
+        Node(10, "KSampler", (880, 780), (320, 262), {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}),
+        Node(11, "VAEDecode", (1240, 780), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SaveImage", (1240, 880), (420, 400), {"filename_prefix": "siso_two_stage"}, {"images": (11, 0)}),
+        Node(13, "SaveSISOLoRA", (880, 0), (320, 106), {"name": "siso_subject"}, {"subject_lora": (5, 0)}),
+        Node(14, "SaveImage", (880, 160), (320, 300), {"filename_prefix": "siso_best"}, {"images": (5, 1)}, "Best optimisation image"),
+    ],
+    groups=[("Stage 1: optimise the subject LoRA (simple prompt, 1 step)", -440, -60, 1680, 780, "#3f789e"),
+            ("Stage 2: generate with any prompt", -60, 740, 1760, 580, "#8A8")],
+    test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 3}, 9: {"width": 64, "height": 64},
+                    13: {"name": "siso_test_lora", "overwrite": True}},
+)
+
+WORKFLOWS = [TWO_STAGE]
