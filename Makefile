@@ -14,7 +14,7 @@ PORT ?= 8188
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench env comfyui clean
+.PHONY: run test bench env comfyui clean workflows
 
 env: $(VENV)/.ready
 
@@ -47,6 +47,10 @@ run: env
 	mkdir -p $(COMFYUI_DIR)/custom_nodes
 	test -e $(COMFYUI_DIR)/custom_nodes/comfyui-siso || ln -s $(CURDIR) $(COMFYUI_DIR)/custom_nodes/comfyui-siso
 	cd $(COMFYUI_DIR) && $(PY) main.py --listen $(HOST) --port $(PORT) --disable-auto-launch $(if $(shell $(PY) -c "import torch;print(int(torch.cuda.is_available()))" 2>/dev/null | grep -q 1 && echo gpu),,--cpu) $(ARGS)
+
+# Rebuilds example_workflows/*.json and their API twins from tests/workflow_graphs.py.
+workflows: env
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) tests/build_workflows.py
 
 bench: env
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
