@@ -84,6 +84,17 @@ def _write_subject_png(path: pathlib.Path):
     Image.fromarray(pixels).save(path)
 
 
+def _write_photo_with_drawn_mask(path: pathlib.Path):
+    """What ComfyUI's mask editor saves: the photo with alpha 0 where the user painted (the
+    subject to replace), which LoadImage turns into MASK = 1 there."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    rgba = np.concatenate([(rng.random((64, 64, 3)) * 255).astype("uint8"), np.full((64, 64, 1), 255, "uint8")], -1)
+    rgba[16:48, 20:44, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
 def _stop(proc: subprocess.Popen):
     """Stop the server we started (its own process group, by its id)."""
     if proc.poll() is not None:
@@ -113,6 +124,7 @@ def server():
         checkpoint.write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT_NAME)
         tiny.write_feature_files(str(base / "models" / "siso"))
         _write_subject_png(base / "input" / "subject.png")
+        _write_photo_with_drawn_mask(base / "input" / "photo_masked.png")
         (base / "user").mkdir(exist_ok=True)
 
         port = _free_port()
@@ -294,6 +306,41 @@ def test_two_stage_prompt_runs_end_to_end(server):
     assert progress, f"no websocket 'progress' message for SISOOptimize (node {OPTIMIZE_ID}); message types: {seen}"
     assert all(p["max"] == 3 for p in progress), progress
     assert max(p["value"] for p in progress) == 3, progress
+
+
+# ----------------------------------------------------------------------------- every example workflow
+def run_prompt(server, prompt: dict) -> dict:
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert code == 200 and not body.get("node_errors"), f"POST /prompt answered {code}: {json.dumps(body, indent=1)[:4000]}"
+    entry = wait_for_history(server, body["prompt_id"])
+    assert entry["status"].get("status_str") == "success", (
+        f"prompt failed\n{_execution_errors(entry)}\n--- server log ---\n{server.log_tail()}")
+    return entry
+
+
+def saved_images(server, entry: dict) -> list:
+    paths = []
+    for output in entry["outputs"].values():
+        for image in output.get("images", []):
+            path = server.base / image["type"] / image.get("subfolder", "") / image["filename"]
+            assert path.is_file() and path.stat().st_size > 0, f"missing output image {path}"
+            paths.append(path)
+    return paths
+
+
+OTHER_WORKFLOWS = [w for w in graphs.WORKFLOWS if w.name != "siso_two_stage"]
+
+
+@pytest.mark.parametrize("spec", OTHER_WORKFLOWS, ids=[w.name for w in OTHER_WORKFLOWS])
+def test_example_workflow_runs_through_the_http_api(spec, server):
+    prompt = json.loads((REPO / "tests" / "workflows" / f"{spec.name}_api.json").read_text())
+    entry = run_prompt(server, prompt)
+    paths = saved_images(server, entry)
+    assert any(p.parent.name == "output" or "output" in p.parts for p in paths), paths
+    from PIL import Image
+    for path in paths:
+        with Image.open(path) as png:
+            assert png.size == (64, 64), (path, png.size)
 
 
 # ----------------------------------------------------------------------------- (d) UI example workflow

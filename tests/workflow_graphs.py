@@ -222,3 +222,36 @@ TWO_STAGE = Workflow(
 )
 
 WORKFLOWS = [TWO_STAGE]
+
+SWAP_NOTE_TAIL = (
+    "How it works: SISO ReNoise Invert turns the photo into the model's noise (its reconstruction output should look "
+    "like the photo). SISO Optimize then learns a LoRA while denoising that inversion: DINOv2 + IR pull the masked "
+    "region toward YOUR subject, and background_weight x the squared error outside the mask keeps the rest of the "
+    "photo. Keep the same prompt for both, a turbo model, 4 steps at strength 0.75 and learning rate 3e-4 (paper). "
+    "The photo's sides must be multiples of 8.")
+
+SWAP_DRAWN = Workflow(
+    name="siso_subject_swap_drawn_mask",
+    note=("SISO subject swap with a hand-drawn mask\n\nFiles:\n" + FILES_NOTE +
+          "- input/: the reference photo of YOUR subject, and the photo to edit.\n\n"
+          "Draw the mask: right-click the 'Photo to edit' node > Open in MaskEditor, paint over the subject to replace, "
+          "save. The painted area is the MASK (1 = replace).\n\n" + SWAP_NOTE_TAIL),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a cat"}, {"clip": (1, 1)},
+             "Class prompt (inversion and optimisation)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="YOUR subject (reference photo)"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "LoadImage", (-420, 540), (320, 330), {"image": "photo.png"}, title="Photo to edit (draw the mask on it)"),
+        Node(6, "ReNoiseInvert", (-40, 340), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
+        Node(7, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
+             {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (6, 0), "mask": (5, 1)}),
+        Node(8, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (7, 1)}, "Edited photo"),
+        Node(9, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Inversion check: reconstruction"),
+    ],
+    test_overrides={1: TINY, 5: {"image": "photo_masked.png"}, 6: {"renoise_iterations": 2, "first_step_iterations": 2,
+                                                                  "average_start": 1, "average_end": 3},
+                    7: {"max_iterations": 2}},
+)
+
+WORKFLOWS.append(SWAP_DRAWN)
