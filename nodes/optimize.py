@@ -106,11 +106,16 @@ class SISOOptimize(io.ComfyNode):
         # Resolve both files before any expensive work so a missing one fails fast.
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
-        progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None))
-        lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
-                                                    on_iteration=progress, inversion=inversion, mask=mask)
+        progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,
+                                     editing=inversion is not None)
+        try:
+            lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
+                                                        on_iteration=progress, inversion=inversion, mask=mask)
+        except BaseException as error:
+            progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
+            raise
         report = result.describe()
-        progress.finish()
+        progress.finish(report)
         log.info("SISO: %s", report)
         curve = torch.from_numpy(loss_curve(result.history, result.best_iteration)).unsqueeze(0)
         return io.NodeOutput(lora, best_image, curve, report, ui={"text": [report]})

@@ -306,6 +306,12 @@ def test_two_stage_prompt_runs_end_to_end(server):
     assert progress, f"no websocket 'progress' message for SISOOptimize (node {OPTIMIZE_ID}); message types: {seen}"
     assert all(p["max"] == 3 for p in progress), progress
     assert max(p["value"] for p in progress) == 3, progress
+    # the live chart's own events: one per iteration with the history so far, then why it ended
+    live = [m["data"] for m in listener.messages if m.get("type") == "siso.progress" and m["data"].get("node") == OPTIMIZE_ID]
+    assert [e["iteration"] for e in live if e["state"] == "running"] == [1, 2, 3], live
+    assert all(len(e["history"]["loss"]) == e["iteration"] for e in live), live
+    assert all(isinstance(v, float) and -1.0 <= v <= 1.0 for e in live for v in e["history"]["dino"] + e["history"]["ir"])
+    assert live[-1]["state"] == "done" and "iteration cap reached after 3 iterations" in live[-1]["reason"], live[-1]
 
 
 # ----------------------------------------------------------------------------- every example workflow
