@@ -58,7 +58,8 @@ class Server:
                                          headers={"Content-Type": "application/json"}, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read())
+                data = response.read()
+                return response.status, (json.loads(data) if data.strip() else {})
         except urllib.error.HTTPError as error:
             body = error.read()
             try:
@@ -486,3 +487,88 @@ def test_missing_weight_file_is_rejected_and_server_survives(server):
     hits = [e for e in errors if e.get("type") in ("value_not_in_list", "custom_validation_failed")
             and ("ir_weights" in e.get("details", "") or "missing.pth" in e.get("details", ""))]
     assert hits, f"no 'value not in list' error for ir_weights: {errors}"
+
+
+# ----------------------------------------------------------------------------- interrupt and bad inputs
+def _rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _swap_prompt() -> dict:
+    return json.loads((REPO / "tests" / "workflows" / "siso_subject_swap_drawn_mask_api.json").read_text())
+
+
+def test_interrupt_ends_the_optimisation_within_one_iteration_and_the_server_goes_on(server):
+    run_prompt(server, api_prompt())            # warm: models loaded and cached as in normal use
+    before_mb = _rss_mb(server.proc.pid)
+    prompt = api_prompt()
+    prompt[OPTIMIZE_ID]["inputs"].update(max_iterations=200, early_stop_patience=200)
+    client_id = uuid.uuid4().hex
+    listener = WebSocketListener(server.port, client_id)
+    listener.start()
+    try:
+        code, body = server.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        assert code == 200, body
+
+        def running():
+            return [m["data"] for m in list(listener.messages)
+                    if m.get("type") == "siso.progress" and m["data"]["state"] == "running"]
+
+        deadline = time.monotonic() + 120
+        while len(running()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(running()) >= 2, f"the optimisation did not start:\n{server.log_tail()}"
+        at_interrupt = running()[-1]["iteration"]
+        assert server.post("/interrupt", {})[0] == 200
+        assert listener.wait_for("execution_interrupted", timeout=60), server.log_tail()
+        time.sleep(0.5)
+    finally:
+        listener.close()
+    last = running()[-1]["iteration"]
+    assert last <= at_interrupt + 1, f"ran {last - at_interrupt} iterations after the interrupt"
+    final = [m["data"] for m in listener.messages if m.get("type") == "siso.progress"][-1]
+    assert final["state"] == "cancelled" and "cancelled after" in final["reason"], final
+    entry = wait_for_history(server, body["prompt_id"], timeout=60)
+    assert entry["status"]["status_str"] == "error"     # how ComfyUI records an interrupted prompt
+    # the next prompt runs normally and memory comes back near where it was
+    run_prompt(server, api_prompt())
+    after_mb = _rss_mb(server.proc.pid)
+    print(f"\nserver RSS: {before_mb:.0f} MB before, {after_mb:.0f} MB after the interrupted run and one more")
+    assert after_mb < before_mb * 1.15 + 100, (before_mb, after_mb)
+
+
+def _rejected(server, prompt) -> dict:
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert code == 400, (code, body)
+    assert server.alive() and "SISOOptimize" in server.get("/object_info/SISOOptimize")
+    return body
+
+
+def test_zero_iterations_is_refused_at_queue_time(server):
+    prompt = api_prompt()
+    prompt[OPTIMIZE_ID]["inputs"]["max_iterations"] = 0
+    body = _rejected(server, prompt)
+    details = json.dumps(body["node_errors"][OPTIMIZE_ID])
+    assert "max_iterations must be at least 1, got 0" in details, details
+
+
+def test_a_mask_of_the_wrong_size_fails_with_a_clear_message_and_the_server_lives(server):
+    import numpy as np
+    from PIL import Image
+    rgba = np.zeros((48, 40, 4), "uint8")
+    rgba[..., 3] = 255
+    rgba[10:20, 10:20, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(server.base / "input" / "small_mask.png")
+    prompt = _swap_prompt()
+    prompt["90"] = {"class_type": "LoadImage", "inputs": {"image": "small_mask.png"}}
+    prompt["7"]["inputs"]["mask"] = ["90", 1]
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert code == 200, body
+    entry = wait_for_history(server, body["prompt_id"])
+    errors = _execution_errors(entry)
+    assert entry["status"]["status_str"] == "error" and "the mask is 40x48 but the inverted photo is 64x64" in errors, errors
+    assert server.alive()
+    run_prompt(server, api_prompt())   # and it still works
