@@ -46,7 +46,7 @@ test: env
 run: env
 	mkdir -p $(COMFYUI_DIR)/custom_nodes
 	test -e $(COMFYUI_DIR)/custom_nodes/comfyui-siso || ln -s $(CURDIR) $(COMFYUI_DIR)/custom_nodes/comfyui-siso
-	cd $(COMFYUI_DIR) && $(PY) main.py --listen $(HOST) --port $(PORT) --disable-auto-launch $(if $(shell $(PY) -c "import torch;print(int(torch.cuda.is_available()))" 2>/dev/null | grep -q 1 && echo gpu),,--cpu) $(ARGS)
+	cd $(COMFYUI_DIR) && $(PY) main.py --listen $(HOST) --port $(PORT) --disable-auto-launch --preview-method auto $(if $(shell $(PY) -c "import torch;print(int(torch.cuda.is_available()))" 2>/dev/null | grep -q 1 && echo gpu),,--cpu) $(ARGS)
 
 # Rebuilds example_workflows/*.json and their API twins from tests/workflow_graphs.py.
 workflows: env

@@ -6,6 +6,7 @@ so a page reloaded mid-run redraws the complete chart from the next event. With 
 attached (API use) the events go nowhere and cost nothing."""
 import comfy.model_management
 import comfy.utils
+from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
 from ..siso_ops import comfy_adapter as host
@@ -40,8 +41,14 @@ class IterationProgress:
                "best": self.best, "patience": self.patience, "editing": self.editing, "history": self.history})
 
     def __call__(self, report):
-        pixels = (report.image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        self.bar.update_absolute(report.iteration + 1, self.total, ("JPEG", Image.fromarray(pixels), 512))
+        # The image goes out as a preview only where ComfyUI sends sampler previews too
+        # (--preview-method other than none): API clients of a default server get no binary
+        # frames from a stock graph, and must get none from ours.
+        preview = None
+        if args.preview_method != LatentPreviewMethod.NoPreviews:
+            pixels = (report.image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            preview = ("JPEG", Image.fromarray(pixels), 512)
+        self.bar.update_absolute(report.iteration + 1, self.total, preview)
         terms = report.terms
         self.history["loss"].append(terms["loss"])
         # the chart shows similarities (cosine, higher is better); the loss holds distances

@@ -307,6 +307,8 @@ def test_two_stage_prompt_runs_end_to_end(server):
     assert progress, f"no websocket 'progress' message for SISOOptimize (node {OPTIMIZE_ID}); message types: {seen}"
     assert all(p["max"] == 3 for p in progress), progress
     assert max(p["value"] for p in progress) == 3, progress
+    # a default server (--preview-method none) sends no preview frames for KSampler; nor do we
+    assert listener.binary_frames == 0
     # the live chart's own events: one per iteration with the history so far, then why it ended
     live = [m["data"] for m in listener.messages if m.get("type") == "siso.progress" and m["data"].get("node") == OPTIMIZE_ID]
     assert [e["iteration"] for e in live if e["state"] == "running"] == [1, 2, 3], live
@@ -572,3 +574,21 @@ def test_a_mask_of_the_wrong_size_fails_with_a_clear_message_and_the_server_live
     assert entry["status"]["status_str"] == "error" and "the mask is 40x48 but the inverted photo is 64x64" in errors, errors
     assert server.alive()
     run_prompt(server, api_prompt())   # and it still works
+
+
+# ----------------------------------------------------------------------------- a third-party client
+def test_a_third_party_api_client_queues_the_two_stage_workflow_and_gets_the_images(server):
+    """comfy_api_simplified (PyPI) edits the API workflow by node title, queues it, waits on the
+    websocket and fetches the saved images over /history and /view."""
+    from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
+    from PIL import Image
+    import io
+    workflow = ComfyWorkflowWrapper(str(API_WORKFLOW))
+    workflow.set_node_param("Any prompt (stage 2)", "text", "a dog wearing a red scarf in the snow")
+    workflow.set_node_param("SISO Save LoRA", "name", "client_lora")
+    images = ComfyApiWrapper(server.url).queue_and_wait_images(workflow, "Save Image")
+    assert images and all(name.startswith("siso_two_stage") for name in images), list(images)
+    for data in images.values():
+        with Image.open(io.BytesIO(data)) as png:
+            assert png.format == "PNG" and png.size == (64, 64)
+    assert (server.base / "models" / "loras" / "client_lora.safetensors").is_file()
