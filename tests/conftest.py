@@ -65,3 +65,6 @@ def tiny_networks(feature_files):
     folder = pathlib.Path(folder_paths.models_dir) / "siso"
     with torch.inference_mode(False):
         return fn.load_dino(str(folder / feature_files[0])), fn.load_ir(str(folder / feature_files[1]))
+
+
+from comfy_server import object_info, server  # noqa: E402,F401  (session fixtures: one ComfyUI server process)
