@@ -14,7 +14,7 @@ PORT ?= 8188
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench env comfyui clean workflows
+.PHONY: run test bench env comfyui clean workflows screenshots browser
 
 env: $(VENV)/.ready
 
@@ -38,7 +38,12 @@ $(EMBEDDED_COMFYUI)/main.py:
 	rm -f $(EMBEDDED_COMFYUI)/extra_model_paths.yaml
 	touch $@
 
-test: env
+# Debian's Chromium for the browser tests (tests/test_browser.py drives it with Playwright). If it
+# cannot be installed, make goes on and those tests fail, naming what is missing.
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) || echo "WARNING: could not install Debian's chromium: the browser tests will fail"
+
+test: env browser
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Starts ComfyUI with this pack on $(HOST):$(PORT). The pack is linked into the runtime's
@@ -51,6 +56,11 @@ run: env
 # Rebuilds example_workflows/*.json and their API twins from tests/workflow_graphs.py.
 workflows: env
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) tests/build_workflows.py
+
+# README screenshots (docs/screenshots) and template thumbnails (example_workflows/*.jpg),
+# taken by the browser tests.
+screenshots: env browser
+	cd $(CURDIR) && SISO_SCREENSHOTS=$(CURDIR)/docs/screenshots SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) -m pytest -q tests/test_browser.py
 
 bench: env
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
