@@ -25,6 +25,7 @@ args.cpu = True
 args.base_directory = str(BASE)
 args.disable_api_nodes = True
 
+import utils.extra_config  # noqa: E402,F401  (as main.py does first: ComfyUI's `utils` package before nodes.py puts comfy/ on sys.path)
 import folder_paths  # noqa: E402
 import nodes  # noqa: E402  (ComfyUI's nodes.py)
 

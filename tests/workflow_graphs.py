@@ -255,3 +255,42 @@ SWAP_DRAWN = Workflow(
 )
 
 WORKFLOWS.append(SWAP_DRAWN)
+
+LAYOUT_THEN_APPEARANCE = Workflow(
+    name="siso_layout_then_appearance",
+    note=("Layout first, then your subject's appearance (the decoupled, iterative route of EZIGen)\n\nFiles:\n" + FILES_NOTE +
+          "- input/: the ONE photo of your subject.\n\n"
+          "1. SISO Optimize learns the subject LoRA (simple prompt, 1 step).\n"
+          "2. The BASE model (no LoRA) draws the scene: composition, pose and background come from the prompt alone.\n"
+          "3. Three passes with the LoRA re-noise that image partly (denoise 0.5) and denoise it again: each pass moves "
+          "the subject's appearance toward yours while the layout stays. More passes = more identity, less of the "
+          "original detail; lower denoise = more layout kept."),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (LoRA)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
+        Node(7, "CLIPTextEncode", (-40, 860), (400, 140), {"text": "a dog playing with a ball in a sunny garden, photo"},
+             {"clip": (1, 1)}, "Scene prompt", POSITIVE),
+        Node(8, "CLIPTextEncode", (-40, 1040), (400, 100), {"text": ""}, {"clip": (1, 1)}, "Negative prompt", NEGATIVE),
+        Node(9, "EmptyLatentImage", (-40, 1180), (320, 106), {"width": 512, "height": 512}),
+        Node(10, "KSampler", (420, 860), (320, 262), {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (1, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}, "1. Layout (base model)"),
+        Node(11, "KSampler", (780, 860), (320, 262), {"seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 0.5},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (10, 0)}, "2. Appearance pass 1 (LoRA)"),
+        Node(12, "KSampler", (1140, 860), (320, 262), {"seed": 2, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 0.5},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (11, 0)}, "3. Appearance pass 2 (LoRA)"),
+        Node(13, "KSampler", (1500, 860), (320, 262), {"seed": 3, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 0.5},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (12, 0)}, "4. Appearance pass 3 (LoRA)"),
+        Node(14, "VAEDecode", (1140, 1180), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}, "Decode layout"),
+        Node(15, "SaveImage", (1140, 1280), (320, 360), {"filename_prefix": "siso_layout"}, {"images": (14, 0)}, "Layout only"),
+        Node(16, "VAEDecode", (1500, 1180), (210, 46), {}, {"samples": (13, 0), "vae": (1, 2)}, "Decode final"),
+        Node(17, "SaveImage", (1500, 1280), (420, 420), {"filename_prefix": "siso_layout_then_appearance"}, {"images": (16, 0)}, "Your subject in the layout"),
+    ],
+    groups=[("Subject LoRA", -440, -60, 1680, 820, "#3f789e"), ("Layout, then appearance", -60, 800, 2000, 940, "#8A8")],
+    test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 2}, 9: {"width": 64, "height": 64}},
+)
+
+WORKFLOWS.append(LAYOUT_THEN_APPEARANCE)
