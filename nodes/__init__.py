@@ -3,6 +3,7 @@ lives in ``siso_ops``."""
 from .subject import LoadSubject
 from .optimize import SISOOptimize
 from .lora import ApplySISOLoRA, SaveSISOLoRA
+from .mask import SubjectMask
 from .invert import ReNoiseInvert
 
-NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert]
+NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert, SubjectMask]

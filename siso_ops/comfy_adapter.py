@@ -52,6 +52,7 @@ def register_model_folders():
         folder_paths.add_model_folder_path(WEIGHTS_FOLDER, default)
     paths, extensions = folder_paths.folder_names_and_paths[WEIGHTS_FOLDER]
     folder_paths.folder_names_and_paths[WEIGHTS_FOLDER] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+    register_segmentation_folders()
 
 
 def weight_file_choices() -> list:
@@ -350,3 +351,97 @@ def training_mode():
     """Gradients inside a node: ComfyUI runs nodes under inference_mode."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
+
+
+# ----------------------------------------------------------------------------- SubjectMask models
+# Community folders: SAM checkpoints in models/sams, Grounding DINO checkpoint + .cfg.py (and
+# the local BERT folder) in models/grounding-dino. Loaded models are cached on the CPU and
+# moved to ComfyUI's device only while predicting; see keep_segmentation_models_while for
+# how "Free model and node cache" releases them.
+from . import segmentation  # noqa: E402  (light: its heavy imports happen on first use)
+
+SAM_FOLDER = "sams"
+GROUNDING_DINO_FOLDER = "grounding-dino"
+
+
+def register_segmentation_folders():
+    """models/sams and models/grounding-dino; entries from extra_model_paths.yaml are kept."""
+    for name in (SAM_FOLDER, GROUNDING_DINO_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        known = folder_paths.folder_names_and_paths.get(name)
+        if known is None or default not in known[0]:
+            folder_paths.add_model_folder_path(name, default)
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+def sam_model_choices() -> list:
+    return folder_paths.get_filename_list(SAM_FOLDER)
+
+
+def grounding_dino_choices() -> list:
+    # The BERT folder's weights sit inside a grounding-dino folder; they are no detector.
+    return [name for name in folder_paths.get_filename_list(GROUNDING_DINO_FOLDER)
+            if segmentation.BERT_FOLDER not in name.replace("\\", "/").split("/")[:-1]]
+
+
+def _model_file(folder: str, name: str, what: str, expected: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        raise WeightFileError(
+            f"{what} '{name}' not found. Put {expected} into one of the '{folder}' model folders "
+            f"{folder_paths.get_folder_paths(folder)} (or add a '{folder}:' entry to extra_model_paths.yaml) "
+            "and refresh.")
+    return path
+
+
+def sam_model_path(name: str) -> str:
+    return _model_file(SAM_FOLDER, name, "SAM checkpoint", segmentation.SAM_SOURCE)
+
+
+def grounding_dino_path(name: str) -> str:
+    return _model_file(GROUNDING_DINO_FOLDER, name, "Grounding DINO checkpoint", segmentation.GROUNDING_DINO_SOURCE)
+
+
+def bert_folder_for(checkpoint_path: str) -> str:
+    """The 'bert-base-uncased' folder beside the checkpoint, else in any grounding-dino folder,
+    else models/bert-base-uncased (where other segmentation packs keep it)."""
+    places = [os.path.dirname(checkpoint_path)] + folder_paths.get_folder_paths(GROUNDING_DINO_FOLDER) + [folder_paths.models_dir]
+    candidates = list(dict.fromkeys(os.path.join(place, segmentation.BERT_FOLDER) for place in places))
+    for folder in candidates:
+        if os.path.isdir(folder):
+            segmentation.check_bert_folder(folder)
+            return folder
+    raise WeightFileError(segmentation.missing_bert_message(candidates))
+
+
+def segmentation_runtime() -> "segmentation.Runtime":
+    device = comfy.model_management.get_torch_device()
+    return segmentation.Runtime(
+        device=device,
+        # Ask ComfyUI to offload other models first, as its own loaders do.
+        make_room=lambda nbytes: comfy.model_management.free_memory(
+            nbytes + comfy.model_management.minimum_inference_memory(), device),
+        check_interrupt=throw_if_interrupted)
+
+
+def subject_masks(images, settings, sam_model: str, grounding_dino_model: str, on_step=None):
+    """Resolve the files, load (or reuse) the models, make one mask per image."""
+    settings.check()
+    dino_path = grounding_dino_path(grounding_dino_model)
+    bert_folder = bert_folder_for(dino_path)
+    sam_path = sam_model_path(sam_model)
+    detector, sam = segmentation.cached_models(dino_path, bert_folder, sam_path)
+    return segmentation.subject_masks(images, settings, detector, sam, segmentation_runtime(), on_step)
+
+
+def keep_segmentation_models_while(node):
+    """The cached models live as long as a SubjectMask node object lives in ComfyUI's node cache.
+
+    ComfyUI 0.3.75's executor creates one object per node id of the running workflow and keeps
+    it in its node-object cache (``PromptExecutor.caches.objects``). POST /free with
+    ``free_memory`` (the "Free model and node cache" button) replaces those caches
+    (``PromptExecutor.reset()``, after ``unload_all_models()``); a node that leaves the workflow
+    is dropped from them too. When the last SubjectMask object is collected, the cache lets go
+    of the models and their memory is freed; the next run loads them again."""
+    segmentation.MODELS.hold(node)

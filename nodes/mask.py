@@ -1,0 +1,88 @@
+import logging
+
+import comfy.utils
+from comfy_api.v0_0_2 import io
+
+from ..siso_ops import comfy_adapter as host
+from ..siso_ops.masks import KEEP_RULES, NOTHING_FOUND, caption_for
+from ..siso_ops.segmentation import BERT_FOLDER, BERT_SOURCE, MaskSettings
+from .graph_types import CATEGORY
+
+log = logging.getLogger("siso")
+
+
+class SubjectMask(io.ComfyNode):
+    def __init__(self):
+        super().__init__()
+        # ComfyUI keeps one object per node of the running workflow; the loaded models live
+        # while it does, so "Free model and node cache" releases them.
+        host.keep_segmentation_models_while(self)
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SubjectMask",
+            display_name="SISO Subject Mask",
+            category=CATEGORY,
+            description=(
+                "Finds the subject named by the text (e.g. 'dog') with Grounding DINO and segments it with SAM: "
+                "one MASK per image (1 = subject, the mask editor's convention), plus a preview with the mask in "
+                "red and the boxes (kept: green, other detections: yellow). Files: a SAM checkpoint in models/sams; "
+                "groundingdino_swint_ogc.pth with GroundingDINO_SwinT_OGC.cfg.py in models/grounding-dino; and "
+                f"Grounding DINO's text encoder as a local folder models/grounding-dino/{BERT_FOLDER}/ holding the "
+                f"files of {BERT_SOURCE} (config.json, vocab.txt, tokenizer.json, tokenizer_config.json, "
+                "model.safetensors). Nothing is downloaded. Models load on first use and stay cached until "
+                "'Free model and node cache'."),
+            inputs=[
+                io.Image.Input("image", tooltip="The photo(s); every image of a batch gets its own mask."),
+                io.String.Input("text", default="dog", tooltip="What the subject is, e.g. 'dog' or 'red mug' (made lower-case and ended with '.' for Grounding DINO)."),
+                io.Combo.Input("sam_model", options=host.sam_model_choices(), tooltip="SAM checkpoint in models/sams: sam_vit_b_01ec64.pth (fastest), sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth (best); the size is read from the file."),
+                io.Combo.Input("grounding_dino_model", options=host.grounding_dino_choices(), tooltip=f"Grounding DINO checkpoint in models/grounding-dino (groundingdino_swint_ogc.pth, with GroundingDINO_SwinT_OGC.cfg.py beside it). Needs the folder {BERT_FOLDER}/ with BERT's files next to it."),
+                io.Float.Input("box_threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="A box counts as a detection when its score is above this (the method uses 0.3)."),
+                io.Float.Input("text_threshold", default=0.25, min=0.0, max=1.0, step=0.01, tooltip="...and when at least one word of the text scores above this."),
+                io.Combo.Input("keep", options=list(KEEP_RULES), default=KEEP_RULES[0], tooltip="Which detection becomes the mask: the largest segmented region (the method's rule), the most confident box, or all of them together."),
+                io.Int.Input("grow_pixels", default=0, min=-512, max=512, step=1, tooltip="Grow the mask by this many pixels (negative shrinks it)."),
+                io.Combo.Input("when_nothing_found", options=list(NOTHING_FOUND), default=NOTHING_FOUND[0], tooltip="If the text is not found in an image: stop with an error naming the image, or give that image an empty mask and show a warning."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask", tooltip="One mask per image (batch, height, width), 1 = subject; same convention as a mask drawn in the mask editor."),
+                io.Image.Output(display_name="preview", tooltip="The photo with the mask tinted red and the detected boxes (kept: green, others: yellow)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, text=None, sam_model=None, grounding_dino_model=None, keep=None, when_nothing_found=None):
+        # Named inputs are ComfyUI's to skip and ours to check; thresholds keep its min/max checks.
+        for name, value, options in (("keep", keep, KEEP_RULES), ("when_nothing_found", when_nothing_found, NOTHING_FOUND)):
+            if isinstance(value, str) and value not in options:
+                return f"{name}: '{value}' is not one of {list(options)}"
+        if isinstance(text, str):
+            try:
+                caption_for(text)
+            except ValueError as error:
+                return f"text: {error}"
+        # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse missing files (and a
+        # missing BERT folder) at queue time, naming the folder, instead of mid-run.
+        if isinstance(sam_model, str):
+            try:
+                host.sam_model_path(sam_model)
+            except ValueError as error:
+                return f"sam_model: {error}"
+        if isinstance(grounding_dino_model, str):
+            try:
+                host.bert_folder_for(host.grounding_dino_path(grounding_dino_model))
+            except ValueError as error:
+                return f"grounding_dino_model: {error}"
+        return True
+
+    @classmethod
+    def execute(cls, image, text, sam_model, grounding_dino_model, box_threshold, text_threshold, keep, grow_pixels,
+                when_nothing_found):
+        settings = MaskSettings(text=text, box_threshold=box_threshold, text_threshold=text_threshold, keep=keep,
+                                grow_pixels=grow_pixels, when_nothing_found=when_nothing_found)
+        bar = comfy.utils.ProgressBar(2 * image.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
+        result = host.subject_masks(image, settings, sam_model, grounding_dino_model, on_step=lambda: bar.update(1))
+        for warning in result.warnings:
+            log.warning(warning)
+        return io.NodeOutput(result.masks, result.previews, ui={"text": result.warnings} if result.warnings else None)
