@@ -114,6 +114,8 @@ def server():
         (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
         checkpoint.write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT_NAME)
         tiny.write_feature_files(str(base / "models" / "siso"))
+        import tiny_segmentation
+        tiny_segmentation.write_segmentation_files(str(base / "models"))
         _write_subject_png(base / "input" / "subject.png")
         _write_photo_with_drawn_mask(base / "input" / "photo_masked.png")
         (base / "user").mkdir(exist_ok=True)

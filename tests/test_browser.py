@@ -45,6 +45,7 @@ def page(server, tmp_path_factory):
 
 def open_template(page, name: str):
     """Through the template browser, as a user does: Templates > the pack's entry > the card."""
+    page.locator(".p-dialog-mask.p-overlay-mask-leave").first.wait_for(state="detached", timeout=60_000)
     dialog = page.locator(".p-dialog")
     entry = dialog.get_by_text(PACK, exact=True).first
     try:   # on a first visit ComfyUI opens the template browser by itself
@@ -55,6 +56,8 @@ def open_template(page, name: str):
     page.wait_for_timeout(500)   # the dialog's opening animation
     entry.click()
     dialog.get_by_text(name, exact=True).first.click()
+    # the dialog closes with an animation whose mask would swallow the next click
+    page.locator(".p-dialog-mask").first.wait_for(state="detached", timeout=60_000)
     page.wait_for_function(f"() => app.graph.nodes.some(n => n.type === 'SISOOptimize' || n.type === 'ReNoiseInvert')"
                            f" && document.title.includes('{name}')", timeout=60_000)
     time.sleep(1.0)

@@ -18,7 +18,7 @@ from comfy_server import CKPT_NAME, WebSocketListener, _execution_errors, wait_f
 from conftest import REPO
 
 API_WORKFLOW = REPO / "tests" / "workflows" / "siso_two_stage_api.json"
-OUR_NODES = ("LoadSubject", "SISOOptimize", "ApplySISOLoRA", "SaveSISOLoRA", "ReNoiseInvert")
+OUR_NODES = ("LoadSubject", "SISOOptimize", "ApplySISOLoRA", "SaveSISOLoRA", "ReNoiseInvert", "SubjectMask")
 OPTIMIZE_ID = "5"  # the SISOOptimize node in siso_two_stage_api.json
 FRONTEND_ONLY = graphs.FRONTEND_ONLY  # node types that live only in the frontend
 
@@ -148,7 +148,7 @@ def test_example_workflow_runs_through_the_http_api(spec, server):
 
 # ----------------------------------------------------------------------------- (d) UI example workflow
 ABSOLUTE_PATH = re.compile(r"(?:^|[\s\"'(=:,])(?:/(?:home|root|tmp|work|usr|opt|Users|mnt|var)\b|[A-Za-z]:[\\/]|~[\\/]|\\\\)")
-USER_FILE_COMBOS = {"ckpt_name", "image", "dino_weights", "ir_weights"}
+USER_FILE_COMBOS = {"ckpt_name", "image", "dino_weights", "ir_weights", "sam_model", "grounding_dino_model"}
 SEED_CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 
 

@@ -294,3 +294,83 @@ LAYOUT_THEN_APPEARANCE = Workflow(
 )
 
 WORKFLOWS.append(LAYOUT_THEN_APPEARANCE)
+
+SEGMENTATION_FILES = (
+    "- models/sams/sam_vit_b_01ec64.pth (or sam_vit_l_0b3195.pth / sam_vit_h_4b8939.pth): Segment Anything.\n"
+    "- models/grounding-dino/groundingdino_swint_ogc.pth with GroundingDINO_SwinT_OGC.cfg.py beside it, and the folder "
+    "models/grounding-dino/bert-base-uncased/ (config.json, vocab.txt, model.safetensors, tokenizer files of "
+    "google-bert/bert-base-uncased): Grounding DINO. Nothing is downloaded.\n")
+SEGMENTATION = {"sam_model": "sam_vit_b_01ec64.pth", "grounding_dino_model": "groundingdino_swint_ogc.pth"}
+# random test weights detect nothing at the real thresholds
+ANY_DETECTION = {"box_threshold": 0.0, "text_threshold": 0.0}
+
+SWAP = Workflow(
+    name="siso_subject_swap",
+    note=("SISO subject swap: the cat in the photo becomes YOUR cat\n\nFiles:\n" + FILES_NOTE + SEGMENTATION_FILES +
+          "- input/: the reference photo of YOUR subject, and the photo to edit.\n\n"
+          "SISO Subject Mask finds the subject to replace (Grounding DINO with the class word, then SAM); check its "
+          "preview, and use the hand-drawn-mask workflow when it misses.\n\n" + SWAP_NOTE_TAIL),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a cat"}, {"clip": (1, 1)},
+             "Class prompt (inversion and optimisation)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="YOUR subject (reference photo)"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "LoadImage", (-420, 540), (320, 330), {"image": "photo.png"}, title="Photo to edit"),
+        Node(6, "SubjectMask", (-40, 340), (400, 260), dict(SEGMENTATION, text="cat"), {"image": (5, 0)}),
+        Node(7, "ReNoiseInvert", (-40, 660), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
+        Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
+             {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (7, 0), "mask": (6, 0)}),
+        Node(9, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (8, 1)}, "Edited photo"),
+        Node(10, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Mask check"),
+        Node(11, "PreviewImage", (880, 920), (420, 380), {}, {"images": (7, 1)}, "Inversion check: reconstruction"),
+    ],
+    test_overrides={1: TINY, 5: {"image": "photo_masked.png"}, 6: dict(ANY_DETECTION, keep="most confident"),
+                    7: {"renoise_iterations": 2, "first_step_iterations": 2, "average_start": 1, "average_end": 3},
+                    8: {"max_iterations": 2}},
+)
+
+INSERTION = Workflow(
+    name="siso_insert_into_scene",
+    note=("Insert YOUR subject into a generated scene (the two-stage insertion route of Image-Alchemy, with the SISO LoRA)\n\n"
+          "Files:\n" + FILES_NOTE + SEGMENTATION_FILES + "- input/: the ONE photo of your subject.\n\n"
+          "1. SISO Optimize learns the subject LoRA.\n"
+          "2. The base model draws the scene with the class word (\"a dog on a beach at sunset\"): some dog stands in.\n"
+          "3. SISO Subject Mask finds the stand-in (grown a little for the seams).\n"
+          "4. An inpaint pass (Set Latent Noise Mask + KSampler with the LoRA, denoise 0.75) repaints only the masked "
+          "region with your subject, and Image Composite Masked pastes it back so every pixel outside the mask is the "
+          "original scene."),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (LoRA)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
+        Node(7, "CLIPTextEncode", (-40, 860), (400, 140), {"text": "a dog on a beach at sunset, photo"}, {"clip": (1, 1)},
+             "Scene prompt (with the class word)", POSITIVE),
+        Node(8, "CLIPTextEncode", (-40, 1040), (400, 100), {"text": ""}, {"clip": (1, 1)}, "Negative prompt", NEGATIVE),
+        Node(9, "EmptyLatentImage", (-40, 1180), (320, 106), {"width": 512, "height": 512}),
+        Node(10, "KSampler", (420, 860), (320, 262), {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (1, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}, "1. Scene (base model)"),
+        Node(11, "VAEDecode", (780, 860), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SubjectMask", (780, 960), (400, 260), dict(SEGMENTATION, text="dog", grow_pixels=16), {"image": (11, 0)},
+             "2. Find the stand-in"),
+        Node(13, "VAEEncode", (1220, 860), (210, 46), {}, {"pixels": (11, 0), "vae": (1, 2)}),
+        Node(14, "SetLatentNoiseMask", (1220, 960), (260, 46), {}, {"samples": (13, 0), "mask": (12, 0)}),
+        Node(15, "KSampler", (1220, 1060), (320, 262),
+             {"seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 0.75},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (14, 0)}, "3. Repaint the stand-in (LoRA)"),
+        Node(16, "VAEDecode", (1580, 860), (210, 46), {}, {"samples": (15, 0), "vae": (1, 2)}),
+        Node(17, "ImageCompositeMasked", (1580, 960), (320, 140), {}, {"destination": (11, 0), "source": (16, 0), "mask": (12, 0)},
+             "4. Keep every pixel outside the mask"),
+        Node(18, "SaveImage", (1580, 1160), (420, 420), {"filename_prefix": "siso_inserted"}, {"images": (17, 0)}, "Your subject in the scene"),
+        Node(19, "PreviewImage", (780, 1280), (400, 380), {}, {"images": (12, 1)}, "Mask check"),
+    ],
+    groups=[("Subject LoRA", -440, -60, 1680, 820, "#3f789e"), ("Scene, stand-in, repaint", -60, 800, 2100, 900, "#8A8")],
+    test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 2}, 9: {"width": 64, "height": 64},
+                    12: dict(ANY_DETECTION, keep="most confident")},
+)
+
+WORKFLOWS[1:1] = [SWAP]
+WORKFLOWS.append(INSERTION)
