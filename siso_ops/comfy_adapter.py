@@ -31,6 +31,8 @@ from .lora import LoRADelta, export_lora
 log = logging.getLogger("siso")
 
 WEIGHTS_FOLDER = "siso"
+SAM_FOLDER = "sams"                   # the community's folders for SubjectMask's models
+GROUNDING_DINO_FOLDER = "grounding-dino"
 SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST)
 # BaseModel covers SD1.x and SD2.x (eps and v); the others are ComfyUI's class names.
 SUPPORTED_MODELS = ("BaseModel", "SDXL", "Flux")
@@ -44,15 +46,20 @@ TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
 
 
 # ----------------------------------------------------------------------------- model folders
-def register_model_folders():
-    """models/siso for the similarity networks; entries from extra_model_paths.yaml are kept."""
-    default = os.path.join(folder_paths.models_dir, WEIGHTS_FOLDER)
-    known = folder_paths.folder_names_and_paths.get(WEIGHTS_FOLDER)
+def _register_folder(name: str):
+    """models/<name>, added after any entries extra_model_paths.yaml already made."""
+    default = os.path.join(folder_paths.models_dir, name)
+    known = folder_paths.folder_names_and_paths.get(name)
     if known is None or default not in known[0]:
-        folder_paths.add_model_folder_path(WEIGHTS_FOLDER, default)
-    paths, extensions = folder_paths.folder_names_and_paths[WEIGHTS_FOLDER]
-    folder_paths.folder_names_and_paths[WEIGHTS_FOLDER] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
-    register_segmentation_folders()
+        folder_paths.add_model_folder_path(name, default)
+    paths, extensions = folder_paths.folder_names_and_paths[name]
+    folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+def register_model_folders():
+    """models/siso (similarity networks), models/sams and models/grounding-dino (SubjectMask)."""
+    for name in (WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER):
+        _register_folder(name)
 
 
 def weight_file_choices() -> list:
@@ -359,21 +366,6 @@ def training_mode():
 # moved to ComfyUI's device only while predicting; see keep_segmentation_models_while for
 # how "Free model and node cache" releases them.
 from . import segmentation  # noqa: E402  (light: its heavy imports happen on first use)
-
-SAM_FOLDER = "sams"
-GROUNDING_DINO_FOLDER = "grounding-dino"
-
-
-def register_segmentation_folders():
-    """models/sams and models/grounding-dino; entries from extra_model_paths.yaml are kept."""
-    for name in (SAM_FOLDER, GROUNDING_DINO_FOLDER):
-        default = os.path.join(folder_paths.models_dir, name)
-        known = folder_paths.folder_names_and_paths.get(name)
-        if known is None or default not in known[0]:
-            folder_paths.add_model_folder_path(name, default)
-        paths, extensions = folder_paths.folder_names_and_paths[name]
-        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
-
 
 def sam_model_choices() -> list:
     return folder_paths.get_filename_list(SAM_FOLDER)

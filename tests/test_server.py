@@ -386,3 +386,18 @@ def test_a_third_party_api_client_queues_the_two_stage_workflow_and_gets_the_ima
         with Image.open(io.BytesIO(data)) as png:
             assert png.format == "PNG" and png.size == (64, 64)
     assert (server.base / "models" / "loras" / "client_lora.safetensors").is_file()
+
+
+def test_every_pack_node_explains_itself(object_info):
+    """A description on every node and a tooltip on every input and output: what users read
+    when they hover in ComfyUI."""
+    for name in OUR_NODES:
+        info = object_info[name]
+        assert len(info.get("description", "")) > 40, name
+        assert info["category"] == "SISO subject" and info["python_module"].startswith("custom_nodes."), name
+        for category in ("required", "optional"):
+            for input_name, spec in info["input"].get(category, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+        tooltips = info.get("output_tooltips") or []
+        assert len(tooltips) == len(info["output"]) and all(tooltips), f"{name} outputs lack tooltips: {tooltips}"

@@ -274,7 +274,7 @@ def test_an_extra_model_paths_folder_is_kept_and_its_files_found(tmp_path, monke
     for name in ("sams", "grounding-dino"):
         monkeypatch.delitem(folder_paths.folder_names_and_paths, name)
     load_extra_path_config(str(yaml))
-    host.register_segmentation_folders()
+    host.register_model_folders()
     assert folder_paths.get_folder_paths("sams") == [str(elsewhere / "my_sams"), os.path.join(folder_paths.models_dir, "sams")]
     assert str(elsewhere / "my_dino") in folder_paths.get_folder_paths("grounding-dino")
     assert sorted(host.sam_model_choices()) == sorted(["sam_from_yaml.pth", files["sam_model"]])

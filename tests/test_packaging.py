@@ -1,0 +1,31 @@
+"""What the Comfy registry and users' installers read: pyproject.toml and requirements.txt."""
+import re
+import tomllib
+
+from conftest import REPO
+
+
+def requirement_names(lines):
+    return {re.split(r"[<>=!~\[ ;]", line.strip(), maxsplit=1)[0].lower()
+            for line in lines if line.strip() and not line.strip().startswith("#")}
+
+
+def test_pyproject_is_ready_for_the_comfy_registry():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    meta, comfy = project["project"], project["tool"]["comfy"]
+    assert "comfyui" not in meta["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
+    assert meta["urls"]["Repository"].startswith("https://github.com/")
+    for key in ("PublisherId", "DisplayName", "Icon", "requires-comfyui"):
+        assert comfy.get(key), key
+    assert comfy["Icon"].endswith("docs/icon.png") and (REPO / "docs" / "icon.png").is_file()
+    requirements = (REPO / "requirements.txt").read_text().splitlines()
+    assert requirement_names(meta["dependencies"]) == requirement_names(requirements)
+
+
+def test_no_exact_pins_on_the_hosts_shared_libraries():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        name = requirement_names([line])
+        if name & {"torch", "diffusers", "transformers", "torchvision", "numpy", "safetensors"}:
+            assert "==" not in line, line
+    assert "torch" not in requirement_names((REPO / "requirements.txt").read_text().splitlines())
