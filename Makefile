@@ -64,6 +64,7 @@ screenshots: env browser
 
 bench: env
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) $(EMBEDDED_COMFYUI) $(CURDIR)/.cache

@@ -38,4 +38,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        import shutil
+        shutil.rmtree(conftest.BASE, ignore_errors=True)   # pytest's session hook does this in tests

@@ -29,3 +29,14 @@ def test_no_exact_pins_on_the_hosts_shared_libraries():
         if name & {"torch", "diffusers", "transformers", "torchvision", "numpy", "safetensors"}:
             assert "==" not in line, line
     assert "torch" not in requirement_names((REPO / "requirements.txt").read_text().splitlines())
+
+
+def test_loading_the_pack_imports_no_heavy_library():
+    """ComfyUI's start-up stays fast: timm, groundingdino, segment_anything, cv2 and kornia load
+    when a node first runs (the time itself is measured by `make bench`, not here)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("siso_startup", REPO / "benchmarks" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    result = startup.measure(runs=1)
+    assert result["heavy_imports"] == [], result
