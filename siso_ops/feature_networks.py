@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .weights import WeightFileError, read_checkpoint  # noqa: F401  (WeightFileError: re-exported)
+
 DINO_IMAGE_SIZE = 518
 DINO_PATCH = 14
 DINO_HEAD_DIM = 64
@@ -39,30 +41,9 @@ IR_SOURCE = ("the ir_features.pth file of the SISO authors' setup (Kaggle datase
              "it must be downloaded and placed by hand")
 
 
-class WeightFileError(ValueError):
-    """A weight file is missing or not in the expected format; the message says what to do."""
-
-
 def read_state_dict(path: str) -> dict:
     """Tensors of a .safetensors or .pth/.pt/.bin file; pickles only with weights_only=True."""
-    if not os.path.isfile(path):
-        raise WeightFileError(f"weight file not found: {path}")
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-        return safetensors.torch.load_file(path, device="cpu")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle refused or not a torch file: say which file and why
-        raise WeightFileError(
-            f"{os.path.basename(path)} could not be read as a PyTorch weight file with "
-            f"weights_only=True ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
-            "Use the published file or convert it to .safetensors.") from error
-    for wrapper in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightFileError(f"{os.path.basename(path)} does not hold a state dict of tensors")
-    return data
+    return read_checkpoint(path, "weight")
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks as M
-from .feature_networks import WeightFileError
+from .weights import WeightFileError, read_checkpoint as read_state
 
 log = logging.getLogger("siso")
 
@@ -65,51 +65,10 @@ SAM_TOKENS_PER_SIDE = 64
 
 # ----------------------------------------------------------------------------- safe reading
 def read_checkpoint(path: str, what: str) -> dict:
-    """The state dict of a checkpoint: ``torch.load(weights_only=True)`` (or safetensors),
-    unwrapping a ``{"model": ...}`` / ``{"state_dict": ...}`` dict and a ``module.`` prefix."""
-    if not os.path.isfile(path):
-        raise WeightFileError(f"{what} checkpoint not found: {path}")
-    name = os.path.basename(path)
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-        data = safetensors.torch.load_file(path, device="cpu")
-    else:
-        try:
-            with _allowed_classes():
-                data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            refused = _refused_classes(path)
-            detail = (f"it holds Python objects that a weights-only load refuses: {', '.join(refused)}"
-                      if refused else f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-            raise WeightFileError(
-                f"{name} could not be read as a {what} checkpoint with torch.load(weights_only=True): "
-                f"{detail}. Such a file could run code when loaded, so it is not opened; use the "
-                "published checkpoint or convert its tensors to .safetensors.") from error
-    for wrapper in ("model", "state_dict"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-            break
-    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightFileError(f"{name} does not hold a {what} state dict of tensors")
-    if all(k.startswith("module.") for k in data):
-        data = {k[len("module."):]: v for k, v in data.items()}
-    return data
-
-
-def _allowed_classes():
-    # Training scripts of the DETR family store their argparse.Namespace beside the weights;
-    # it is a plain attribute bag, so it is the one class we allow (torch >= 2.5).
+    """A detector/segmenter checkpoint. Training scripts of the DETR family store their
+    argparse.Namespace beside the weights: a plain attribute bag, the one class allowed."""
     import argparse
-    allow = getattr(torch.serialization, "safe_globals", None)
-    return allow([argparse.Namespace]) if allow else contextlib.nullcontext()
-
-
-def _refused_classes(path: str) -> list:
-    try:
-        with _allowed_classes():
-            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # an older torch or not a zip checkpoint: the load error is all we have
-        return []
+    return read_state(path, f"{what} checkpoint", allowed=(argparse.Namespace,))
 
 
 def read_config(path: str) -> dict:

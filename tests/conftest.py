@@ -59,6 +59,22 @@ def feature_files():
     return tiny.write_feature_files(str(folder))
 
 
+@pytest.fixture(scope="module")
+def sd15():
+    """A tiny random SD1.5 MODEL, its VAE and two prompts' conditioning (ComfyUI's classes)."""
+    import tiny
+    return tiny.build_model("sd15"), tiny.build_vae(4), tiny.conditioning("sd15", 0), tiny.conditioning("sd15", 7)
+
+
+@pytest.fixture(scope="module")
+def subject():
+    """A random subject photo, prepared by the LoadSubject node as ComfyUI runs it."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        return nodes.NODE_CLASS_MAPPINGS["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g), "subject", "white").args[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_networks(feature_files):
     import torch

@@ -20,16 +20,6 @@ NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny.build_model("sd15"), tiny.build_vae(4), tiny.conditioning("sd15", 0), tiny.conditioning("sd15", 7)
-
-
-@pytest.fixture(scope="module")
-def subject():
-    g = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        return NODE["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g), "subject", "white").args[0]
 
 
 def ksampler(model, positive, negative, steps=1, seed=42):

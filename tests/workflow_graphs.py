@@ -187,6 +187,29 @@ WEIGHTS = {"dino_weights": "dinov2_vitl14.safetensors", "ir_weights": "ir_featur
 NEGATIVE = "#322"
 POSITIVE = "#232"
 
+
+def subject_lora_nodes(prompt_title: str) -> list:
+    """Nodes 1-5 of every generation workflow: checkpoint, simple prompt, subject photo, SISO."""
+    return [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, prompt_title, POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+    ]
+
+
+def swap_input_nodes(photo_title: str) -> list:
+    """Nodes 1-5 of the subject-swap workflows: checkpoint, class prompt, YOUR subject, the photo."""
+    return [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a cat"}, {"clip": (1, 1)},
+             "Class prompt (inversion and optimisation)", POSITIVE),
+        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="YOUR subject (reference photo)"),
+        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
+        Node(5, "LoadImage", (-420, 540), (320, 330), {"image": "photo.png"}, title=photo_title),
+    ]
+
 TWO_STAGE = Workflow(
     name="siso_two_stage",
     note=("SISO two-stage workflow (Single Image Subject Optimization)\n\n"
@@ -197,11 +220,7 @@ TWO_STAGE = Workflow(
           "Stage 2 (bottom): SISO Apply LoRA + a stock KSampler (4 steps, cfg 1.0 for turbo) render the subject with any prompt.\n"
           "SISO Save LoRA writes models/loras/<name>.safetensors so LoraLoader can reuse it later."),
     nodes=[
-        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
-        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (stage 1)", POSITIVE),
-        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
-        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "SISOOptimize", (420, 0), (400, 680), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        *subject_lora_nodes("Simple prompt (stage 1)"),
         Node(6, "ApplySISOLoRA", (420, 780), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
         Node(7, "CLIPTextEncode", (-40, 780), (400, 140),
              {"text": "a watercolor painting of a dog wearing a red scarf, sitting on a wooden pier at sunset"}, {"clip": (1, 1)},
@@ -237,12 +256,7 @@ SWAP_DRAWN = Workflow(
           "Draw the mask: right-click the 'Photo to edit' node > Open in MaskEditor, paint over the subject to replace, "
           "save. The painted area is the MASK (1 = replace).\n\n" + SWAP_NOTE_TAIL),
     nodes=[
-        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
-        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a cat"}, {"clip": (1, 1)},
-             "Class prompt (inversion and optimisation)", POSITIVE),
-        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="YOUR subject (reference photo)"),
-        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "LoadImage", (-420, 540), (320, 330), {"image": "photo.png"}, title="Photo to edit (draw the mask on it)"),
+        *swap_input_nodes("Photo to edit (draw the mask on it)"),
         Node(6, "ReNoiseInvert", (-40, 340), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
         Node(7, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
              {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (6, 0), "mask": (5, 1)}),
@@ -266,11 +280,7 @@ LAYOUT_THEN_APPEARANCE = Workflow(
           "the subject's appearance toward yours while the layout stays. More passes = more identity, less of the "
           "original detail; lower denoise = more layout kept."),
     nodes=[
-        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
-        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (LoRA)", POSITIVE),
-        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
-        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        *subject_lora_nodes("Simple prompt (LoRA)"),
         Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
         Node(7, "CLIPTextEncode", (-40, 860), (400, 140), {"text": "a dog playing with a ball in a sunny garden, photo"},
              {"clip": (1, 1)}, "Scene prompt", POSITIVE),
@@ -311,12 +321,7 @@ SWAP = Workflow(
           "SISO Subject Mask finds the subject to replace (Grounding DINO with the class word, then SAM); check its "
           "preview, and use the hand-drawn-mask workflow when it misses.\n\n" + SWAP_NOTE_TAIL),
     nodes=[
-        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
-        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a cat"}, {"clip": (1, 1)},
-             "Class prompt (inversion and optimisation)", POSITIVE),
-        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="YOUR subject (reference photo)"),
-        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "LoadImage", (-420, 540), (320, 330), {"image": "photo.png"}, title="Photo to edit"),
+        *swap_input_nodes("Photo to edit"),
         Node(6, "SubjectMask", (-40, 340), (400, 260), dict(SEGMENTATION, text="cat"), {"image": (5, 0)}),
         Node(7, "ReNoiseInvert", (-40, 660), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
         Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
@@ -341,11 +346,7 @@ INSERTION = Workflow(
           "region with your subject, and Image Composite Masked pastes it back so every pixel outside the mask is the "
           "original scene."),
     nodes=[
-        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
-        Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "Simple prompt (LoRA)", POSITIVE),
-        Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
-        Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        *subject_lora_nodes("Simple prompt (LoRA)"),
         Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
         Node(7, "CLIPTextEncode", (-40, 860), (400, 140), {"text": "a dog on a beach at sunset, photo"}, {"clip": (1, 1)},
              "Scene prompt (with the class word)", POSITIVE),
