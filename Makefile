@@ -65,6 +65,7 @@ screenshots: env browser
 bench: env
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/startup.py
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/stage2.py 256 3
 
 clean:
 	rm -rf $(VENV) $(EMBEDDED_COMFYUI) $(CURDIR)/.cache

@@ -55,7 +55,7 @@ def init_random(module: torch.nn.Module, seed: int = 0, std: float = 0.02):
 
 def build_model(family: str, seed: int = 0):
     """A MODEL (ModelPatcher) of the family, built in inference mode as ComfyUI's loaders do."""
-    config_cls, unet_config, model_type = FAMILIES[family]
+    config_cls, unet_config, model_type = {**FAMILIES, **FULL_SIZE}[family]
     with torch.inference_mode():
         config = config_cls(dict(unet_config))
         config.set_inference_dtype(torch.float32, None)
@@ -158,3 +158,24 @@ def write_feature_files(folder, seed=0):
     safetensors.torch.save_file(dino_state_dict(meta_format=False, seed=seed), os.path.join(folder, "dinov2_vitl14.safetensors"))
     torch.save(ir_state_dict(module_prefix=True, seed=seed + 1), os.path.join(folder, "ir_features.pth"))
     return "dinov2_vitl14.safetensors", "ir_features.pth"
+
+
+# ----------------------------------------------------------------- full-size architectures (benchmarks)
+_FULL_COMMON = dict(use_checkpoint=False, image_size=32, out_channels=4, in_channels=4, use_spatial_transformer=True,
+                    legacy=False, model_channels=320, use_temporal_attention=False, use_temporal_resblock=False,
+                    dtype=torch.float32, num_head_channels=64)
+FULL_SIZE = {
+    # SD 2.1 UNet (SD-Turbo), random weights
+    "sd_turbo": (comfy.supported_models.SD20,
+                 dict(_FULL_COMMON, adm_in_channels=None, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=True,
+                      context_dim=1024), comfy.model_base.ModelType.EPS),
+    # SDXL UNet (SDXL-Turbo), random weights
+    "sdxl_turbo": (comfy.supported_models.SDXL,
+                   dict(_FULL_COMMON, num_classes="sequential", adm_in_channels=2816, channel_mult=[1, 2, 4],
+                        num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True,
+                        context_dim=2048), None),
+}
+CONTEXT.update({"sd_turbo": (1024, None), "sdxl_turbo": (2048, 1280)})
