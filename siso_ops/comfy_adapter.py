@@ -16,6 +16,7 @@ import os
 import re
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.model_patcher
@@ -156,7 +157,7 @@ class _CloneInput:
 class TrainableModel:
     """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
 
-    def __init__(self, model, rank: int = 4, alpha: float | None = None, target: str = TARGETS[0]):
+    def __init__(self, model, rank: int = 4, alpha: float | None = None, target: str = TARGETS[0], seed: int = 0):
         check_supported(model)
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
@@ -170,6 +171,7 @@ class TrainableModel:
         diffusion = self.patcher.model.diffusion_model
         all_linear = target == TARGETS[1]
         pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+        generator = torch.Generator().manual_seed(int(seed))
         for name, module in diffusion.named_modules():
             full = f"diffusion_model.{name}"
             if hasattr(module, "weight_function"):
@@ -179,7 +181,8 @@ class TrainableModel:
                     self.patcher.add_weight_wrapper(key, _detached)
                     wanted = isinstance(module, torch.nn.Linear) and (all_linear or pattern.search(key))
                     if wanted:
-                        delta = LoRADelta(weight.shape[0], weight.shape[1], self.rank, self.alpha, device=device)
+                        delta = LoRADelta(weight.shape[0], weight.shape[1], self.rank, self.alpha, device=device,
+                                          generator=generator)
                         self.patcher.add_weight_wrapper(key, delta)
                         self.deltas[key] = delta
                 if getattr(module, "bias", None) is not None:
@@ -312,18 +315,32 @@ def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- decoding
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
 class DifferentiableDecoder:
     """A private copy of the VAE decoder: model latents -> unclamped RGB in [0, 1] range.
 
     ``VAE.decode`` clamps (zero gradients), may tile and moves data off the device; the host
     VAE's weights are inference tensors, so we decode with our own copy."""
 
-    def __init__(self, vae, model, device, dtype=torch.float32):
+    def __init__(self, vae, model, device, dtype=torch.float32, checkpointing: bool = False):
         first_stage = vae.first_stage_model
         encoder = getattr(first_stage, "encoder", None)
         memo = {id(encoder): None} if encoder is not None else {}
         self.module = copy.deepcopy(first_stage, memo)  # the encoder is not needed to decode
         self.module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if checkpointing:
+            # Our private copy, so its blocks may be rewrapped: each ResNet / attention block
+            # keeps only its input for backward and recomputes the rest.
+            for block in self.module.modules():
+                if type(block).__name__ in ("ResnetBlock", "AttnBlock"):
+                    block.forward = _checkpointed(block.forward)
         self.model = model.model
         self.dtype = dtype
 

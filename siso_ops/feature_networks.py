@@ -94,6 +94,10 @@ class FeatureNetwork:
         self.module.to(*args, **kwargs)
         return self
 
+    def set_checkpointing(self, enable: bool):
+        """Recompute each transformer block in backward instead of keeping its activations."""
+        self.module.set_grad_checkpointing(enable)
+
     def __repr__(self):
         return f"FeatureNetwork({self.name}, {self.image_size}px)"
 
@@ -137,6 +141,13 @@ class IRNetwork(torch.nn.Module):
 
     def forward(self, x):
         return self.fc1(self.backbone(x))
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.backbone.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.backbone.grad_checkpointing
 
 
 def _build_ir_backbone(width: int, depth: int, proj_dim: int):

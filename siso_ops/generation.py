@@ -33,6 +33,7 @@ class GenerationSettings:
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     background_weight: float = 10.0    # c of c * L_bg when editing
+    gradient_checkpointing: bool = False   # recompute decoder and feature-network activations in backward
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -106,14 +107,16 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         try:
             for net in used:
                 net.to(device)
+                net.set_checkpointing(settings.gradient_checkpointing)
             score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
                                    settings.dino_weight, settings.ir_weight)
             if inversion is not None:
                 # clones: tensors made under the executor's inference_mode cannot enter autograd
                 score = EditScore(score, inversion.photo.to(device).clone(),
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
-            trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target)
-            decoder = host.DifferentiableDecoder(vae, model, device)
+            trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
+                                            seed=settings.seed)
+            decoder = host.DifferentiableDecoder(vae, model, device, checkpointing=settings.gradient_checkpointing)
             latent = host.empty_latent(model, settings.width, settings.height)
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
@@ -148,5 +151,6 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 decoder.release()
             for net in used:
                 net.to("cpu")
+                net.set_checkpointing(False)
             gc.collect()
             host.free_cached_memory()

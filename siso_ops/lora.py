@@ -14,13 +14,16 @@ import torch
 
 
 class LoRADelta(torch.nn.Module):
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device=None):
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device=None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.rank = int(rank)
         self.alpha = float(alpha)
-        self.down = torch.nn.Parameter(torch.empty(self.rank, in_features, device=device, dtype=torch.float32))
+        # Drawn on the CPU from the run's generator, so one seed gives one result on any device.
+        down = torch.empty(self.rank, in_features, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.down = torch.nn.Parameter(down.to(device))
         self.up = torch.nn.Parameter(torch.zeros(out_features, self.rank, device=device, dtype=torch.float32))
-        torch.nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     @property
     def scale(self) -> float:
