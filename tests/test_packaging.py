@@ -40,3 +40,14 @@ def test_loading_the_pack_imports_no_heavy_library():
     spec.loader.exec_module(startup)
     result = startup.measure(runs=1)
     assert result["heavy_imports"] == [], result
+
+
+def test_the_benchmark_script_starts_and_completes_tiny_iterations(capsys):
+    """Smoke only: `make bench` itself is never run in CI (it is a benchmark, not a test)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("siso_bench", REPO / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(iterations=2, size=64)
+    out = capsys.readouterr().out
+    assert all(f"{family}" in out for family in ("sd15", "sdxl", "flux_schnell")) and "s/iteration" in out
