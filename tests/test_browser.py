@@ -108,6 +108,7 @@ def chart_clip(page, node_id: int) -> dict:
     """The chart widget's rectangle in page pixels."""
     return page.evaluate("""(id) => {
         const node = app.graph.getNodeById(id);
+        app.canvas.bringToFront?.(node);   // nothing drawn over the chart
         app.canvas.ds.scale = 1.0;
         app.canvas.ds.offset = [80 - node.pos[0], 120 - node.pos[1]];
         app.canvas.setDirty(true, true);
@@ -163,3 +164,30 @@ def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
     if SHOTS:
         save_shot(page, "live_chart.png", clip={"x": clip["x"] - 20, "y": max(clip["y"] - 560, 0),
                                                 "width": clip["width"] + 40, "height": min(clip["height"] + 600, 1000)})
+
+
+def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(page, server):
+    spec = graphs.TWO_STAGE
+    open_template(page, spec.name)
+    overrides = dict(spec.test_overrides)
+    overrides[5] = dict(overrides[5], max_iterations=400, early_stop_patience=400)
+    overrides[13] = dict(overrides[13], name="reload_lora")
+    page.evaluate("""(overrides) => {
+        for (const [id, values] of Object.entries(overrides)) {
+            const node = app.graph.getNodeById(Number(id));
+            for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
+        }
+    }""", {str(k): v for k, v in overrides.items()})
+    page.evaluate("() => app.queuePrompt(0, 1)")
+    page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 2", timeout=300_000)
+    page.reload()
+    page.wait_for_function("() => window.app && window.app.graph && app.graph.getNodeById(5)", timeout=180_000)
+    # the restored page knows nothing until the next event, which carries the whole history
+    page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 4", timeout=300_000)
+    state = page.evaluate("() => app.graph.getNodeById(5).sisoState")
+    assert len(state["history"]["loss"]) == state["iteration"] >= 4
+    assert page.evaluate("() => !!app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_chart')")
+    assert server.post("/interrupt", {})[0] == 200
+    page.wait_for_function("() => app.graph.getNodeById(5).sisoState.state === 'cancelled'", timeout=120_000)
+    report = page.evaluate("() => app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_report')?.value")
+    assert report and report.startswith("cancelled: cancelled after"), report
