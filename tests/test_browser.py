@@ -104,6 +104,16 @@ def test_each_example_workflow_opens_from_the_template_browser_without_warnings(
                         clip={"x": 60, "y": 80, "width": 1200, "height": 900})
 
 
+def set_widgets(page, overrides: dict):
+    """Type values into the loaded workflow's widgets, as a user would (test files, small sizes)."""
+    page.evaluate("""(overrides) => {
+        for (const [id, values] of Object.entries(overrides)) {
+            const node = app.graph.getNodeById(Number(id));
+            for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
+        }
+    }""", {str(k): v for k, v in overrides.items()})
+
+
 def chart_clip(page, node_id: int) -> dict:
     """The chart widget's rectangle in page pixels."""
     return page.evaluate("""(id) => {
@@ -136,14 +146,11 @@ def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
     overrides = dict(spec.test_overrides)
     overrides[5] = dict(overrides[5], max_iterations=5, early_stop_patience=50)
     overrides[13] = dict(overrides[13], name="browser_lora")
-    page.evaluate("""(overrides) => {
-        for (const [id, values] of Object.entries(overrides)) {
-            const node = app.graph.getNodeById(Number(id));
-            for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
-        }
+    set_widgets(page, overrides)
+    page.evaluate("""() => {
         window.__sisoSeen = [];
         window.comfyAPI.api.api.addEventListener('siso.progress', e => window.__sisoSeen.push([e.detail.state, e.detail.iteration]));
-    }""", {str(k): v for k, v in overrides.items()})
+    }""")
     page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function("() => (window.__sisoSeen || []).some(([s, i]) => s === 'running' && i >= 2)", timeout=300_000)
     mid = page.screenshot(clip=chart_clip(page, 5))
@@ -172,12 +179,7 @@ def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(pag
     overrides = dict(spec.test_overrides)
     overrides[5] = dict(overrides[5], max_iterations=400, early_stop_patience=400)
     overrides[13] = dict(overrides[13], name="reload_lora")
-    page.evaluate("""(overrides) => {
-        for (const [id, values] of Object.entries(overrides)) {
-            const node = app.graph.getNodeById(Number(id));
-            for (const [name, value] of Object.entries(values)) node.widgets.find(w => w.name === name).value = value;
-        }
-    }""", {str(k): v for k, v in overrides.items()})
+    set_widgets(page, overrides)
     page.evaluate("() => app.queuePrompt(0, 1)")
     page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 2", timeout=300_000)
     page.reload()
