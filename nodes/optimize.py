@@ -4,7 +4,6 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import comfy_adapter as host
-from ..siso_ops.editing import check_edit
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.report import loss_curve
@@ -100,12 +99,8 @@ class SISOOptimize(io.ComfyNode):
             background_weight=background_weight, gradient_checkpointing=low_memory, optimization=OptimizationSettings(max_iterations=max_iterations, learning_rate=learning_rate,
                                               early_stop_percent=early_stop_percent,
                                               early_stop_patience=early_stop_patience))
-        host.check_supported(model)
-        if inversion is not None:
-            check_edit(inversion, model, mask, background_weight, grad_steps)
-        else:
-            settings.check()
-        # Resolve both files before any expensive work so a missing one fails fast.
+        # optimize_subject checks the model, the settings and the editing inputs before any work.
+        # Resolve both files first so a missing one fails fast.
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,

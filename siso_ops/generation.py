@@ -121,16 +121,16 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
                 sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
-                noises, flow = None, False
             else:
                 noise = torch.zeros_like(latent)
-                sigmas, noises, flow = inversion.sigmas, None, inversion.flow
+                sigmas = inversion.sigmas
 
             def body(denoise, start, sigmas_on_device, clean):
-                nonlocal noises
-                if inversion is not None:
+                noises, flow = None, False
+                if inversion is not None:   # editing: the inverted photo and its stored noises
                     start = inversion.latent.to(start).clone()
                     noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
+                    flow = inversion.flow
 
                 def generate():
                     return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))

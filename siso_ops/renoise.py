@@ -19,7 +19,7 @@ Where this differs from the authors' code, on purpose:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,6 @@ class InversionResult:
     latent: torch.Tensor          # z at sigmas[0], model space
     noises: list | None           # one tensor per denoising step (ancestral), else None
     predictions: int = 0          # model evaluations spent
-    residuals: list = field(default_factory=list)   # per step: |last estimate change| (mean abs)
 
 
 def invert(denoise, clean: torch.Tensor, sigmas: torch.Tensor, settings: ReNoiseSettings, flow: bool = False,
@@ -157,7 +156,6 @@ def invert(denoise, clean: torch.Tensor, sigmas: torch.Tensor, settings: ReNoise
         noise = noises[i] if noises is not None else None
         average, averaged = None, 0
         estimate = target
-        previous = target
         for j in range(iterations + 1):
             eps = predict(estimate, sigma)
             result.predictions += 1
@@ -166,10 +164,9 @@ def invert(denoise, clean: torch.Tensor, sigmas: torch.Tensor, settings: ReNoise
                 average = eps if average is None else average + (eps - average) / averaged
             if j >= (start if settings.average else 1):
                 eps = regularise(eps)
-            previous, estimate = estimate, inverse_step(target, eps, sigma, sigma_next, noise, settings.ancestral, flow)
+            estimate = inverse_step(target, eps, sigma, sigma_next, noise, settings.ancestral, flow)
         if average is not None:
             estimate = inverse_step(target, regularise(average), sigma, sigma_next, noise, settings.ancestral, flow)
-        result.residuals.append(float((estimate - previous).abs().mean()))
         if noises is not None and settings.noise_correction:
             _, _, c = step_coefficients(sigma, sigma_next, True, flow)
             if c > 0:

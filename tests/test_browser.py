@@ -140,18 +140,23 @@ def colour_pixels(png: bytes, colour, tolerance=40) -> int:
     return int((np.abs(pixels - np.array(colour)).sum(-1) < tolerance).sum())
 
 
-def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
+def queue_two_stage(page, iterations: int, lora_name: str):
+    """Open the two-stage template, point it at the test files and queue it from the page."""
     spec = graphs.TWO_STAGE
     open_template(page, spec.name)
     overrides = dict(spec.test_overrides)
-    overrides[5] = dict(overrides[5], max_iterations=5, early_stop_patience=50)
-    overrides[13] = dict(overrides[13], name="browser_lora")
+    overrides[5] = dict(overrides[5], max_iterations=iterations, early_stop_patience=max(50, iterations))
+    overrides[13] = dict(overrides[13], name=lora_name)
     set_widgets(page, overrides)
+    page.evaluate("() => app.queuePrompt(0, 1)")
+
+
+def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
     page.evaluate("""() => {
         window.__sisoSeen = [];
         window.comfyAPI.api.api.addEventListener('siso.progress', e => window.__sisoSeen.push([e.detail.state, e.detail.iteration]));
     }""")
-    page.evaluate("() => app.queuePrompt(0, 1)")
+    queue_two_stage(page, iterations=5, lora_name="browser_lora")
     page.wait_for_function("() => (window.__sisoSeen || []).some(([s, i]) => s === 'running' && i >= 2)", timeout=300_000)
     mid = page.screenshot(clip=chart_clip(page, 5))
     page.wait_for_function("() => window.__sisoSeen.some(([s]) => s === 'done')", timeout=300_000)
@@ -174,13 +179,7 @@ def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
 
 
 def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(page, server):
-    spec = graphs.TWO_STAGE
-    open_template(page, spec.name)
-    overrides = dict(spec.test_overrides)
-    overrides[5] = dict(overrides[5], max_iterations=400, early_stop_patience=400)
-    overrides[13] = dict(overrides[13], name="reload_lora")
-    set_widgets(page, overrides)
-    page.evaluate("() => app.queuePrompt(0, 1)")
+    queue_two_stage(page, iterations=400, lora_name="reload_lora")
     page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 2", timeout=300_000)
     page.reload()
     page.wait_for_function("() => window.app && window.app.graph && app.graph.getNodeById(5)", timeout=180_000)
