@@ -63,9 +63,10 @@ screenshots: env browser
 	cd $(CURDIR) && SISO_SCREENSHOTS=$(CURDIR)/docs/screenshots SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) -m pytest -q tests/test_browser.py
 
 bench: env
-	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py $(BENCH_ARGS)
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/bench.py --iterations 1 --write $(BENCH_ARGS)
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/startup.py
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/stage2.py 256 3
+	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) benchmarks/attention.py
 
 clean:
 	rm -rf $(VENV) $(EMBEDDED_COMFYUI) $(CURDIR)/.cache

@@ -1,39 +1,475 @@
-"""Seconds per SISO iteration on tiny random-weight models (a smoke benchmark, not a quality
-measure). Run with `make bench`. The full-size benchmark of the performance issue will extend it."""
+"""The SISO Optimize benchmark: the paper's settings against the pack's defaults, on the REAL
+SD-Turbo and SDXL-Turbo architectures (random weights, built with ComfyUI's own classes, so no
+files are needed), with full-size DINOv2 ViT-L/14 (518 px) and IR ViT-H/14 (290 px).
+
+  (a) paper:    everything float32, no gradient checkpointing, the full VAE decode, DINOv2 at 518
+                and IR at 290, and LoRA also on the text encoders (as the authors' SDXL README runs
+                it), so the prompt is re-encoded with gradients at every iteration; the text
+                encoders stay on the device.
+  (b) defaults: the pack's SISO Optimize defaults on the model as ComfyUI loads it (the
+                published turbo files are float16; ComfyUI keeps that on a GPU and uses float32
+                on a CPU); the prompt is encoded once by the stock CLIP Text Encode, whose model
+                ComfyUI offloads from a GPU when it needs the room (on a CPU it stays in RAM).
+
+Both the generation path (1 step) and the editing path (3 steps from a DDIM inversion of a
+synthetic photo, gradients through the last; how the inversion was made does not change the
+cost of an iteration) run in each process. Every (model, configuration) runs in its own fresh
+process, alternating paper / defaults. Peak memory: process RSS on a CPU (the kernel's
+high-water mark, reset between the paths), torch.cuda.max_memory_allocated on a GPU; both
+include the weights each configuration keeps on the device.
+
+    python benchmarks/bench.py [--size N] [--iterations N] [--rounds N] [--models a,b]
+                               [--early-stop] [--write]
+    python benchmarks/bench.py --tiny        # smoke: tiny models, 64 px (the CI test runs this)
+
+On a CPU it runs at 256 px by default (512 px costs about 4x the time); on a GPU at 512 px.
+``--write`` puts the table into BENCHMARKS.md (between this device's markers). `make bench` runs
+it with --write.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import conftest  # noqa: E402  (sets up ComfyUI in-process and loads the pack)
-import torch  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("paper", "defaults")
+# Variants of the defaults with one setting changed (--configs), to show that setting's trade-off.
+VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointing-on": {"gradient_checkpointing": True},
+            "fp32": {"precision": "fp32"}}
+PATHS = ("generation", "editing")
+PROMPT = "a photo of a dog"
 
-import tiny  # noqa: E402
-from conftest import siso  # noqa: E402
 
-gen, subject, opt, fn = (siso(f"siso_ops.{m}") for m in ("generation", "subject", "optimize", "feature_networks"))
+# ----------------------------------------------------------------------------- memory
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def main(iterations=5, size=64):
-    import folder_paths
-    folder = os.path.join(folder_paths.models_dir, "siso")
-    names = tiny.write_feature_files(folder)
+class Memory:
+    """Peak memory of this process: RSS high-water mark on a CPU, allocated memory on a GPU."""
+
+    def __init__(self, device, limit_mb: float | None):
+        self.device = device
+        self.limit_mb = limit_mb
+        if limit_mb and device.type == "cpu":
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        # The kernel would kill the process (or a neighbour) past the machine's memory: stop
+        # first and say so, so that the table reports why a configuration cannot run here.
+        while True:
+            rss = _status_mb("VmRSS")
+            if rss > self.limit_mb:
+                print(json.dumps({"aborted": f"process memory reached {rss:.0f} MB, over the {self.limit_mb:.0f} MB "
+                                             "this machine can give it"}), flush=True)
+                os._exit(0)
+            time.sleep(0.05)
+
+    def reset(self):
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")   # resets VmHWM to the current RSS
+
+    def current_mb(self) -> float:
+        import torch
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated() / 2**20
+        return _status_mb("VmRSS")
+
+    def peak_mb(self) -> float:
+        import torch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _status_mb("VmHWM")
+
+
+# ----------------------------------------------------------------------------- the child process
+def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
+          paths=PATHS):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import conftest  # noqa: F401  (ComfyUI in-process with the pack loaded; device from SISO_DEVICE)
+    import torch
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import tiny
+    from conftest import siso
+
+    host, gen, opt, fn, pre, editing, lora_mod, subject_mod, renoise = (siso(f"siso_ops.{m}") for m in (
+        "comfy_adapter", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
+        "renoise"))
+    device = host.compute_device()
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    memory = Memory(device, total_mb - 1536 if device.type == "cpu" else None)
+    paper = config == "paper"
+    variant = VARIANTS.get(config, {})
+    torch.manual_seed(0)
+
+    def fill_random(module, seed):
+        """Deterministic weights at a scale that keeps deep random networks finite (std
+        1/sqrt(fan_in)); ComfyUI's classes leave them uninitialised."""
+        where = device if device.type == "cuda" else torch.device("cpu")   # a GPU draws billions faster
+        g = torch.Generator(where).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.ndim <= 1:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, device=where) / max(p[0].numel(), 1) ** 0.5)
+        return module
+
+    # --- the diffusion model, as ComfyUI's checkpoint loader would load it
+    family = {"sd_turbo": "sd2_eps", "sdxl_turbo": "sdxl"}[model_name] if tiny_models else model_name
+    config_cls, unet_config, model_type = {**tiny.FAMILIES, **tiny.FULL_SIZE}[family]
+    with torch.inference_mode():
+        model_config = config_cls(dict(unet_config))
+        if paper:
+            dtype, manual_cast = torch.float32, None
+        else:   # the published turbo checkpoints are float16 files
+            dtype = comfy.model_management.unet_dtype(device, 10**9, model_config.supported_inference_dtypes,
+                                                      weight_dtype=torch.float16)
+            manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
+        model_config.set_inference_dtype(dtype, manual_cast)
+        base = (model_config.get_model({}) if model_type is None
+                else comfy.model_base.BaseModel(model_config, model_type=model_type))
+        fill_random(base.diffusion_model, 0)
+        base.diffusion_model.to(dtype)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=device,
+                                                 offload_device=comfy.model_management.unet_offload_device())
+        unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
+
+    # --- the VAE (the SD/SDXL VAE architecture) and the text encoder(s)
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    vae_cfg = tiny.vae_config(4) if tiny_models else {"params": {"embed_dim": 4, "ddconfig": {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+    with torch.inference_mode():
+        module = fill_random(AutoencoderKL(**vae_cfg["params"]), 1)
+        vae = comfy.sd.VAE(sd=module.state_dict(), config=vae_cfg)
+        del module
+
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd2_clip as sd2_clip
+    te_options = ({f"{name}_model_config": {"num_hidden_layers": 3} for name in ("clip_h", "clip_l", "clip_g")}
+                  if tiny_models else {})
+    te_device = device if paper else torch.device("cpu")
+    with torch.inference_mode(paper is False):
+        if model_name == "sdxl_turbo":
+            text_encoder = comfy.sdxl_clip.SDXLClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
+            tokenizer = comfy.sdxl_clip.SDXLTokenizer()
+        else:
+            text_encoder = sd2_clip.SD2ClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
+            tokenizer = sd2_clip.SD2Tokenizer()
+        fill_random(text_encoder, 2)
+        text_encoder.requires_grad_(False)
+    tokens = tokenizer.tokenize_with_weights(PROMPT)
+    te_params = sum(p.numel() for p in text_encoder.parameters())
+
+    def encode():
+        cond, pooled = text_encoder.encode_token_weights(tokens)[:2]
+        return cond, pooled
+
+    with torch.inference_mode():
+        cond, pooled = encode()
+        positive = [[cond.detach().cpu(), {"pooled_output": pooled.detach().cpu()} if model_name == "sdxl_turbo" else {}]]
+
+    # --- the similarity networks
+    compute_dtype = siso("siso_ops.precision").compute_dtype(
+        device, "fp32" if paper else variant.get("precision", gen.GenerationSettings().precision))
     with torch.inference_mode(False):
-        nets = fn.load_dino(os.path.join(folder, names[0])), fn.load_ir(os.path.join(folder, names[1]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {size}x{size} px, {iterations} iterations")
-    for family in tiny.FAMILIES:
-        model = tiny.build_model(family)
-        vae = tiny.build_vae(16 if family.startswith("flux") else 4)
+        if tiny_models:
+            folder = os.path.join(conftest.BASE, "models", "siso")
+            names = tiny.write_feature_files(folder)
+            dino, ir = fn.load_dino(os.path.join(folder, names[0])), fn.load_ir(os.path.join(folder, names[1]))
+        else:
+            import timm
+            with torch.device("meta"):     # no timm init: fill_random draws the weights
+                dino_module = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
+                ir_module = fn.IRNetwork(fn._build_ir_backbone(1280, 32, 1024), torch.nn.Linear(1024, 64))
+            dino_module, ir_module = (fill_random(m.to_empty(device="cpu"), 3 + i).eval().requires_grad_(False)
+                                      for i, m in enumerate((dino_module, ir_module)))
+            dino = fn.FeatureNetwork(dino_module, fn.DINO_IMAGE_SIZE, pre.IMAGENET_MEAN, pre.IMAGENET_STD,
+                                     "DINOv2 ViT-L/14 random")
+            ir = fn.FeatureNetwork(ir_module, fn.IR_IMAGE_SIZE, pre.OPENAI_CLIP_MEAN, pre.OPENAI_CLIP_STD,
+                                   "IR ViT-H/14 random")
+        # the pack's network cache stores them in the compute precision
+        dino.to(dtype=compute_dtype)
+        ir.to(dtype=compute_dtype)
+        feature_params = sum(p.numel() for n in (dino, ir) for p in n.module.parameters())
+
+    # --- the paper's text-encoder LoRA: re-encode the prompt with gradients at every iteration
+    if paper:
+        lora_targets = [m for n, m in text_encoder.named_modules()
+                        if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) and hasattr(m, "weight_function")]
+        # ComfyUI's CLIP layers add into their input in place after a LayerNorm saved it (fine
+        # for inference); for training, each LayerNorm reads a copy.
+        for m in text_encoder.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.forward = (lambda f: lambda x, *a, **k: f(x.clone(), *a, **k))(m.forward)
+
+        class PaperTrainable(host.TrainableModel):
+            def __init__(self, model, rank=4, alpha=None, target=host.TARGETS[0], seed=0, checkpointing=False):
+                super().__init__(model, rank, alpha, target, seed, checkpointing)
+                g = torch.Generator().manual_seed(seed + 1)
+                self.te_deltas = []
+                for m in lora_targets:
+                    delta = lora_mod.LoRADelta(m.weight.shape[0], m.weight.shape[1], self.rank, self.alpha,
+                                               device=te_device, generator=g)
+                    m.weight_function = [delta]
+                    self.te_deltas.append(delta)
+                self.patcher.set_model_unet_function_wrapper(self.reencode)
+
+            def reencode(self, apply_model, args):
+                c = dict(args["c"])
+                x = args["input"]
+                cond, pooled = encode()
+                c["c_crossattn"] = cond.to(x.device)
+                if "y" in c:     # SDXL: the pooled prompt is part of the size/pooled vector
+                    h, w = x.shape[-2] * 8, x.shape[-1] * 8
+                    c["y"] = self.patcher.model.encode_adm(pooled_output=pooled, width=w, height=h).to(x.device)
+                return apply_model(x, args["timestep"], **c)
+
+            def parameters(self):
+                out = super().parameters()
+                for i, delta in enumerate(self.te_deltas):
+                    out[f"text_encoder.{i}:down"], out[f"text_encoder.{i}:up"] = delta.down, delta.up
+                return out
+
+            def unload(self):
+                for m in lora_targets:
+                    m.weight_function = []
+                super().unload()
+
+        gen.host.TrainableModel = PaperTrainable   # this process only: the paper's loop
+
+    # --- a fixed synthetic subject and photo (smooth colour fields)
+    def synthetic(seed):
+        g = torch.Generator().manual_seed(seed)
+        base_image = torch.rand(1, 3, 8, 8, generator=g)
+        return torch.nn.functional.interpolate(base_image, size=(size, size), mode="bilinear").permute(0, 2, 3, 1)
+
+    subject = subject_mod.prepare_subject(synthetic(1))
+    photo = synthetic(2)
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+
+    def settings_for(max_iterations, patience):
+        optimization = opt.OptimizationSettings(max_iterations=max_iterations, early_stop_patience=patience)
+        if paper:
+            return gen.GenerationSettings(width=size, height=size, precision="fp32", gradient_checkpointing=False,
+                                          optimization=optimization)
+        return gen.GenerationSettings(width=size, height=size, optimization=optimization, **variant)   # the defaults
+
+    weights_mb = memory.current_mb()
+    out = {"model": model_name, "config": config, "size": size, "device": str(device),
+           "unet_dtype": str(dtype).replace("torch.", ""), "compute_dtype": str(compute_dtype).replace("torch.", ""),
+           "unet_params_m": unet_params / 1e6, "text_encoder_params_m": te_params / 1e6,
+           "feature_params_m": feature_params / 1e6, "resident_mb": weights_mb, "paths": {}}
+    out["gradient_checkpointing"] = settings_for(1, 1).gradient_checkpointing
+    for path in paths:
+        inversion = None
+        if path == "editing":
+            with torch.inference_mode():
+                inversion, _ = editing.invert_photo(model, vae, photo, positive, editing.InversionSettings(
+                    renoise=renoise.ReNoiseSettings().ddim()))
         stamps = []
-        settings = gen.GenerationSettings(width=size, height=size, optimization=opt.OptimizationSettings(
-            max_iterations=iterations, early_stop_patience=iterations))
+        memory.reset()
+        before = time.perf_counter()
         with torch.inference_mode():
-            photo = subject.prepare_subject(torch.rand(1, 64, 64, 3))
-            gen.optimize_subject(model, vae, tiny.conditioning(family), photo, None, None, settings,
-                                 feature_networks=nets, on_iteration=lambda r: stamps.append(time.perf_counter()))
-        per_iteration = [b - a for a, b in zip(stamps, stamps[1:])]
-        print(f"{family:13s} median {statistics.median(per_iteration):.3f} s/iteration")
+            _, _, result = gen.optimize_subject(
+                model, vae, positive, subject, None, None, settings_for(iterations + 2, iterations + 2),
+                feature_networks=(dino, ir), inversion=inversion, mask=mask if inversion is not None else None,
+                on_iteration=lambda r: stamps.append(time.perf_counter()))
+        seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]    # the first step warms up
+        entry = {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mb": memory.peak_mb(),
+                 "first_iteration_s": stamps[0] - before, "losses": [h["loss"] for h in result.history]}
+        if early_stop and path == "generation":
+            memory.reset()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                _, _, result = gen.optimize_subject(model, vae, positive, subject, None, None,
+                                                    settings_for(50, 7), feature_networks=(dino, ir))
+            entry["early_stop"] = {"wall_s": time.perf_counter() - start, "iterations": result.iterations,
+                                   "stop_reason": result.stop_reason}
+        out["paths"][path] = entry
+        print(f"# {model_name} {config} {path}: {entry['median_s']:.2f} s/iteration, peak {entry['peak_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
+    print(json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- the parent
+def run_child(model_name, config, args, device) -> dict:
+    env = dict(os.environ, SISO_DEVICE=device, PYTHONUNBUFFERED="1")
+    command = [sys.executable, os.path.abspath(__file__), "--child", model_name, config, "--size", str(args.size),
+               "--iterations", str(args.iterations), "--paths", args.paths] + (["--early-stop"] if args.early_stop else []) + \
+              (["--tiny"] if args.tiny else [])
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in proc.stderr.splitlines():
+        if line.startswith("# "):
+            print(line, file=sys.stderr, flush=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        reason = "killed by the system (out of memory?)" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return {"model": model_name, "config": config, "aborted": f"{reason}: {proc.stderr[-6000:]}"}
+    result = json.loads(lines[-1])
+    result.setdefault("model", model_name)
+    result.setdefault("config", config)
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def machine(device: str) -> str:
+    import torch
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+        flags = " with AVX-512 BF16" if "avx512_bf16" in info else ""
+    except OSError:
+        name = platform.processor()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPU cores ({name}{flags}), {total:.0f} GiB RAM, no GPU; torch {torch.__version__}"
+
+
+def summarise(results: list, args, device: str) -> str:
+    rows = {}
+    for r in results:
+        rows.setdefault((r["model"], r["config"]), []).append(r)
+    lines = [
+        f"Machine: {machine(device)}. Date: {datetime.date.today().isoformat()}. Command: "
+        f"`python benchmarks/bench.py {' '.join(args.argv)}`".rstrip() + f". Image size {args.size} px, "
+        f"{args.iterations} timed iterations per path after one warm-up, {args.rounds} round(s), each (model, "
+        "configuration) in its own fresh process, paper and defaults alternating. Medians.",
+        "",
+        "| model | path | configuration | s / iteration | time vs paper | peak memory | memory vs paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for model_name in args.models:
+        for path in args.paths.split(","):
+            cells = {}
+            for config in args.configs:
+                runs = rows.get((model_name, config), [])
+                done = [r["paths"][path] for r in runs if "paths" in r and path in r["paths"]]
+                for r in runs:
+                    if "aborted" in r:
+                        notes.append(f"- {model_name} {config}: could not run here: {r['aborted'].strip().splitlines()[-1][:300]}")
+                if done:
+                    cells[config] = (statistics.median(s for d in done for s in d["seconds"]),
+                                     statistics.median(d["peak_mb"] for d in done))
+            paper_cell = cells.get("paper")
+            for config in args.configs:
+                if config not in cells:
+                    lines.append(f"| {model_name} | {path} | {config} | could not run here (below) | | | |")
+                    continue
+                seconds, peak = cells[config]
+                ratios = ("", "") if config == "paper" or paper_cell is None else (
+                    f"**{seconds / paper_cell[0]:.2f}**", f"**{peak / paper_cell[1]:.2f}**")
+                lines.append(f"| {model_name} | {path} | {config} | {seconds:.2f} | {ratios[0]} | {peak / 1024:.2f} GiB | "
+                             f"{ratios[1]} |")
+    lines.append("")
+    for r in results:
+        if "paths" not in r:
+            continue
+        extra = ""
+        stop = r["paths"].get("generation", {}).get("early_stop")
+        if stop:
+            extra = (f"; start to early stop: {stop['wall_s']:.1f} s over {stop['iterations']} iterations "
+                     f"({stop['stop_reason']})")
+        lines.append(f"- {r['model']} {r['config']}: UNet {r['unet_params_m']:.0f} M parameters in {r['unet_dtype']}, "
+                     f"compute {r['compute_dtype']}, gradient checkpointing "
+                     f"{'on' if r['gradient_checkpointing'] else 'off'}, text encoder(s) "
+                     f"{r['text_encoder_params_m']:.0f} M, similarity networks {r['feature_params_m']:.0f} M; "
+                     f"{r['resident_mb'] / 1024:.2f} GiB resident before the loop{extra}")
+    return "\n".join(lines + sorted(set(notes)))
+
+
+def write_section(text: str, device: str):
+    path = os.path.join(REPO, "BENCHMARKS.md")
+    start, end = f"<!-- bench:{device}:start -->", f"<!-- bench:{device}:end -->"
+    with open(path) as f:
+        doc = f.read()
+    if start not in doc:
+        raise SystemExit(f"BENCHMARKS.md has no {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"))
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--models", default="sd_turbo,sdxl_turbo")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"paper, defaults and variants of the defaults: {', '.join(VARIANTS)}")
+    parser.add_argument("--paths", default=",".join(PATHS), help="generation, editing or both")
+    parser.add_argument("--early-stop", action="store_true", help="also time a run from start to early stop")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny models at 64 px")
+    parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
+    parser.add_argument("--json", help="also save the raw results to this file")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.argv = [a for a in argv if a != "--write"]
+    if args.child:
+        return child(args.child[0], args.child[1], args.size, args.iterations, args.early_stop, args.tiny,
+                     args.paths.split(","))
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.size is None:
+        args.size = 64 if args.tiny else (512 if device == "cuda" else 256)
+    args.models = args.models.split(",")
+    args.configs = args.configs.split(",")
+    unknown = set(args.configs) - set(CONFIGS) - set(VARIANTS)
+    if unknown or "paper" not in args.configs:
+        parser.error(f"--configs must include paper; unknown: {sorted(unknown)}")
+    results = []
+    for _ in range(args.rounds):
+        for model_name in args.models:
+            for config in args.configs:
+                result = run_child(model_name, config, args, device)
+                print(json.dumps({k: v for k, v in result.items() if k != "aborted"} if "paths" in result else result),
+                      flush=True)
+                results.append(result)
+                if args.json:    # after every process, so a run cut short keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"args": args.argv, "device": device, "results": results}, f, indent=1)
+    text = summarise(results, args, device)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": args.argv, "device": device, "results": results, "table": text}, f, indent=1)
+    if args.write and not args.tiny:
+        write_section(text, device)
+    return results
 
 
 if __name__ == "__main__":

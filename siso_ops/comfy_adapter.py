@@ -18,6 +18,7 @@ import re
 import torch
 import torch.utils.checkpoint
 
+import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
@@ -154,10 +155,33 @@ class _CloneInput:
         return self.forward(x.clone(), *args, **kwargs)
 
 
+# The denoiser's repeated blocks: with gradient checkpointing each keeps only its inputs for
+# backward and recomputes its activations there (UNet: ResNet and transformer blocks; Flux:
+# double- and single-stream blocks).
+CHECKPOINTED_BLOCKS = ("ResBlock", "BasicTransformerBlock", "DoubleStreamBlock", "SingleStreamBlock")
+
+
+def _pytorch_attention(func, *args, **kwargs):
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+def _attention_for_training(model_options: dict):
+    """ComfyUI picks sub-quadratic (or split) attention where it does not enable PyTorch's
+    fused attention, e.g. on CPUs. Those chunk attention with Python loops, which backward
+    then walks too; the training clone uses PyTorch's scaled_dot_product_attention instead
+    (the same mathematics). A user's own attention override is kept."""
+    attention = comfy.ldm.modules.attention
+    chunked = (attention.attention_sub_quad, attention.attention_split, attention.attention_basic)
+    options = model_options.setdefault("transformer_options", {})
+    if attention.optimized_attention in chunked and "optimized_attention_override" not in options:
+        options["optimized_attention_override"] = _pytorch_attention
+
+
 class TrainableModel:
     """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
 
-    def __init__(self, model, rank: int = 4, alpha: float | None = None, target: str = TARGETS[0], seed: int = 0):
+    def __init__(self, model, rank: int = 4, alpha: float | None = None, target: str = TARGETS[0], seed: int = 0,
+                 checkpointing: bool = False):
         check_supported(model)
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
@@ -196,6 +220,11 @@ class TrainableModel:
             if is_dit(model) and isinstance(module, torch.nn.LayerNorm):
                 self.patcher.add_object_patch(f"{full}.forward", _CloneInput(module.forward))
                 self.forward_patched.append(module)
+            elif checkpointing and type(module).__name__ in CHECKPOINTED_BLOCKS:
+                # An object patch of the clone: applied while it is loaded, undone in unload().
+                self.patcher.add_object_patch(f"{full}.forward", _checkpointed(module.forward, clone_inputs=is_dit(model)))
+                self.forward_patched.append(module)
+        _attention_for_training(self.patcher.model_options)
         if not self.deltas:
             raise ValueError(f"no LoRA target layers found in {describe_model(model)} for target '{target}'")
 
@@ -215,6 +244,25 @@ class TrainableModel:
         if state is not None:
             self.load_state(state)
         return export_lora(self.deltas)
+
+    def unload_host_copies(self):
+        """Unload other loaded copies of these weights (the host MODEL after a stock sampler ran it).
+        ComfyUI only detaches such a clone, leaving the weights marked as loaded; loading ours then
+        skips installing its weight wrappers (ModelPatcher.partially_load returns early), and the
+        LoRA would silently not be there."""
+        for loaded in list(comfy.model_management.current_loaded_models):
+            if loaded.model is not self.patcher and loaded.model.is_clone(self.patcher):
+                loaded.model_unload()
+                comfy.model_management.current_loaded_models.remove(loaded)
+
+    def check_loaded(self):
+        """Raise if ComfyUI loaded the clone without the LoRA wired into its layers."""
+        delta = next(iter(self.deltas.values()))
+        for module in self.patcher.model.modules():
+            if any(f is delta for f in getattr(module, "weight_function", ())):
+                return
+        raise RuntimeError("ComfyUI loaded the model without SISO's LoRA layers; nothing would be learned. "
+                           "Free the model cache (Manager: 'Free model and node cache') and run again.")
 
     def unload(self):
         """Detach the clone from the shared modules (weights, wrappers and object patches)."""
@@ -257,14 +305,15 @@ def latent_channels(model) -> int:
 
 
 def encode_photo(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """Stock VAE encode of a BHWC photo (sizes already checked: no silent crop)."""
-    with torch.inference_mode(False), torch.no_grad():
+    """Stock VAE encode of a BHWC photo (sizes already checked: no silent crop), in inference mode
+    as ComfyUI's VAEEncode runs it (a VAE loaded outside it cannot decode inside it on a GPU)."""
+    with torch.inference_mode():
         return vae.encode(pixels[..., :3]).detach().float().clone().cpu()
 
 
 def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
     """Stock VAE decode of a model-space latent, BHWC in [0, 1]."""
-    with torch.no_grad():
+    with torch.inference_mode():
         latent = model.model.process_latent_out(model_latent.detach().float().clone())
         return vae.decode(latent).detach().float().clone().cpu()
 
@@ -286,8 +335,9 @@ class _LoopSampler(comfy.samplers.Sampler):
     ``sample``; we hand the caller a denoiser over (x, sigma), the start latent (noise scaled
     to sigmas[0]) and the clean latent, both in the model's latent space."""
 
-    def __init__(self, body):
+    def __init__(self, body, trainable=None):
         self.body = body
+        self.trainable = trainable
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
@@ -296,6 +346,8 @@ class _LoopSampler(comfy.samplers.Sampler):
         def denoise(x, sigma):
             return model_wrap(x, sigma.reshape(1).expand(x.shape[0]).to(x), **extra_args)
 
+        if self.trainable is not None:
+            self.trainable.check_loaded()
         start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         self.result = self.body(denoise, start, sigmas, latent_image)
         return latent_image
@@ -306,20 +358,35 @@ def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor
     """Run ``body(denoise, start_latent, sigmas, clean_latent)`` inside ComfyUI's guider and
     return its result. ``model``: a TrainableModel, or the host MODEL itself for work that
     needs no gradient into the model (inversion), which is then used exactly as KSampler uses it."""
+    if isinstance(model, TrainableModel):
+        model.unload_host_copies()
     guider = comfy.samplers.CFGGuider(getattr(model, "patcher", model))
     guider.set_conds(_detach_copy(positive), [])
     guider.set_cfg(1.0)
-    sampler = _LoopSampler(body)
+    sampler = _LoopSampler(body, model if isinstance(model, TrainableModel) else None)
     guider.sample(noise, latent, sampler, sigmas, seed=seed)
     return sampler.result
 
 
 # ----------------------------------------------------------------------------- decoding
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+def _checkpointed(forward, clone_inputs: bool = False):
+    """``forward`` under non-reentrant gradient checkpointing. ``clone_inputs``: the block gets
+    copies of its tensor inputs, for blocks that add into their inputs in place (ComfyUI's
+    Flux blocks), which would change the tensors the checkpoint saved."""
+    def block(*args, **kwargs):
+        if clone_inputs:
+            args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return forward(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # ComfyUI updates transformer_options (block indices) in place while it walks the
+        # model; the recomputation in backward must see what the forward pass saw.
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
     return run
 
 

@@ -89,7 +89,9 @@ def invert_photo(model, vae, image: torch.Tensor, positive, settings: InversionS
     host.check_supported(model)
     photo = check_photo(image)
     flow = host.is_flow(model)
-    with host.training_mode():
+    # Inference mode, as ComfyUI runs a stock KSampler: the host model is only read here (ReNoise's
+    # noise regularisation enables grad for its own terms).
+    with torch.inference_mode():
         latent = host.encode_photo(vae, photo)
         sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)[-(settings.inverted_steps + 1):]
 

@@ -13,6 +13,7 @@ from . import comfy_adapter as host
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
+from .precision import PRECISIONS, autocast, compute_dtype
 from .sampler import sample
 from .similarity import SimilarityLoss
 from .lora import SubjectLoRA
@@ -33,7 +34,8 @@ class GenerationSettings:
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     background_weight: float = 10.0    # c of c * L_bg when editing
-    gradient_checkpointing: bool = False   # recompute decoder and feature-network activations in backward
+    gradient_checkpointing: bool = True    # recompute denoiser, decoder and feature-network activations in backward
+    precision: str = "auto"                # compute precision of the forward passes, see precision.py
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -47,24 +49,27 @@ class GenerationSettings:
             raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
         if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
             raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         self.optimization.check()
 
 
 class _NetworkCache:
     """Similarity networks stay loaded (on the CPU between runs) so a second run in the same
-    session skips the file read; keyed by path and modification time."""
+    session skips the file read; keyed by path, modification time and the weights' dtype
+    (stored in the compute precision: bfloat16 halves their memory)."""
 
     def __init__(self):
         self.entries = {}
 
-    def get(self, kind: str, path: str):
-        key = (kind, os.path.abspath(path), os.path.getmtime(path))
+    def get(self, kind: str, path: str, dtype: torch.dtype = torch.float32):
+        key = (kind, os.path.abspath(path), os.path.getmtime(path), dtype)
         entry = self.entries.get(kind)
         if entry is None or entry[0] != key:
             self.entries.pop(kind, None)
             gc.collect()
             with torch.inference_mode(False):
-                network = (load_dino if kind == "dino" else load_ir)(path)
+                network = (load_dino if kind == "dino" else load_ir)(path).to(dtype=dtype)
             self.entries[kind] = (key, network)
         return self.entries[kind][1]
 
@@ -95,10 +100,11 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                          "or disconnect the mask")
     settings.check()
     device = host.compute_device()
+    dtype = compute_dtype(device, settings.precision)
     with host.training_mode():
         if feature_networks is None:
-            dino = networks.get("dino", dino_path) if settings.dino_weight > 0 else None
-            ir = networks.get("ir", ir_path) if settings.ir_weight > 0 else None
+            dino = networks.get("dino", dino_path, dtype) if settings.dino_weight > 0 else None
+            ir = networks.get("ir", ir_path, dtype) if settings.ir_weight > 0 else None
         else:
             dino, ir = feature_networks
         used = [n for n in (dino, ir) if n is not None]
@@ -108,15 +114,17 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             for net in used:
                 net.to(device)
                 net.set_checkpointing(settings.gradient_checkpointing)
-            score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
-                                   settings.dino_weight, settings.ir_weight)
+            with autocast(device, dtype):    # the subject's embeddings in the loop's precision
+                score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
+                                       settings.dino_weight, settings.ir_weight)
             if inversion is not None:
                 # clones: tensors made under the executor's inference_mode cannot enter autograd
                 score = EditScore(score, inversion.photo.to(device).clone(),
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
-                                            seed=settings.seed)
-            decoder = host.DifferentiableDecoder(vae, model, device, checkpointing=settings.gradient_checkpointing)
+                                            seed=settings.seed, checkpointing=settings.gradient_checkpointing)
+            decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype,
+                                                 checkpointing=settings.gradient_checkpointing)
             latent = host.empty_latent(model, settings.width, settings.height)
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
@@ -133,9 +141,14 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                     flow = inversion.flow
 
                 def generate():
-                    return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
+                    with autocast(start.device, dtype):
+                        return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
 
-                return optimize(trainable.parameters(), generate, score, settings.optimization, on_iteration)
+                def scored(image):
+                    with autocast(image.device, dtype):
+                        return score(image)
+
+                return optimize(trainable.parameters(), generate, scored, settings.optimization, on_iteration)
 
             result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
             lora = SubjectLoRA(

@@ -21,7 +21,8 @@ BASE = pathlib.Path(tempfile.mkdtemp(prefix="siso-inproc-"))
 sys.path.insert(0, str(COMFYUI))
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = True
+# CPU unless a benchmark asks for the GPU (SISO_DEVICE=cuda); the tests always run on the CPU.
+args.cpu = os.environ.get("SISO_DEVICE", "cpu") == "cpu"
 args.base_directory = str(BASE)
 args.disable_api_nodes = True
 

@@ -48,7 +48,8 @@ def edit(model, vae, positive, subject, feature_files, inversion, mask, **overri
     args = dict(dino_weights=feature_files[0], ir_weights=feature_files[1], seed=0, width=512, height=512, steps=1,
                 grad_steps=1, scheduler="simple", max_iterations=8, learning_rate=1e-2, lora_rank=4, lora_alpha=0.0,
                 lora_target=siso("siso_ops.comfy_adapter").TARGETS[0], dino_weight=1.0, ir_weight=1.0,
-                early_stop_percent=3.0, early_stop_patience=100, background_weight=10.0)
+                early_stop_percent=3.0, early_stop_patience=100, background_weight=10.0,
+                precision="fp32")   # the method's bounds; bfloat16 is tested in test_generation
     args.update(overrides)
     with torch.inference_mode():
         return NODE["SISOOptimize"].execute(model, vae, positive, subject, inversion=inversion, mask=mask, **args).args
@@ -105,7 +106,7 @@ def test_the_first_editing_iteration_is_the_reconstruction(sd15, subject, tiny_n
     inversion, reconstruction = invert(model, vae, positive, photo())
     gen, optim = siso("siso_ops.generation"), siso("siso_ops.optimize")
     first = []
-    settings = gen.GenerationSettings(optimization=optim.OptimizationSettings(max_iterations=1))
+    settings = gen.GenerationSettings(precision="fp32", optimization=optim.OptimizationSettings(max_iterations=1))
     with torch.inference_mode():
         gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks,
                              inversion=inversion, mask=subject_mask(), on_iteration=lambda r: first.append(r))

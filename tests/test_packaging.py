@@ -1,5 +1,6 @@
 """What the Comfy registry and users' installers read: pyproject.toml and requirements.txt."""
 import re
+import sys
 import tomllib
 
 from conftest import REPO
@@ -42,12 +43,25 @@ def test_loading_the_pack_imports_no_heavy_library():
     assert result["heavy_imports"] == [], result
 
 
-def test_the_benchmark_script_starts_and_completes_tiny_iterations(capsys):
-    """Smoke only: `make bench` itself is never run in CI (it is a benchmark, not a test)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("siso_bench", REPO / "benchmarks" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(iterations=2, size=64)
-    out = capsys.readouterr().out
-    assert all(f"{family}" in out for family in ("sd15", "sdxl", "flux_schnell")) and "s/iteration" in out
+def test_the_benchmark_script_starts_and_completes_tiny_iterations(tmp_path):
+    """Smoke only: `make bench` itself is never run in CI (it is a benchmark, not a test). The
+    same script with --tiny: tiny SD-Turbo- and SDXL-shaped models and text encoders at 64 px,
+    the paper's configuration (text-encoder LoRA, float32) and the defaults, both paths, each in
+    its own process."""
+    import json
+    import subprocess
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--iterations", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["config"]) for r in results} == {(m, c) for m in ("sd_turbo", "sdxl_turbo")
+                                                           for c in ("paper", "defaults")}
+    for r in results:
+        assert "aborted" not in r, r.get("aborted", "")[-2000:]
+        assert r["compute_dtype"] == ("float32" if r["config"] == "paper" else r["compute_dtype"])
+        for path in ("generation", "editing"):
+            entry = r["paths"][path]
+            assert len(entry["seconds"]) == 1 and entry["seconds"][0] > 0 and entry["peak_mb"] > 0
+            assert len(entry["losses"]) == 3 and all(abs(v) < 100 for v in entry["losses"])
+    assert "| sd_turbo | generation | defaults |" in proc.stdout
