@@ -314,3 +314,25 @@ def test_a_prompt_saved_before_the_precision_input_keeps_float32(monkeypatch, sd
     schema = node.define_schema()
     widget = next(i for i in schema.inputs if i.id == "precision")
     assert widget.default == "auto" and widget.optional
+
+
+def test_the_training_clone_unloads_host_copies_and_checks_its_lora_is_wired(sd15):
+    """After a stock sampler ran the host MODEL, ComfyUI keeps its weights loaded; the training
+    clone unloads that copy first (else ComfyUI may load the clone without installing its LoRA
+    wrappers, seen on a GPU), and refuses to train if the LoRA is not in the layers."""
+    model, _, positive, negative = sd15
+    ksampler(model, positive, negative)
+    assert any(lm.model is model for lm in comfy.model_management.current_loaded_models)
+    with torch.inference_mode(False):
+        trainable = host.TrainableModel(model)
+        try:
+            with pytest.raises(RuntimeError, match="without SISO's LoRA layers"):
+                trainable.check_loaded()          # not loaded yet: no wrapper anywhere
+            trainable.unload_host_copies()
+            assert not any(lm.model is model for lm in comfy.model_management.current_loaded_models)
+            comfy.model_management.load_models_gpu([trainable.patcher])
+            trainable.check_loaded()
+        finally:
+            trainable.unload()
+    assert_shared_modules_are_stock(model)
+    assert torch.equal(ksampler(model, positive, negative), ksampler(model, positive, negative))
