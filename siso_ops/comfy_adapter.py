@@ -177,6 +177,15 @@ def _attention_for_training(model_options: dict):
         options["optimized_attention_override"] = _pytorch_attention
 
 
+def _unload_loaded(which):
+    """Unload (weights unpatched, off the device) every model ComfyUI holds loaded whose patcher
+    satisfies ``which``."""
+    for loaded in list(comfy.model_management.current_loaded_models):
+        if which(loaded.model):
+            loaded.model_unload()
+            comfy.model_management.current_loaded_models.remove(loaded)
+
+
 class TrainableModel:
     """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
 
@@ -250,10 +259,7 @@ class TrainableModel:
         ComfyUI only detaches such a clone, leaving the weights marked as loaded; loading ours then
         skips installing its weight wrappers (ModelPatcher.partially_load returns early), and the
         LoRA would silently not be there."""
-        for loaded in list(comfy.model_management.current_loaded_models):
-            if loaded.model is not self.patcher and loaded.model.is_clone(self.patcher):
-                loaded.model_unload()
-                comfy.model_management.current_loaded_models.remove(loaded)
+        _unload_loaded(lambda patcher: patcher is not self.patcher and patcher.is_clone(self.patcher))
 
     def check_loaded(self):
         """Raise if ComfyUI loaded the clone without the LoRA wired into its layers."""
@@ -266,10 +272,7 @@ class TrainableModel:
 
     def unload(self):
         """Detach the clone from the shared modules (weights, wrappers and object patches)."""
-        for loaded in list(comfy.model_management.current_loaded_models):
-            if loaded.model is self.patcher:
-                loaded.model_unload()
-                comfy.model_management.current_loaded_models.remove(loaded)
+        _unload_loaded(lambda patcher: patcher is self.patcher)
         self.patcher.detach(unpatch_all=True)
         self.patcher.weight_wrapper_patches = {}
         self.patcher.object_patches = {}
@@ -358,12 +361,13 @@ def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor
     """Run ``body(denoise, start_latent, sigmas, clean_latent)`` inside ComfyUI's guider and
     return its result. ``model``: a TrainableModel, or the host MODEL itself for work that
     needs no gradient into the model (inversion), which is then used exactly as KSampler uses it."""
-    if isinstance(model, TrainableModel):
-        model.unload_host_copies()
-    guider = comfy.samplers.CFGGuider(getattr(model, "patcher", model))
+    trainable = model if isinstance(model, TrainableModel) else None
+    if trainable is not None:
+        trainable.unload_host_copies()
+    guider = comfy.samplers.CFGGuider(model if trainable is None else trainable.patcher)
     guider.set_conds(_detach_copy(positive), [])
     guider.set_cfg(1.0)
-    sampler = _LoopSampler(body, model if isinstance(model, TrainableModel) else None)
+    sampler = _LoopSampler(body, trainable)
     guider.sample(noise, latent, sampler, sigmas, seed=seed)
     return sampler.result
 

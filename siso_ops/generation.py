@@ -13,7 +13,7 @@ from . import comfy_adapter as host
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
-from .precision import PRECISIONS, autocast, compute_dtype
+from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
 from .similarity import SimilarityLoss
 from .lora import SubjectLoRA
@@ -49,8 +49,7 @@ class GenerationSettings:
             raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
         if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
             raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
+        check_precision(self.precision)
         self.optimization.check()
 
 

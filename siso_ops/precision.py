@@ -27,9 +27,13 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+def check_precision(precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+
+
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    check_precision(precision)
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":
