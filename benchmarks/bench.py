@@ -102,7 +102,7 @@ class Memory:
 
 # ----------------------------------------------------------------------------- the child process
 def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
-          paths=PATHS):
+          paths=PATHS, profile_dir: str | None = None):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import conftest  # noqa: F401  (ComfyUI in-process with the pack loaded; device from SISO_DEVICE)
     import torch
@@ -311,10 +311,63 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                                                     settings_for(50, 7), feature_networks=(dino, ir))
             entry["early_stop"] = {"wall_s": time.perf_counter() - start, "iterations": result.iterations,
                                    "stop_reason": result.stop_reason}
+        if profile_dir and path == "generation":
+            entry["profile"] = profile_iteration(
+                lambda on_iteration: gen.optimize_subject(model, vae, positive, subject, None, None, settings_for(4, 4),
+                                                          feature_networks=(dino, ir), on_iteration=on_iteration),
+                os.path.join(profile_dir, f"{model_name}-{config}"), gen, host, fn)
         out["paths"][path] = entry
         print(f"# {model_name} {config} {path}: {entry['median_s']:.2f} s/iteration, peak {entry['peak_mb']:.0f} MB",
               file=sys.stderr, flush=True)
     print(json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- profiling
+def profile_iteration(run, stem: str, gen, host, fn) -> dict:
+    """One whole iteration (backward and AdamW step of the one before, then denoise, decode and
+    score) under torch.profiler, with the phases marked. Writes ``stem``.txt (the tables) and
+    returns where the time went: the iteration's wall time and the device's busy time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    def marked(label, f):
+        def wrapper(*args, **kwargs):
+            with record_function(label):
+                return f(*args, **kwargs)
+        return wrapper
+
+    patches = [(host.DifferentiableDecoder, "__call__", "siso:decode"), (fn.FeatureNetwork, "embed", "siso:embed"),
+               (gen, "sample", "siso:denoise"), (torch.Tensor, "backward", "siso:backward")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        setattr(owner, name, marked(label, getattr(owner, name)))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    stamps = []
+    try:
+        captured = []
+        with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
+                     on_trace_ready=lambda p: captured.append(p.key_averages())) as prof:
+            def step(report):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+                prof.step()
+            with torch.inference_mode():
+                run(step)
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    events = captured[0]
+    device_busy_us = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") \
+        if torch.cuda.is_available() else 0.0
+    wall_s = stamps[2] - stamps[1]
+    with open(stem + ".txt", "w") as f:
+        f.write(f"iteration wall {wall_s:.3f} s; device kernels busy {device_busy_us / 1e6:.3f} s\n\n")
+        f.write(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60) + "\n")
+        if torch.cuda.is_available():
+            f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60) + "\n")
+    return {"wall_s": wall_s, "device_busy_s": device_busy_us / 1e6}
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -322,7 +375,8 @@ def run_child(model_name, config, args, device) -> dict:
     env = dict(os.environ, SISO_DEVICE=device, PYTHONUNBUFFERED="1")
     command = [sys.executable, os.path.abspath(__file__), "--child", model_name, config, "--size", str(args.size),
                "--iterations", str(args.iterations), "--paths", args.paths] + (["--early-stop"] if args.early_stop else []) + \
-              (["--tiny"] if args.tiny else [])
+              (["--tiny"] if args.tiny else []) + \
+              (["--profile", args.profile] if args.profile else [])
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in proc.stderr.splitlines():
@@ -436,12 +490,17 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny models at 64 px")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     parser.add_argument("--json", help="also save the raw results to this file")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also profile one generation iteration per process; tables go to DIR/<model>-<config>.txt")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+        os.makedirs(args.profile, exist_ok=True)
     args.argv = [a for a in argv if a != "--write"]
     if args.child:
         return child(args.child[0], args.child[1], args.size, args.iterations, args.early_stop, args.tiny,
-                     args.paths.split(","))
+                     args.paths.split(","), args.profile)
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size is None:

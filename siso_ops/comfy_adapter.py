@@ -4,8 +4,9 @@ It turns the host's MODEL / VAE / CONDITIONING into what the SISO loop needs: a 
 LoRA on a *clone* of the model, a denoiser callable over sigma driven through ComfyUI's own
 guider (so SDXL's size vectors and Flux's guidance are built by ComfyUI, not by hand), a
 sigma schedule, and a differentiable decoder. The host's objects are never mutated: the
-LoRA lives in weight wrappers of the clone, the decoder is a private copy, and the clone is
-unloaded in a ``finally`` so the shared modules return to their stock state.
+LoRA lives in object patches (training forwards) of the clone's layers, the decoder is a
+private copy, and the clone is unloaded in a ``finally`` so the shared modules return to their
+stock state.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.ops
 import comfy.sample
 import comfy.samplers
 import comfy.sd
@@ -137,16 +139,94 @@ def _detach_copy(obj):
 
 # ----------------------------------------------------------------------------- trainable clone
 def _detached(weight):
-    # A non-empty wrapper list makes ComfyUI's cast path hand out a fresh copy of the weight,
-    # so no inference tensor of the host model is ever saved for backward. The copy is still
-    # linked to the host parameter by autograd (host parameters have requires_grad=True), so
-    # cut it here: otherwise every backward writes a full-size .grad onto the host's weights.
+    # For ComfyUI layer types the training forward below does not know: a non-empty wrapper list
+    # makes ComfyUI's cast path hand out a fresh copy of the weight, so no inference tensor of the
+    # host model is saved for backward. The copy is still linked to the host parameter by autograd
+    # (host parameters have requires_grad=True), so cut it here: otherwise every backward writes a
+    # full-size .grad onto the host's weights.
     return weight.detach()
 
 
+def _trainable_view(tensor):
+    """``tensor`` as a normal tensor autograd may save for backward, without copying it.
+
+    ComfyUI loads weights under inference mode, and autograd refuses to save inference tensors
+    (a linear layer saves its weight to pass gradients to its input). A view made outside
+    inference mode over the same storage is a normal tensor, with no autograd link to the host
+    parameter. Nothing writes to the host's weights while the loop runs (ComfyUI patches them
+    only when it loads a model), so what backward reads is what the forward pass used."""
+    if tensor is None or not tensor.is_inference():
+        return tensor
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def _linear(module, x, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _conv(module, x, weight, bias):
+    return module._conv_forward(x, weight, bias)
+
+
+def _group_norm(module, x, weight, bias):
+    return torch.nn.functional.group_norm(x, module.num_groups, weight, bias, module.eps)
+
+
+def _layer_norm(module, x, weight, bias):
+    return torch.nn.functional.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+
+
+# ComfyUI's own layer classes that the training forward computes itself, by torch base class.
+# Layers of other classes (quantised layers of other packs such as GGUF, ComfyUI's fp8
+# matrix-multiply ops) keep their own forward and get weight wrappers instead.
+_TRAINING_OPS = {"Linear": _linear, "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "GroupNorm": _group_norm,
+                 "LayerNorm": _layer_norm}
+_STOCK_LAYERS = {getattr(getattr(comfy.ops, family), name): op
+                 for family in ("disable_weight_init", "manual_cast") for name, op in _TRAINING_OPS.items()}
+
+
+def _training_op(module):
+    return _STOCK_LAYERS.get(type(module))
+
+
+class _TrainingForward:
+    """The forward of one of the clone's layers while it trains, installed as an object patch.
+
+    It does what ComfyUI's layer does (its cast path whenever ComfyUI would cast: lowvram
+    offload, manual cast, patches applied on the fly), except that the weight is read through
+    a zero-copy view autograd can save, instead of a full copy of every weight at every call,
+    and a LoRA adds its low-rank product on the input side: ``W x + s * up (down x)``. That is
+    the same function as ComfyUI's merged ``(W + s * up @ down) x``, but backward needs no
+    full-size weight gradient and the forward pass no merged weight, and in bfloat16 small LoRA
+    updates are not rounded away against the weight. ``clone_input``: the layer reads a copy of
+    its input (ComfyUI's DiT blocks add into a LayerNorm's input in place after it was saved)."""
+
+    def __init__(self, module, op, lora=None, clone_input: bool = False):
+        self.module = module
+        self.op = op
+        self.lora = lora
+        self.clone_input = clone_input
+
+    def __call__(self, x):
+        module = self.module
+        comfy.ops.run_every_op()     # ComfyUI's Cancel check, as its own layers make it
+        if module.weight is None:
+            weight = bias = None
+        elif module.comfy_cast_weights or module.weight_function or module.bias_function:
+            weight, bias = comfy.ops.cast_bias_weight(module, x)
+        else:
+            weight, bias = module.weight, module.bias
+        if self.clone_input:
+            x = x.clone()
+        out = self.op(module, x, _trainable_view(weight), _trainable_view(bias))
+        if self.lora is not None:
+            out = out + self.lora.on_input(x)
+        return out
+
+
 class _CloneInput:
-    """Calls a norm layer on a copy of its input: ComfyUI's DiT blocks add residuals in place
-    after a LayerNorm saved its input for backward."""
+    """Calls a layer on a copy of its input (see _TrainingForward's ``clone_input``)."""
 
     def __init__(self, forward):
         self.forward = forward
@@ -199,6 +279,7 @@ class TrainableModel:
         self.alpha = float(alpha if alpha else rank)
         self.patcher = model.clone()
         self.deltas = {}
+        self.lora_layers = {}     # weight key -> the layer its delta acts on
         self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
@@ -207,17 +288,27 @@ class TrainableModel:
         generator = torch.Generator().manual_seed(int(seed))
         for name, module in diffusion.named_modules():
             full = f"diffusion_model.{name}"
+            dit_norm = is_dit(model) and isinstance(module, torch.nn.LayerNorm)
+            op = _training_op(module)
+            key = f"{full}.weight"
+            delta = None
+            if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
+                    and (all_linear or pattern.search(key))):
+                delta = LoRADelta(module.weight.shape[0], module.weight.shape[1], self.rank, self.alpha,
+                                  device=device, generator=generator)
+                self.deltas[key] = delta
+                self.lora_layers[key] = module
+            if op is not None:
+                # An object patch of the clone: applied while it is loaded, undone in unload().
+                self._patch_forward(full, module, _TrainingForward(module, op, delta, clone_input=dit_norm))
+                continue
             if hasattr(module, "weight_function"):
-                weight = getattr(module, "weight", None)
-                if weight is not None:
-                    key = f"{full}.weight"
+                # Another pack's layer class: its own forward, with a detached copy of each weight
+                # and the LoRA added to the weight (ComfyUI's weight-wrapper mechanism).
+                if getattr(module, "weight", None) is not None:
                     self.patcher.add_weight_wrapper(key, _detached)
-                    wanted = isinstance(module, torch.nn.Linear) and (all_linear or pattern.search(key))
-                    if wanted:
-                        delta = LoRADelta(weight.shape[0], weight.shape[1], self.rank, self.alpha, device=device,
-                                          generator=generator)
+                    if delta is not None:
                         self.patcher.add_weight_wrapper(key, delta)
-                        self.deltas[key] = delta
                 if getattr(module, "bias", None) is not None:
                     self.patcher.add_weight_wrapper(f"{full}.bias", _detached)
             else:
@@ -226,16 +317,17 @@ class TrainableModel:
                 for pname, param in module.named_parameters(recurse=False):
                     self.patcher.add_object_patch(f"diffusion_model.{name}.{pname}".replace("..", "."),
                                                   torch.nn.Parameter(param.detach().clone(), requires_grad=False))
-            if is_dit(model) and isinstance(module, torch.nn.LayerNorm):
-                self.patcher.add_object_patch(f"{full}.forward", _CloneInput(module.forward))
-                self.forward_patched.append(module)
+            if dit_norm:
+                self._patch_forward(full, module, _CloneInput(module.forward))
             elif checkpointing and type(module).__name__ in CHECKPOINTED_BLOCKS:
-                # An object patch of the clone: applied while it is loaded, undone in unload().
-                self.patcher.add_object_patch(f"{full}.forward", _checkpointed(module.forward, clone_inputs=is_dit(model)))
-                self.forward_patched.append(module)
+                self._patch_forward(full, module, _checkpointed(module.forward, clone_inputs=is_dit(model)))
         _attention_for_training(self.patcher.model_options)
         if not self.deltas:
             raise ValueError(f"no LoRA target layers found in {describe_model(model)} for target '{target}'")
+
+    def _patch_forward(self, full_name: str, module, forward):
+        self.patcher.add_object_patch(f"{full_name}.forward", forward)
+        self.forward_patched.append(module)
 
     def parameters(self) -> dict:
         out = {}
@@ -257,18 +349,19 @@ class TrainableModel:
     def unload_host_copies(self):
         """Unload other loaded copies of these weights (the host MODEL after a stock sampler ran it).
         ComfyUI only detaches such a clone, leaving the weights marked as loaded; loading ours then
-        skips installing its weight wrappers (ModelPatcher.partially_load returns early), and the
-        LoRA would silently not be there."""
+        takes a shortcut (ModelPatcher.partially_load returns early) that skips what a full load
+        sets up, such as the weight wrappers of layer types the training forward does not cover."""
         _unload_loaded(lambda patcher: patcher is not self.patcher and patcher.is_clone(self.patcher))
 
     def check_loaded(self):
         """Raise if ComfyUI loaded the clone without the LoRA wired into its layers."""
-        delta = next(iter(self.deltas.values()))
-        for module in self.patcher.model.modules():
-            if any(f is delta for f in getattr(module, "weight_function", ())):
-                return
-        raise RuntimeError("ComfyUI loaded the model without SISO's LoRA layers; nothing would be learned. "
-                           "Free the model cache (Manager: 'Free model and node cache') and run again.")
+        for key, delta in self.deltas.items():
+            layer = self.lora_layers[key]
+            forward = vars(layer).get("forward")
+            if not ((isinstance(forward, _TrainingForward) and forward.lora is delta)
+                    or any(f is delta for f in layer.weight_function)):
+                raise RuntimeError("ComfyUI loaded the model without SISO's LoRA layers; nothing would be learned. "
+                                   "Free the model cache (Manager: 'Free model and node cache') and run again.")
 
     def unload(self):
         """Detach the clone from the shared modules (weights, wrappers and object patches)."""

@@ -1,6 +1,7 @@
-"""A trainable LoRA delta usable as a ComfyUI weight wrapper, and its file format.
+"""A trainable LoRA delta, and its file format.
 
-Each delta adds ``alpha / rank * up @ down`` to one weight. ``up`` starts at zero and
+Each delta adds ``alpha / rank * up @ down`` to one weight: on the input side (``on_input``) in
+ComfyUI's own layers while training, as a ComfyUI weight wrapper in other packs' layers. ``up`` starts at zero and
 ``down`` random (Kaiming uniform), so iteration 0 equals the base model exactly. Exported
 keys are the generic ``diffusion_model.<module>.lora_up.weight / .lora_down.weight /
 .alpha`` form that ComfyUI's stock LoRA loaders read for every model family.
@@ -32,6 +33,13 @@ class LoRADelta(torch.nn.Module):
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.up @ self.down) * self.scale
         return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta's contribution to a linear layer's output, ``scale * up (down x)``: the same
+        function as adding it to the weight, at rank-sized cost."""
+        hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
+        out = torch.nn.functional.linear(hidden, self.up.to(x.dtype))
+        return out if self.scale == 1.0 else out * self.scale
 
     def passive_memory_usage(self):
         # ComfyUI asks weight wrappers for their size when it plans memory.

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
 import folder_paths
 import nodes as comfy_nodes
 import tiny
@@ -336,3 +338,69 @@ def test_the_training_clone_unloads_host_copies_and_checks_its_lora_is_wired(sd1
             trainable.unload()
     assert_shared_modules_are_stock(model)
     assert torch.equal(ksampler(model, positive, negative), ksampler(model, positive, negative))
+
+
+def test_the_training_forward_follows_comfyui_casts_and_patches(sd15):
+    """The training clone's layers compute what ComfyUI's own layers compute, also when ComfyUI
+    loads the clone partially (lowvram: weights cast per call, the user's own LoRA applied on the
+    fly by ComfyUI's patch functions): the same output and LoRA gradients as a full load, and no
+    gradient ever lands on the host's weights. A layer class of another pack (as GGUF's) keeps its
+    own forward and gets the LoRA as a weight wrapper."""
+    model, _, positive, _ = sd15
+    foreign_name, foreign = next((n, m) for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2.to_k"))
+    stock_class = type(foreign)
+
+    class PackLinear(stock_class):
+        def forward_comfy_cast_weights(self, input):
+            weight, bias = comfy.ops.cast_bias_weight(self, input)
+            return torch.nn.functional.linear(input, weight, bias)
+
+    foreign.__class__ = PackLinear
+    try:
+        runs = _forward_full_and_partial(model, positive, f"diffusion_model.{foreign_name}.weight")
+    finally:
+        foreign.__class__ = stock_class
+    (full_cast, _, full_out, full_grads), (low_cast, low_patched, low_out, low_grads) = runs
+    assert full_cast == 0 and low_cast > 0 and low_patched > 0     # the second load really was partial
+    torch.testing.assert_close(low_out, full_out, atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == low_grads.keys() and all(g.abs().sum() > 0 for g in full_grads.values())
+    for key in full_grads:
+        torch.testing.assert_close(low_grads[key], full_grads[key], atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in model.model.parameters())
+    assert_shared_modules_are_stock(model)
+
+
+def _forward_full_and_partial(model, positive, foreign_key):
+    g = torch.Generator().manual_seed(5)
+    user_lora = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith("ff.net.2"):
+            user_lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(module.weight.shape[0], 2, generator=g) * 0.1
+            user_lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, module.weight.shape[1], generator=g)
+    assert user_lora
+    with torch.inference_mode():
+        patched = host.apply_lora(model, user_lora, 1.0)
+    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g)
+    runs = []
+    for lowvram in (0, patched.model_size() // 4):
+        with torch.inference_mode(False), torch.enable_grad():
+            trainable = host.TrainableModel(patched, seed=1)
+            with torch.no_grad():
+                for delta in trainable.deltas.values():
+                    delta.up.copy_(torch.randn(delta.up.shape, generator=torch.Generator().manual_seed(9)) * 0.01)
+            try:
+                trainable.unload_host_copies()     # as run_with_denoiser does before ComfyUI loads the clone
+                trainable.patcher.patch_model(torch.device("cpu"), lowvram_model_memory=lowvram)
+                trainable.check_loaded()
+                foreign = trainable.lora_layers[foreign_key]
+                assert "forward" not in vars(foreign) and trainable.deltas[foreign_key] in foreign.weight_function
+                base = trainable.patcher.model
+                cast = [m for m in base.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
+                on_the_fly = [f for m in cast for f in m.weight_function if isinstance(f, comfy.model_patcher.LowVramPatch)]
+                out = base.apply_model(x, torch.tensor([3.0]), c_crossattn=positive[0][0].clone())
+                out.square().mean().backward()
+                runs.append((len(cast), len(on_the_fly), out.detach(),
+                             {k: p.grad.clone() for k, p in trainable.parameters().items()}))
+            finally:
+                trainable.unload()
+    return runs

@@ -87,6 +87,10 @@ def test_lora_delta_starts_as_identity_and_exports_stock_keys():
     with torch.no_grad():
         delta.up.normal_()
     assert not torch.equal(delta(w), w)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    # on the input side it is the same function as merged into the weight
+    torch.testing.assert_close(x @ w.T.double() + delta.on_input(x.float()).double(), x @ delta(w).T.double(),
+                               atol=1e-5, rtol=1e-5)
     out = lora_mod.export_lora({"diffusion_model.a.to_q.weight": delta})
     assert set(out) == {"diffusion_model.a.to_q.lora_up.weight", "diffusion_model.a.to_q.lora_down.weight",
                         "diffusion_model.a.to_q.alpha"}
