@@ -212,9 +212,11 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                                      "DINOv2 ViT-L/14 random")
             ir = fn.FeatureNetwork(ir_module, fn.IR_IMAGE_SIZE, pre.OPENAI_CLIP_MEAN, pre.OPENAI_CLIP_STD,
                                    "IR ViT-H/14 random")
-        # the pack's network cache stores them in the compute precision
+        # the pack's network cache stores them in the compute precision, then hands the memory
+        # the float32 copies held back to the system
         dino.to(dtype=compute_dtype)
         ir.to(dtype=compute_dtype)
+        gen.release_freed_memory()
         feature_params = sum(p.numel() for n in (dino, ir) for p in n.module.parameters())
 
     # --- the paper's text-encoder LoRA: re-encode the prompt with gradients at every iteration

@@ -3,6 +3,9 @@ fixed seed matches the subject photo. The node calls ``optimize_subject``; every
 ComfyUI-specific goes through ``comfy_adapter``."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
 import os
 from dataclasses import dataclass, field, replace
@@ -53,6 +56,26 @@ class GenerationSettings:
         self.optimization.check()
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory():
+    """Hand memory that was freed back to the operating system. glibc keeps freed heap memory
+    for reuse, so after the similarity networks are loaded in float32 and converted to bfloat16
+    the process would go on holding the float32 copies' gigabytes of RAM, and after a CPU run its
+    activations'. Linux with glibc; elsewhere nothing to do."""
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 class _NetworkCache:
     """Similarity networks stay loaded (on the CPU between runs) so a second run in the same
     session skips the file read; keyed by path, modification time and the weights' dtype
@@ -70,11 +93,12 @@ class _NetworkCache:
             with torch.inference_mode(False):
                 network = (load_dino if kind == "dino" else load_ir)(path).to(dtype=dtype)
             self.entries[kind] = (key, network)
+            release_freed_memory()
         return self.entries[kind][1]
 
     def clear(self):
         self.entries.clear()
-        gc.collect()
+        release_freed_memory()
 
 
 networks = _NetworkCache()
@@ -164,5 +188,5 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             for net in used:
                 net.to("cpu")
                 net.set_checkpointing(False)
-            gc.collect()
+            release_freed_memory()
             host.free_cached_memory()

@@ -2,6 +2,11 @@
 ComfyUI's own classes. Nodes are called as ComfyUI's executor calls them: under
 torch.inference_mode()."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -404,3 +409,29 @@ def _forward_full_and_partial(model, positive, foreign_key):
             finally:
                 trainable.unload()
     return runs
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_memory_freed_by_the_bfloat16_conversion_goes_back_to_the_system():
+    """Networks loaded in float32 and kept in bfloat16: glibc would keep the freed float32 heap
+    for reuse, so the process would go on holding it; release_freed_memory hands it back. In a
+    fresh process, whose RSS is not shared with other tests."""
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from conftest import siso
+        gen = siso("siso_ops.generation")
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        t = torch.empty(4_000_000); del t     # raises glibc's mmap threshold, as reading a file does
+        net = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(60)])   # 240 MB
+        net.to(torch.bfloat16)
+        held = rss()
+        gen.release_freed_memory()
+        print(held - rss())
+    """)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", script, tests], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) > 80     # MB of the 120 MB the float32 copies held
