@@ -21,6 +21,8 @@ include the weights each configuration keeps on the device.
     python benchmarks/bench.py [--size N] [--iterations N] [--rounds N] [--models a,b]
                                [--early-stop] [--write]
     python benchmarks/bench.py --tiny        # smoke: tiny models, 64 px (the CI test runs this)
+    python benchmarks/bench.py ... --profile DIR    # also where one iteration's time goes
+    python benchmarks/bench.py --from-json a.json,b.json --write   # one table from saved runs
 
 On a CPU it runs at 256 px by default (512 px costs about 4x the time); on a GPU at 512 px.
 ``--write`` puts the table into BENCHMARKS.md (between this device's markers). `make bench` runs
@@ -417,8 +419,10 @@ def summarise(results: list, args, device: str) -> str:
     for r in results:
         rows.setdefault((r["model"], r["config"]), []).append(r)
     lines = [
-        f"Machine: {machine(device)}. Date: {datetime.date.today().isoformat()}. Command: "
-        f"`python benchmarks/bench.py {' '.join(args.argv)}`".rstrip() + f". Image size {args.size} px, "
+        f"Machine: {machine(device)}. Date: {datetime.date.today().isoformat()}. "
+        + ("Commands: " if len(args.commands) > 1 else "Command: ")
+        + "; ".join(f"`python benchmarks/bench.py {' '.join(c)}`".replace(" `", "`") for c in args.commands)
+        + f". Image size {args.size} px, "
         f"{args.iterations} timed iterations per path after one warm-up, {args.rounds} round(s), each (model, "
         "configuration) in its own fresh process, paper and defaults alternating. Medians.",
         "",
@@ -492,6 +496,9 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny models at 64 px")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     parser.add_argument("--json", help="also save the raw results to this file")
+    parser.add_argument("--from-json", metavar="FILES",
+                        help="run nothing: make the table (and --write it) from the --json files of earlier runs, "
+                             "comma-separated")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile one generation iteration per process; tables go to DIR/<model>-<config>.txt")
     argv = sys.argv[1:] if argv is None else argv
@@ -513,7 +520,15 @@ def main(argv=None):
     if unknown or "paper" not in args.configs:
         parser.error(f"--configs must include paper; unknown: {sorted(unknown)}")
     results = []
-    for _ in range(args.rounds):
+    args.commands = [args.argv]
+    if args.from_json:
+        args.commands = []
+        for name in args.from_json.split(","):
+            with open(name) as f:
+                saved = json.load(f)
+            results += saved["results"]
+            args.commands.append([a for a in saved["args"] if a != "--json" and not a.endswith(".json")])
+    for _ in range(0 if args.from_json else args.rounds):
         for model_name in args.models:
             for config in args.configs:
                 result = run_child(model_name, config, args, device)

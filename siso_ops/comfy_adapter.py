@@ -148,15 +148,18 @@ def _detached(weight):
 
 
 def _trainable_view(tensor):
-    """``tensor`` as a normal tensor autograd may save for backward, without copying it.
+    """``tensor`` as a normal tensor autograd may save for backward, without copying it and
+    without an autograd link to the host's parameter (no gradient may land on the user's weights).
 
     ComfyUI loads weights under inference mode, and autograd refuses to save inference tensors
     (a linear layer saves its weight to pass gradients to its input). A view made outside
-    inference mode over the same storage is a normal tensor, with no autograd link to the host
-    parameter. Nothing writes to the host's weights while the loop runs (ComfyUI patches them
-    only when it loads a model), so what backward reads is what the forward pass used."""
-    if tensor is None or not tensor.is_inference():
-        return tensor
+    inference mode over the same storage is a normal tensor. Nothing writes to the host's weights
+    while the loop runs (ComfyUI patches them only when it loads a model), so what backward reads
+    is what the forward pass used."""
+    if tensor is None:
+        return None
+    if not tensor.is_inference():
+        return tensor.detach()
     return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
         tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
@@ -177,8 +180,8 @@ def _layer_norm(module, x, weight, bias):
     return torch.nn.functional.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
 
 
-# ComfyUI's own layer classes that the training forward computes itself, by torch base class.
-# Layers of other classes (quantised layers of other packs such as GGUF, ComfyUI's fp8
+# ComfyUI's own layer classes (comfy.ops' disable_weight_init and manual_cast families) that the
+# training forward computes itself. Layers of other classes (quantised layers of other packs such as GGUF, ComfyUI's fp8
 # matrix-multiply ops) keep their own forward and get weight wrappers instead.
 _TRAINING_OPS = {"Linear": _linear, "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "GroupNorm": _group_norm,
                  "LayerNorm": _layer_norm}

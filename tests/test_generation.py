@@ -435,3 +435,20 @@ def test_memory_freed_by_the_bfloat16_conversion_goes_back_to_the_system():
     out = subprocess.run([sys.executable, "-c", script, tests], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) > 80     # MB of the 120 MB the float32 copies held
+
+
+def test_weights_loaded_outside_inference_mode_get_no_gradient(subject, tiny_networks):
+    """A custom loader may hand over normal parameters that require grad: the training clone still
+    reads them without an autograd link, so the host's weights get no .grad and do not change."""
+    model = tiny.build_model("sd15", inference=False)
+    assert any(p.requires_grad and not p.is_inference() for p in model.model.parameters())
+    before = host_state(model)
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=3, precision="fp32",
+                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=1e-2))
+    with torch.inference_mode():
+        lora, _, _ = gen.optimize_subject(model, tiny.build_vae(4), tiny.conditioning("sd15"), subject, None, None,
+                                          settings, feature_networks=tiny_networks)
+    assert any(t.abs().sum() > 0 for k, t in lora.tensors.items() if k.endswith("lora_up.weight"))
+    assert all(p.grad is None for p in model.model.parameters())
+    after = host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)

@@ -53,10 +53,11 @@ def init_random(module: torch.nn.Module, seed: int = 0, std: float = 0.02):
     return module
 
 
-def build_model(family: str, seed: int = 0):
-    """A MODEL (ModelPatcher) of the family, built in inference mode as ComfyUI's loaders do."""
+def build_model(family: str, seed: int = 0, inference: bool = True):
+    """A MODEL (ModelPatcher) of the family, built in inference mode as ComfyUI's loaders do
+    (``inference=False``: with normal tensors that require grad, as a custom loader might)."""
     config_cls, unet_config, model_type = {**FAMILIES, **FULL_SIZE}[family]
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         config = config_cls(dict(unet_config))
         config.set_inference_dtype(torch.float32, None)
         if model_type is None:
