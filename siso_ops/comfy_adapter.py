@@ -181,8 +181,8 @@ def _layer_norm(module, x, weight, bias):
 
 
 # ComfyUI's own layer classes (comfy.ops' disable_weight_init and manual_cast families) that the
-# training forward computes itself. Layers of other classes (quantised layers of other packs such as GGUF, ComfyUI's fp8
-# matrix-multiply ops) keep their own forward and get weight wrappers instead.
+# training forward computes itself. Layers of other classes (quantised layers of other packs such
+# as GGUF, ComfyUI's fp8 matrix-multiply ops) keep their own forward and get weight wrappers.
 _TRAINING_OPS = {"Linear": _linear, "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "GroupNorm": _group_norm,
                  "LayerNorm": _layer_norm}
 _STOCK_LAYERS = {getattr(getattr(comfy.ops, family), name): op

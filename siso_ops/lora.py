@@ -1,8 +1,8 @@
 """A trainable LoRA delta, and its file format.
 
 Each delta adds ``alpha / rank * up @ down`` to one weight: on the input side (``on_input``) in
-ComfyUI's own layers while training, as a ComfyUI weight wrapper in other packs' layers. ``up`` starts at zero and
-``down`` random (Kaiming uniform), so iteration 0 equals the base model exactly. Exported
+ComfyUI's own layers while training, as a ComfyUI weight wrapper in other packs' layers. ``up``
+starts at zero and ``down`` random (Kaiming uniform), so iteration 0 equals the base model exactly. Exported
 keys are the generic ``diffusion_model.<module>.lora_up.weight / .lora_down.weight /
 .alpha`` form that ComfyUI's stock LoRA loaders read for every model family.
 """
