@@ -131,6 +131,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         else:
             dino, ir = feature_networks
         used = [n for n in (dino, ir) if n is not None]
+        host.make_room_for_training(device)
         trainable = None
         decoder = None
         try:

@@ -132,6 +132,37 @@ def test_gradients_reach_the_lora_and_nothing_else(sd15, subject, tiny_networks)
         assert all(host.UNET_ATTENTION.search(k) for k in trainable.deltas)
 
 
+def test_training_first_asks_comfyui_to_unload_the_other_models_from_a_gpu(sd15, subject, tiny_networks, monkeypatch):
+    model, vae, positive, negative = sd15
+    before = ksampler(model, positive, negative)       # ComfyUI now holds the host model as loaded
+    loaded = list(comfy.model_management.current_loaded_models)
+    assert loaded
+    # a CPU: the weights already live in RAM, nothing is unloaded
+    assert host.make_room_for_training(torch.device("cpu")) == 0
+    assert comfy.model_management.current_loaded_models == loaded
+    # what a GPU gets: ComfyUI unloads every model it holds on that device, and they still work
+    cpu = torch.device("cpu")
+    assert host._unload_everything_from(cpu) == len(loaded)
+    assert not [m for m in comfy.model_management.current_loaded_models if m.device == cpu]
+    assert torch.equal(ksampler(model, positive, negative), before)
+    # a GPU device goes to ComfyUI's free_memory for that device
+    asked = []
+    monkeypatch.setattr(comfy.model_management, "free_memory",
+                        lambda required, device, keep_loaded=(): asked.append((required, device)) or [object()])
+    assert host.make_room_for_training(torch.device("cuda", 1)) == 1
+    assert asked == [(1e30, torch.device("cuda", 1))]
+    # SISO Optimize makes room before its networks go to the device
+    events = []
+    monkeypatch.setattr(host, "make_room_for_training", lambda device: events.append(("room", device)))
+    for net in tiny_networks:
+        monkeypatch.setattr(net, "to", (lambda to: lambda *a, **k: events.append(("network", a)) or to(*a, **k))(net.to))
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, optimization=optim.OptimizationSettings(max_iterations=1))
+    with torch.inference_mode():
+        gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
+    assert events[0] == ("room", host.compute_device())
+    assert [e[0] for e in events[1:3]] == ["network", "network"]
+
+
 def test_similarity_loss_decreases_over_iterations_on_a_tiny_model(sd15, subject, tiny_networks):
     model, vae, positive, _ = sd15
     settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=1, optimization=optim.OptimizationSettings(
