@@ -22,6 +22,7 @@ include the weights each configuration keeps on the device.
                                [--early-stop] [--write]
     python benchmarks/bench.py --tiny        # smoke: tiny models, 64 px (the CI test runs this)
     python benchmarks/bench.py ... --profile DIR    # also where one iteration's time goes
+    python benchmarks/bench.py ... --count-ops      # also the operators (GPU kernel launches) of one iteration
     python benchmarks/bench.py --from-json a.json,b.json --write   # one table from saved runs
 
 On a CPU it runs at 256 px by default (512 px costs about 4x the time); on a GPU at 512 px.
@@ -104,7 +105,7 @@ class Memory:
 
 # ----------------------------------------------------------------------------- the child process
 def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
-          paths=PATHS, profile_dir: str | None = None):
+          paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import conftest  # noqa: F401  (ComfyUI in-process with the pack loaded; device from SISO_DEVICE)
     import torch
@@ -320,6 +321,11 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                 lambda on_iteration: gen.optimize_subject(model, vae, positive, subject, None, None, settings_for(4, 4),
                                                           feature_networks=(dino, ir), on_iteration=on_iteration),
                 os.path.join(profile_dir, f"{model_name}-{config}"), gen, host, fn)
+        if count_ops and path == "generation":
+            entry["count"] = count_iteration(
+                lambda on_iteration: gen.optimize_subject(model, vae, positive, subject, None, None, settings_for(3, 3),
+                                                          feature_networks=(dino, ir), on_iteration=on_iteration),
+                gen, host, fn)
         out["paths"][path] = entry
         print(f"# {model_name} {config} {path}: {entry['median_s']:.2f} s/iteration, peak {entry['peak_mb']:.0f} MB",
               file=sys.stderr, flush=True)
@@ -327,6 +333,75 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
 
 
 # ----------------------------------------------------------------------------- profiling
+PHASES = ("denoise", "decode", "embed", "backward")
+
+
+def _phase_patches(gen, host, fn, torch):
+    return [(host.DifferentiableDecoder, "__call__", "decode"), (fn.FeatureNetwork, "embed", "embed"),
+            (gen, "sample", "denoise"), (torch.Tensor, "backward", "backward")]
+
+
+# Operators that only make tensor metadata (views, an empty tensor re-pointed at a storage):
+# dispatched like any other, but no kernel runs on the device.
+_NO_KERNEL = {"aten::empty", "aten::set_", "aten::_unsafe_view", "aten::lift_fresh", "aten::alias"}
+
+
+def count_iteration(run, gen, host, fn) -> dict:
+    """Operators one whole iteration dispatches, per phase (denoise, decode, embed, backward; the
+    rest, AdamW included, is "other"), split into those that run a kernel and those that only
+    make metadata (views). Nearly device-independent: on a GPU each kernel is a launch with a few
+    microseconds of Python and dispatcher work before it (metadata operators cost that work
+    without the launch), so an iteration of many small kernels is bound by their count rather
+    than by its arithmetic. ``run(on_iteration)`` runs the optimisation; iteration 1 is counted
+    whole (the backward pass and AdamW step of iteration 0, then its own forward passes)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    phase = ["other"]
+    ops = {}
+    metadata = {}
+
+    def marked(label, f):
+        def wrapper(*args, **kwargs):
+            outer = phase[0]
+            phase[0] = label if outer == "other" else outer     # the outermost phase owns nested calls
+            try:
+                return f(*args, **kwargs)
+            finally:
+                phase[0] = outer
+        return wrapper
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts = metadata if func.is_view or func._schema.name in _NO_KERNEL else ops
+            counts[phase[0]] = counts.get(phase[0], 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    patches = _phase_patches(gen, host, fn, torch)
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        setattr(owner, name, marked(label, getattr(owner, name)))
+    counter = Counter()
+    seen = []
+
+    def step(report):
+        seen.append(report.iteration)
+        if len(seen) == 1:
+            counter.__enter__()
+        elif len(seen) == 2:
+            counter.__exit__(None, None, None)
+    try:
+        with torch.inference_mode():
+            run(step)
+    finally:
+        if len(seen) == 1:
+            counter.__exit__(None, None, None)
+        for owner, name, f in originals:
+            setattr(owner, name, f)
+    return {"ops": ops, "ops_total": sum(ops.values()), "metadata_ops": metadata,
+            "metadata_total": sum(metadata.values())}
+
+
 def profile_iteration(run, stem: str, gen, host, fn) -> dict:
     """One whole iteration (backward and AdamW step of the one before, then denoise, decode and
     score) under torch.profiler, with the phases marked. Writes ``stem``.txt (the tables) and
@@ -340,11 +415,10 @@ def profile_iteration(run, stem: str, gen, host, fn) -> dict:
                 return f(*args, **kwargs)
         return wrapper
 
-    patches = [(host.DifferentiableDecoder, "__call__", "siso:decode"), (fn.FeatureNetwork, "embed", "siso:embed"),
-               (gen, "sample", "siso:denoise"), (torch.Tensor, "backward", "siso:backward")]
+    patches = _phase_patches(gen, host, fn, torch)
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, label in patches:
-        setattr(owner, name, marked(label, getattr(owner, name)))
+        setattr(owner, name, marked(f"siso:{label}", getattr(owner, name)))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     stamps = []
     try:
@@ -380,7 +454,7 @@ def run_child(model_name, config, args, device) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", model_name, config, "--size", str(args.size),
                "--iterations", str(args.iterations), "--paths", args.paths] + (["--early-stop"] if args.early_stop else []) + \
               (["--tiny"] if args.tiny else []) + \
-              (["--profile", args.profile] if args.profile else [])
+              (["--profile", args.profile] if args.profile else []) + (["--count-ops"] if args.count_ops else [])
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in proc.stderr.splitlines():
@@ -453,6 +527,7 @@ def summarise(results: list, args, device: str) -> str:
                 lines.append(f"| {model_name} | {path} | {config} | {seconds:.2f} | {ratios[0]} | {peak / 1024:.2f} GiB | "
                              f"{ratios[1]} |")
     lines.append("")
+    lines += operator_table(results, args)
     for r in results:
         if "paths" not in r:
             continue
@@ -467,6 +542,33 @@ def summarise(results: list, args, device: str) -> str:
                      f"{r['text_encoder_params_m']:.0f} M, similarity networks {r['feature_params_m']:.0f} M; "
                      f"{r['resident_mb'] / 1024:.2f} GiB resident before the loop{extra}")
     return "\n".join(lines + sorted(set(notes)))
+
+
+def operator_table(results: list, args) -> list:
+    """--count-ops: operators dispatched in one generation iteration, per phase, against the paper."""
+    counts = {(r["model"], r["config"]): r["paths"]["generation"]["count"] for r in results
+              if "count" in r.get("paths", {}).get("generation", {})}
+    if not counts:
+        return []
+    lines = ["Operators that run a kernel in one generation iteration (`--count-ops`; on a GPU each is a kernel "
+             "launch), per phase, and the metadata-only operators (views) dispatched besides. The four phases "
+             "dispatch nearly the same operators on any device (autocast's lists of what it casts differ a little "
+             "between CPU and CUDA); \"other\" does not: on a CPU, AdamW and the gradient clipping loop over the "
+             "LoRA's tensors, on a GPU they use multi-tensor kernels.", "",
+             "| model | configuration | " + " | ".join(PHASES) + " | other (AdamW, bookkeeping) | kernels | vs paper "
+             "| metadata operators |",
+             "|---|---|" + "---|" * (len(PHASES) + 4)]
+    for model_name in args.models:
+        paper = counts.get((model_name, "paper"))
+        for config in args.configs:
+            count = counts.get((model_name, config))
+            if count is None:
+                continue
+            ratio = f"**{count['ops_total'] / paper['ops_total']:.2f}**" if paper and config != "paper" else ""
+            lines.append(f"| {model_name} | {config} | " + " | ".join(str(count["ops"].get(p, 0)) for p in PHASES)
+                         + f" | {count['ops'].get('other', 0)} | {count['ops_total']} | {ratio} | "
+                         f"{count.get('metadata_total', 'not counted')} |")
+    return lines + [""]
 
 
 def write_section(text: str, device: str):
@@ -501,6 +603,8 @@ def main(argv=None):
                              "comma-separated")
     parser.add_argument("--profile", metavar="DIR",
                         help="also profile one generation iteration per process; tables go to DIR/<model>-<config>.txt")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the operators (kernel launches on a GPU) of one generation iteration, per phase")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.profile:
@@ -509,7 +613,7 @@ def main(argv=None):
     args.argv = [a for a in argv if a != "--write"]
     if args.child:
         return child(args.child[0], args.child[1], args.size, args.iterations, args.early_stop, args.tiny,
-                     args.paths.split(","), args.profile)
+                     args.paths.split(","), args.profile, args.count_ops)
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size is None:

@@ -47,12 +47,12 @@ def test_the_benchmark_script_starts_and_completes_tiny_iterations(tmp_path):
     """Smoke only: `make bench` itself is never run in CI (it is a benchmark, not a test). The
     same script with --tiny: tiny SD-Turbo- and SDXL-shaped models and text encoders at 64 px,
     the paper's configuration (text-encoder LoRA, float32) and the defaults, both paths, each in
-    its own process."""
+    its own process, with --count-ops (the operators of one iteration, per phase)."""
     import json
     import subprocess
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--tiny", "--iterations", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900)
+                           "--count-ops", "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert {(r["model"], r["config"]) for r in results} == {(m, c) for m in ("sd_turbo", "sdxl_turbo")
@@ -64,4 +64,8 @@ def test_the_benchmark_script_starts_and_completes_tiny_iterations(tmp_path):
             entry = r["paths"][path]
             assert len(entry["seconds"]) == 1 and entry["seconds"][0] > 0 and entry["peak_mb"] > 0
             assert len(entry["losses"]) == 3 and all(abs(v) < 100 for v in entry["losses"])
+        count = r["paths"]["generation"]["count"]     # --count-ops: every phase dispatched kernels
+        assert all(count["ops"].get(phase, 0) > 0 for phase in ("denoise", "decode", "embed", "backward")), count
+        assert count["ops_total"] == sum(count["ops"].values())
+        assert count["metadata_ops"].get("denoise", 0) > 0     # views: the LoRA and attention reshapes
     assert "| sd_turbo | generation | defaults |" in proc.stdout
