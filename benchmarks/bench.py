@@ -32,6 +32,7 @@ it with --write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -336,9 +337,21 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
 PHASES = ("denoise", "decode", "embed", "backward")
 
 
-def _phase_patches(gen, host, fn, torch):
-    return [(host.DifferentiableDecoder, "__call__", "decode"), (fn.FeatureNetwork, "embed", "embed"),
-            (gen, "sample", "denoise"), (torch.Tensor, "backward", "backward")]
+@contextlib.contextmanager
+def phases_marked(gen, host, fn, mark):
+    """While inside: each phase's function (denoise, decode, embed, backward) is replaced by
+    ``mark(label, function)``; restored on the way out."""
+    import torch
+    patches = [(host.DifferentiableDecoder, "__call__", "decode"), (fn.FeatureNetwork, "embed", "embed"),
+               (gen, "sample", "denoise"), (torch.Tensor, "backward", "backward")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        setattr(owner, name, mark(label, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, f in originals:
+            setattr(owner, name, f)
 
 
 # Operators that only make tensor metadata (views, an empty tensor re-pointed at a storage):
@@ -377,10 +390,6 @@ def count_iteration(run, gen, host, fn) -> dict:
             counts[phase[0]] = counts.get(phase[0], 0) + 1
             return func(*args, **(kwargs or {}))
 
-    patches = _phase_patches(gen, host, fn, torch)
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, label in patches:
-        setattr(owner, name, marked(label, getattr(owner, name)))
     counter = Counter()
     seen = []
 
@@ -391,13 +400,11 @@ def count_iteration(run, gen, host, fn) -> dict:
         elif len(seen) == 2:
             counter.__exit__(None, None, None)
     try:
-        with torch.inference_mode():
+        with phases_marked(gen, host, fn, marked), torch.inference_mode():
             run(step)
     finally:
         if len(seen) == 1:
             counter.__exit__(None, None, None)
-        for owner, name, f in originals:
-            setattr(owner, name, f)
     return {"ops": ops, "ops_total": sum(ops.values()), "metadata_ops": metadata,
             "metadata_total": sum(metadata.values())}
 
@@ -411,30 +418,22 @@ def profile_iteration(run, stem: str, gen, host, fn) -> dict:
 
     def marked(label, f):
         def wrapper(*args, **kwargs):
-            with record_function(label):
+            with record_function(f"siso:{label}"):
                 return f(*args, **kwargs)
         return wrapper
 
-    patches = _phase_patches(gen, host, fn, torch)
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, label in patches:
-        setattr(owner, name, marked(f"siso:{label}", getattr(owner, name)))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     stamps = []
-    try:
-        captured = []
-        with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
-                     on_trace_ready=lambda p: captured.append(p.key_averages())) as prof:
-            def step(report):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-                prof.step()
-            with torch.inference_mode():
-                run(step)
-    finally:
-        for owner, name, f in saved:
-            setattr(owner, name, f)
+    captured = []
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
+                 on_trace_ready=lambda p: captured.append(p.key_averages())) as prof:
+        def step(report):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            prof.step()
+        with phases_marked(gen, host, fn, marked), torch.inference_mode():
+            run(step)
     events = captured[0]
     device_busy_us = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") \
         if torch.cuda.is_available() else 0.0
