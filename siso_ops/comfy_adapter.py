@@ -562,9 +562,25 @@ def _unload_everything_from(device) -> int:
 
 @contextlib.contextmanager
 def training_mode():
-    """Gradients inside a node: ComfyUI runs nodes under inference_mode."""
+    """Gradients inside a node: ComfyUI runs nodes under inference_mode.
+
+    Newer ComfyUIs (0.2x on) also have a process-wide ``model_management.in_training`` flag,
+    which their own LoRA trainer sets for its loop: with it, model code takes its
+    differentiable paths (e.g. Flux's RoPE in plain torch instead of comfy-kitchen's
+    ``apply_rope``, which has no autograd formula). It is set for this block only and put back
+    as it was, so sampling outside SISO's loop runs exactly as before. ComfyUI 0.3.75 has no
+    such flag (its paths are all differentiable) and is left alone."""
+    management = comfy.model_management
+    has_flag = hasattr(management, "in_training")
+    saved = management.in_training if has_flag else None
     with torch.inference_mode(False), torch.enable_grad():
-        yield
+        if has_flag:
+            management.in_training = True
+        try:
+            yield
+        finally:
+            if has_flag:
+                management.in_training = saved
 
 
 # ----------------------------------------------------------------------------- SubjectMask models

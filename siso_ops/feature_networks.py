@@ -7,9 +7,13 @@ published checkpoint formats, strictly.
 - IR: the image-retrieval tower of the 1st-place Google Universal Image Embedding solution:
   OpenCLIP ViT-H/14 vision tower at 290 px whose patch convolution has stride 12 (24 x 24
   overlapping patches + CLS = 577 tokens), ``ln_post(CLS) @ proj`` (1024-d), then the
-  ``fc1`` head 1024 -> 64. Accepted file: the authors' ``ir_features.pth`` state dict
-  (optionally with a ``module.`` prefix, OpenCLIP key names, ``fc1``; ``fc2`` is the unused
-  margin head and is ignored) or the same tensors as ``.safetensors``.
+  ``fc1`` head 1024 -> 64. Accepted file: the authors' ``ir_features.pth``, the state dict of
+  their wrapper module (``add_layer_model`` in SISO's ``utils/ir_features_utils.py``: fields
+  ``backbone`` = the OpenCLIP visual tower, ``fc1``, ``fc2``), which their code loads strictly
+  after cutting each key up to its last ``module.``. So its keys are ``backbone.conv1.weight``,
+  ``backbone.transformer.resblocks.N...``, ``backbone.proj``, ``fc1.*``, ``fc2.weight``
+  (``fc2`` is the unused margin head and is ignored). The same tensors under OpenCLIP's
+  ``visual.`` prefix, and either as ``.safetensors``, are accepted too.
 
 Widths and depths are read from the file (so small test networks in the same format load
 through the same code); everything that defines the published geometry (patch size, stride,
@@ -164,18 +168,40 @@ def _build_ir_backbone(width: int, depth: int, proj_dim: int):
     return model
 
 
+IR_BACKBONE_PREFIXES = ("backbone.", "visual.")
+
+
+def ir_canonical_keys(state_dict: dict, name: str) -> dict:
+    """The IR tensors under one naming: each key cut up to its last ``module.`` (as the authors'
+    loader does, so DataParallel and DDP wrappers at any depth go), and the tower's keys under
+    OpenCLIP's ``visual.`` whether the file says ``backbone.`` (the authors' wrapper) or
+    ``visual.`` (an OpenCLIP model's own state dict)."""
+    cut = {}
+    for key, value in state_dict.items():
+        key = key.split("module.")[-1]
+        if key.startswith("backbone."):
+            key = "visual." + key[len("backbone."):]
+        if key in cut:
+            raise WeightFileError(f"{name} holds the IR tensor '{key}' twice (under backbone. and visual., or with and "
+                                  f"without module.); expected {IR_SOURCE}")
+        cut[key] = value
+    return cut
+
+
 def load_ir(path: str) -> FeatureNetwork:
     from timm.models.vision_transformer import _convert_openai_clip
     from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    sd = _strip_prefix(read_state_dict(path), "module.")
     name = os.path.basename(path)
+    sd = ir_canonical_keys(read_state_dict(path), name)
     required = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
                 "visual.proj", "fc1.weight", "fc1.bias")
     absent = [k for k in required if k not in sd]
     if absent:
+        found = sorted({k.split(".")[0] + "." for k in sd})
         raise WeightFileError(f"{name} is not an IR (OpenCLIP ViT-H/14 + fc1) checkpoint: missing "
-                              f"{absent}. Expected {IR_SOURCE}.")
+                              f"{[k.replace('visual.', 'backbone.', 1) for k in absent]}; its keys start with "
+                              f"{found[:6]}. Expected {IR_SOURCE}.")
     width = sd["visual.class_embedding"].shape[-1]
     depth = _block_count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
     proj_dim = sd["visual.proj"].shape[-1]
@@ -194,7 +220,8 @@ def load_ir(path: str) -> FeatureNetwork:
     visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
     leftovers = [k for k in sd if not k.startswith(("visual.", "fc1.", "fc2."))]
     if leftovers:
-        raise WeightFileError(f"{name} has keys the IR network does not use: {leftovers[:4]}. "
+        raise WeightFileError(f"{name} has keys the IR network does not use: {leftovers[:4]} (expected only "
+                              "backbone.* or visual.*, fc1.* and fc2.*). "
                               f"Expected {IR_SOURCE}.")
     _load_strict(backbone, _convert_openai_clip(visual, backbone), path, "an IR ViT-H/14", IR_SOURCE)
     head = torch.nn.Linear(proj_dim, IR_EMBED_DIM)

@@ -9,8 +9,10 @@ the community's files, safely and offline:
   (parsed the same way);
 - Grounding DINO's BERT text encoder loads from a local folder ``bert-base-uncased`` with
   ``local_files_only=True``: nothing is downloaded;
-- groundingdino 0.4.0 was written for transformers 4.x; the few BERT helpers transformers 5
-  removed are supplied on the BERT instance we build (never on transformers' classes).
+- groundingdino 0.4.0 was written for transformers 4.x and its BERT wrapper calls transformers'
+  internals that later releases renamed or removed; the pack builds the model with its own
+  text encoder in the wrapper's place (``GroundingTextEncoder``), which uses only calls every
+  transformers release since 4.x accepts (transformers' classes are never patched).
 
 groundingdino, segment_anything and transformers are imported inside functions, when the first
 mask is made, so that importing the pack stays cheap. Nothing here imports ComfyUI: the caller
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
@@ -237,44 +238,54 @@ def _load_strict(model, state: dict, name: str, what: str, optional_prefixes=())
 _BUILD_LOCK = threading.Lock()
 
 
-def _extended_attention_mask(embeddings_ref, attention_mask, input_shape=None, device=None, dtype=None):
-    # transformers 4.x ModuleUtilsMixin.get_extended_attention_mask for an encoder: a 2D (padding)
-    # or 3D (per-token, as Grounding DINO builds it) 0/1 mask -> a broadcastable additive mask
-    # in the model's dtype.
-    embeddings = embeddings_ref()
-    dtype = dtype or (next(embeddings.parameters()).dtype if embeddings is not None else torch.float32)
-    extended = attention_mask[:, None, :, :] if attention_mask.dim() == 3 else attention_mask[:, None, None, :]
-    extended = extended.to(dtype=dtype)
-    return (1.0 - extended) * torch.finfo(dtype).min
+class GroundingTextEncoder(torch.nn.Module):
+    """Grounding DINO's BERT text encoder, run through transformers' public building blocks only.
 
+    groundingdino-py 0.4.0 (last released 2023) wraps BERT in its ``BertModelWarper``, whose
+    forward re-implements ``BertModel.forward`` against transformers 4.x internals: it copies
+    ``get_extended_attention_mask`` / ``get_head_mask`` off the model (removed in transformers
+    5) and calls the embeddings with ``past_key_values_length`` (renamed ``cache_length`` in
+    5.24) and the encoder with 4.x keywords. Each transformers release can break it again.
 
-def _head_mask(head_mask, num_hidden_layers, is_attention_chunked=False):
-    if head_mask is not None:
-        raise ValueError("head masks are not supported with transformers 5")
-    return [None] * num_hidden_layers
+    This module takes the wrapper's place. It keeps the same submodules (``embeddings``,
+    ``encoder``, ``pooler``, so the checkpoint's ``bert.*`` keys load as before) and computes
+    what the wrapper computes for Grounding DINO's use (an encoder, no cache, no head mask):
+    embeddings from ids, token types and positions; Grounding DINO's per-token 0/1 attention
+    mask turned into an additive mask (0 where attended, the dtype's minimum elsewhere); each
+    BERT layer in turn. Only calls that every transformers release from 4.x on accepts are used:
+    ``embeddings(input_ids=, token_type_ids=, position_ids=)`` and ``layer(hidden, mask)``."""
 
+    def __init__(self, bert_model):
+        super().__init__()
+        self.config = bert_model.config
+        self.embeddings = bert_model.embeddings
+        self.encoder = bert_model.encoder
+        self.pooler = bert_model.pooler  # unused by Grounding DINO; kept for the checkpoint's keys
 
-def bert_compatible(bert):
-    """groundingdino 0.4.0's BertModelWarper copies three helpers off the BertModel it wraps:
-    ``get_extended_attention_mask``, ``invert_attention_mask`` and ``get_head_mask``.
-    transformers 5 removed them; give THIS instance the 4.x behaviour (nothing global changes).
-    With transformers 4.x the instance has them and is returned untouched. (The wrapper keeps
-    the BERT's submodules, not the BertModel, so the helpers refer to its embeddings weakly.)"""
-    ref = weakref.ref(bert.embeddings)
-    if not hasattr(bert, "get_extended_attention_mask"):
-        bert.get_extended_attention_mask = functools.partial(_extended_attention_mask, ref)
-    if not hasattr(bert, "invert_attention_mask"):
-        bert.invert_attention_mask = functools.partial(_extended_attention_mask, ref)
-    if not hasattr(bert, "get_head_mask"):
-        bert.get_head_mask = _head_mask
-    return bert
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **unused):
+        if input_ids is None:
+            raise ValueError("Grounding DINO's text encoder needs input_ids")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, device=input_ids.device)
+        # 2D (padding) or 3D (per-token, as Grounding DINO builds it) -> broadcast over heads.
+        keep = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask[:, None, None]
+        additive = (1.0 - keep.to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.encoder.layer:
+            out = layer(hidden, additive)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4 returns a tuple
+        return {"last_hidden_state": hidden}
 
 
 @contextlib.contextmanager
 def _local_text_encoder(folder: str):
     """While Grounding DINO is built, its tokenizer and BERT come from ``folder`` only
-    (local_files_only: no network), and the BERT gets the transformers-5 helpers. The two
-    groundingdino functions are restored afterwards."""
+    (local_files_only: no network), and the BERT is wrapped in ``GroundingTextEncoder`` instead
+    of groundingdino's ``BertModelWarper``. The three groundingdino names are restored
+    afterwards (under a lock: nothing else sees them swapped)."""
+    from groundingdino.models.GroundingDINO import groundingdino as architecture
     from groundingdino.util import get_tokenlizer as loaders
     from transformers import AutoTokenizer, BertModel
 
@@ -282,15 +293,16 @@ def _local_text_encoder(folder: str):
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
     def language_model(_name):
-        return bert_compatible(BertModel.from_pretrained(folder, local_files_only=True).float())
+        return BertModel.from_pretrained(folder, local_files_only=True).float()
 
     with _BUILD_LOCK:
-        saved = loaders.get_tokenlizer, loaders.get_pretrained_language_model
+        saved = loaders.get_tokenlizer, loaders.get_pretrained_language_model, architecture.BertModelWarper
         loaders.get_tokenlizer, loaders.get_pretrained_language_model = tokenizer, language_model
+        architecture.BertModelWarper = GroundingTextEncoder
         try:
             yield
         finally:
-            loaders.get_tokenlizer, loaders.get_pretrained_language_model = saved
+            loaders.get_tokenlizer, loaders.get_pretrained_language_model, architecture.BertModelWarper = saved
 
 
 def _import_groundingdino():

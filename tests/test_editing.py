@@ -110,7 +110,15 @@ def test_the_first_editing_iteration_is_the_reconstruction(sd15, subject, tiny_n
     with torch.inference_mode():
         gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks,
                              inversion=inversion, mask=subject_mask(), on_iteration=lambda r: first.append(r))
-    torch.testing.assert_close(first[0].image.permute(0, 2, 3, 1), reconstruction, atol=1e-4, rtol=0)
+    # The same float32 computation through other kernels: the training clone's layer forward
+    # (LoRA product added on the input side, SDPA where ComfyUI's attention may chunk) against
+    # the inversion's stock forward, and SIMD widths differ between CPUs (AVX2 vs AVX-512), so
+    # sums run in other orders. Each of the UNet's and decoder's ~40 layers can then differ by
+    # a few float32 roundings of its activations, amplified by random weights (1.25e-4 seen on
+    # an AVX2 machine). What matters is that iteration 0 IS the reconstruction as a user sees
+    # it: half an 8-bit level (1/510) is invisible in any saved image, and a wrong noise, step
+    # or a LoRA that is not zero at the start changes pixels by orders of magnitude more.
+    torch.testing.assert_close(first[0].image.permute(0, 2, 3, 1), reconstruction, atol=1 / 510, rtol=0)
     assert set(first[0].terms) == {"loss", "dino", "ir", "background"}
 
 

@@ -37,8 +37,11 @@ host = siso("siso_ops.comfy_adapter")
 WeightFileError = siso("siso_ops.feature_networks").WeightFileError
 SubjectMask = siso("nodes.mask").SubjectMask
 FAST_DETECTOR = (128, 256)
-OVERLAY = REPO / ".cache" / "overlay-transformers-4.57.1"
-OVERLAY_PACKAGES = ["transformers==4.57.1", "huggingface-hub<1"]
+# The oldest transformers the pack supports: the floor both ComfyUI 0.3.75 and 0.33 ask for.
+OLDEST_TRANSFORMERS = "4.50.3"
+OVERLAY_PACKAGES = [f"transformers=={OLDEST_TRANSFORMERS}", "huggingface-hub<1"]
+# One overlay per test venv (.venv, or the venv of another ComfyUI: see the Makefile).
+OVERLAY = REPO / ".cache" / f"overlay-transformers-{OLDEST_TRANSFORMERS}-{pathlib.Path(sys.prefix).name}"
 
 
 @pytest.fixture(scope="module")
@@ -428,18 +431,46 @@ def test_a_model_sits_on_the_compute_device_only_while_predicting():
     assert model.moves[-1] == "cpu"
 
 
-def test_the_transformers_5_helpers_live_on_our_bert_only(models):
+def test_our_text_encoder_takes_the_place_of_groundingdinos_wrapper_and_nothing_is_patched(models):
     import transformers
+    from groundingdino.models.GroundingDINO import bertwarper, groundingdino as architecture
     from groundingdino.util import get_tokenlizer
     detector, _ = models
-    assert callable(detector.bert.get_extended_attention_mask)
-    assert not hasattr(transformers.BertModel, "get_extended_attention_mask"), "transformers' class is untouched"
+    assert isinstance(detector.bert, seg.GroundingTextEncoder)
+    assert architecture.BertModelWarper is bertwarper.BertModelWarper, "groundingdino's name is restored"
     assert get_tokenlizer.get_pretrained_language_model.__module__ == "groundingdino.util.get_tokenlizer"
     assert get_tokenlizer.get_tokenlizer.__module__ == "groundingdino.util.get_tokenlizer"
-    mask = torch.tensor([[[True, False], [False, True]]])
-    extended = detector.bert.get_extended_attention_mask(mask, (1, 2), None)
-    assert extended.shape == (1, 1, 2, 2) and extended[0, 0, 0, 0] == 0
-    assert extended[0, 0, 0, 1] == torch.finfo(torch.float32).min
+    assert not any(isinstance(v, seg.GroundingTextEncoder) for v in vars(transformers.BertModel).values())
+    assert {k.split(".")[0] for k in detector.bert.state_dict()} == {"embeddings", "encoder", "pooler"}
+
+
+def test_our_text_encoder_equals_transformers_own_bert_forward(models):
+    """Against the installed transformers' public BertModel.forward on the same weights: a 2D
+    padding mask gives the same hidden states at the attended tokens, and a 3D per-token mask
+    (Grounding DINO's sub-sentence mask) equals running each sub-sentence on its own."""
+    from transformers import BertModel
+    detector, _ = models
+    encoder = detector.bert
+    bert = BertModel(encoder.config).eval()
+    bert.load_state_dict(encoder.state_dict(), strict=False)  # the same embeddings, layers, pooler
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, encoder.config.vocab_size, (2, 7), generator=g)
+    pad = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    with torch.inference_mode():
+        ours = encoder(input_ids=ids, attention_mask=pad)["last_hidden_state"]
+        theirs = bert(input_ids=ids, attention_mask=pad).last_hidden_state
+        # Two sub-sentences of 3 and 4 tokens, positions restarting at 0 in each.
+        block = torch.zeros(1, 7, 7, dtype=torch.bool)
+        block[0, :3, :3] = block[0, 3:, 3:] = True
+        positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+        joint = encoder(input_ids=ids[:1], attention_mask=block, position_ids=positions)["last_hidden_state"]
+        first = bert(input_ids=ids[:1, :3]).last_hidden_state
+        second = bert(input_ids=ids[:1, 3:]).last_hidden_state
+    # The same float32 operations; a masked score adds exp(min - max) = 0 exactly, and the
+    # kernels may sum in another order (SDPA vs eager): a few roundings of values of order 1.
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1, :5], theirs[1, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joint[0], torch.cat([first[0], second[0]]), rtol=1e-5, atol=1e-5)
 
 
 def test_nothing_found_is_an_error_naming_the_image_and_the_text(files, fast):
@@ -563,11 +594,11 @@ print("HEAVY", [m for m in heavy if m in sys.modules])
     assert "HEAVY []" in out.stdout, out.stdout
 
 
-# ----------------------------------------------------------------------------- transformers 4.x
+# ----------------------------------------------------------------------------- oldest transformers
 def _overlay_python() -> pathlib.Path:
-    """A venv whose own site-packages hold transformers 4.57.1 and whose .pth puts this
-    project's .venv behind it, so it shares torch, groundingdino and segment_anything.
-    (``venv --system-site-packages`` run from .venv's python would expose the base
+    """A venv whose own site-packages hold the oldest supported transformers and whose .pth puts this
+    test venv's packages behind it, so it shares torch, groundingdino and segment_anything.
+    (``venv --system-site-packages`` run from a venv's python would expose the base
     interpreter's packages, not .venv's.) Cached under .cache/; pip failing fails the test."""
     python = OVERLAY / "bin" / "python"
     ready = OVERLAY / "ready"
@@ -575,10 +606,11 @@ def _overlay_python() -> pathlib.Path:
         return python
     shutil.rmtree(OVERLAY, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(OVERLAY)], check=True)
-    base = next(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p))
+    # Every site-packages this process sees, in its order (a layered ComfyUI venv has two).
+    bases = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          capture_output=True, text=True, check=True).stdout.strip()
-    pathlib.Path(own, "_siso_project_venv.pth").write_text(base + "\n")
+    pathlib.Path(own, "_siso_project_venv.pth").write_text("".join(f"{base}\n" for base in bases))
     pip = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *OVERLAY_PACKAGES],
                          capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, f"pip could not install {OVERLAY_PACKAGES}:\n{pip.stdout[-2000:]}\n{pip.stderr[-3000:]}"
@@ -590,6 +622,7 @@ OVERLAY_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch, transformers
+from groundingdino.models.GroundingDINO.bertwarper import BertModelWarper
 from siso_ops import segmentation as seg
 seg.DETECTOR_SIZE = tuple(json.loads(sys.argv[4]))
 image = torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -597,29 +630,43 @@ detector = seg.load_grounding_dino(sys.argv[2], sys.argv[3])
 with torch.inference_mode():
     logits, boxes = seg.detector_outputs(detector, image, "dog.")
     found = seg.detect(detector, image, "dog.", 0.0, 0.0)
+# groundingdino-py's own BERT wrapper, as it ran before the pack replaced it (it works with
+# transformers 4), on the same weights: the reference for 'outputs equal the old ones'.
+stock = BertModelWarper(bert_model=transformers.BertModel(detector.bert.config).eval())
+stock.load_state_dict(detector.bert.state_dict())
+detector.bert = stock
+with torch.inference_mode():
+    stock_logits, stock_boxes = seg.detector_outputs(detector, image, "dog.")
 print("RESULT", json.dumps({"transformers": transformers.__version__, "logits": logits.tolist(), "boxes": boxes.tolist(),
+                            "stock_logits": stock_logits.tolist(), "stock_boxes": stock_boxes.tolist(),
                             "detections": len(found)}))
 """
 
 
-def test_grounding_dino_builds_and_predicts_the_same_under_transformers_4(files, models, fast):
+def test_grounding_dino_predicts_as_groundingdinos_own_wrapper_under_the_oldest_and_newest_transformers(files, models, fast):
     python = _overlay_python()
     dino = host.grounding_dino_path(files["grounding_dino_model"])
     args = [str(REPO), dino, host.bert_folder_for(dino), json.dumps(FAST_DETECTOR)]
     out = subprocess.run([str(python), "-c", OVERLAY_CHILD, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     theirs = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
-    assert theirs["transformers"] == "4.57.1"
+    assert theirs["transformers"] == OLDEST_TRANSFORMERS
     import transformers
     assert transformers.__version__.split(".")[0] == "5"
     detector, _ = models
     image = torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         logits, boxes = seg.detector_outputs(detector, image, "dog.")
-    # Our BERT helpers under transformers 5 reproduce transformers 4's own BERT path.
-    their_logits = torch.tensor(theirs["logits"])
+    # Under transformers 4, our text encoder and groundingdino's own wrapper run the same
+    # operations in the same order: bitwise the same detector outputs.
+    stock_logits, stock_boxes = torch.tensor(theirs["stock_logits"]), torch.tensor(theirs["stock_boxes"])
+    assert torch.equal(torch.tensor(theirs["logits"]), stock_logits)
+    assert torch.equal(torch.tensor(theirs["boxes"]), stock_boxes)
+    # Under transformers 5 (this process) BERT's attention runs through other kernels (SDPA by
+    # default), which may sum in another order: a few float32 roundings, carried through the
+    # detector's layers. Logits are of order 1-10 and masked tokens are -inf in both.
     finite = torch.isfinite(logits)
-    assert torch.equal(finite, torch.isfinite(their_logits))
-    assert torch.allclose(logits[finite], their_logits[finite], atol=1e-4, rtol=1e-4)
-    assert torch.allclose(boxes, torch.tensor(theirs["boxes"]), atol=1e-5)
+    assert torch.equal(finite, torch.isfinite(stock_logits))
+    assert torch.allclose(logits[finite], stock_logits[finite], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(boxes, stock_boxes, atol=1e-5)
     assert theirs["detections"] > 0

@@ -129,23 +129,26 @@ def dino_state_dict(width=128, depth=2, meta_format=True, seed=0):
     return sd
 
 
-def ir_state_dict(width=160, depth=2, proj=32, module_prefix=False, seed=0, with_fc2=True):
-    """The IR checkpoint layout: OpenCLIP ViT-H/14 visual keys (577 positions) + fc1 (+ fc2)."""
+def ir_state_dict(width=160, depth=2, proj=32, module_prefix=False, seed=0, with_fc2=True, tower="backbone."):
+    """The IR checkpoint layout, key names written out by hand: the state dict of the SISO
+    authors' wrapper (``add_layer_model``: ``backbone`` = OpenCLIP's visual tower with 577
+    positions, ``fc1``, ``fc2``), which their loader reads with ``strict=True``.
+    ``tower="visual."``: the same tower under OpenCLIP's own prefix."""
     g = torch.Generator().manual_seed(seed)
     block = lambda w: [("ln_1.weight", (w,)), ("ln_1.bias", (w,)), ("attn.in_proj_weight", (3 * w, w)),
                        ("attn.in_proj_bias", (3 * w,)), ("attn.out_proj.weight", (w, w)), ("attn.out_proj.bias", (w,)),
                        ("ln_2.weight", (w,)), ("ln_2.bias", (w,)), ("mlp.c_fc.weight", (4 * w, w)),
                        ("mlp.c_fc.bias", (4 * w,)), ("mlp.c_proj.weight", (w, 4 * w)), ("mlp.c_proj.bias", (w,))]
-    sd = {"visual.class_embedding": torch.randn(width, generator=g) * 0.02,
-          "visual.positional_embedding": torch.randn(577, width, generator=g) * 0.02,
-          "visual.conv1.weight": torch.randn(width, 3, 14, 14, generator=g) * 0.02,
-          "visual.ln_pre.weight": torch.ones(width), "visual.ln_pre.bias": torch.zeros(width),
-          "visual.ln_post.weight": torch.ones(width), "visual.ln_post.bias": torch.zeros(width),
-          "visual.proj": torch.randn(width, proj, generator=g) * 0.05,
+    sd = {f"{tower}class_embedding": torch.randn(width, generator=g) * 0.02,
+          f"{tower}positional_embedding": torch.randn(577, width, generator=g) * 0.02,
+          f"{tower}conv1.weight": torch.randn(width, 3, 14, 14, generator=g) * 0.02,
+          f"{tower}ln_pre.weight": torch.ones(width), f"{tower}ln_pre.bias": torch.zeros(width),
+          f"{tower}ln_post.weight": torch.ones(width), f"{tower}ln_post.bias": torch.zeros(width),
+          f"{tower}proj": torch.randn(width, proj, generator=g) * 0.05,
           "fc1.weight": torch.randn(64, proj, generator=g) * 0.1, "fc1.bias": torch.zeros(64)}
     if with_fc2:
         sd["fc2.weight"] = torch.randn(10, 64, generator=g)
-    sd.update(_vit_blocks("visual.transformer.resblocks.", width, depth, g, block))
+    sd.update(_vit_blocks(f"{tower}transformer.resblocks.", width, depth, g, block))
     if module_prefix:
         sd = {f"module.{k}": v for k, v in sd.items()}
     return sd
