@@ -50,8 +50,9 @@ $(VENV)/.ready: $(BASE_VENV)/.ready $(COMFYUI_DIR)/requirements.txt
 	grep -vE '^(torch|torchvision|torchaudio)([^A-Za-z0-9_.-].*)?\s*$$' $(COMFYUI_DIR)/requirements.txt > $(VENV)/comfyui-requirements.txt
 	$(PIP) install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
 	if grep -qE '^torchaudio' $(COMFYUI_DIR)/requirements.txt && ! $(PY) -c "import torchaudio" 2>/dev/null; then \
-	  $(PIP) install -q --disable-pip-version-check torchaudio==$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])") \
-	  || $(PIP) install -q --disable-pip-version-check --no-deps "torchaudio<=$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])")"; fi
+	  torch=$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])"); \
+	  $(PIP) install -q --disable-pip-version-check "torchaudio==$$torch" \
+	  || $(PIP) install -q --disable-pip-version-check --no-deps "torchaudio<=$$torch"; fi
 	$(PY) -c "import torch, torchvision; print('ComfyUI $(COMFYUI_VERSION) venv: torch', torch.__version__)"
 	touch $@
 endif

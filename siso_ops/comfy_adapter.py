@@ -269,6 +269,32 @@ def _unload_loaded(which):
             comfy.model_management.current_loaded_models.remove(loaded)
 
 
+def is_dynamic(model) -> bool:
+    """ComfyUI's dynamic VRAM patcher (``ModelPatcherDynamic``, the default on NVIDIA GPUs in
+    ComfyUI 0.12 and later; absent from 0.3.75) streams weights on demand."""
+    return bool(getattr(model, "is_dynamic", lambda: False)())
+
+
+def training_clone(model):
+    """The clone SISO trains on. A regular ModelPatcher is cloned as it is (sharing the host's
+    weights, which are never written). A dynamic VRAM patcher is cloned the way ComfyUI's own
+    Train LoRA node does it: as a regular ModelPatcher over a fresh copy of the weights
+    (``clone(disable_dynamic=True)``, which reloads the model from its file), because the training
+    forward and its zero-copy weight views are built and tested for regular loading; the dynamic
+    loader's on-demand weights are not something a test without a GPU can show correct."""
+    if not is_dynamic(model):
+        return model.clone()
+    if getattr(model, "cached_patcher_init", None) is None:
+        raise ValueError(
+            "this MODEL uses ComfyUI's dynamic VRAM loading and was not loaded by a stock loader that can reload it "
+            "for training. Load it with Load Checkpoint or Load Diffusion Model, or start ComfyUI with "
+            "--disable-dynamic-vram.")
+    clone = model.clone(disable_dynamic=True)
+    if is_dynamic(clone):
+        raise RuntimeError("ComfyUI returned a dynamic clone where a regular one was asked for")
+    return clone
+
+
 class TrainableModel:
     """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
 
@@ -280,7 +306,7 @@ class TrainableModel:
         self.host = model
         self.rank = int(rank)
         self.alpha = float(alpha if alpha else rank)
-        self.patcher = model.clone()
+        self.patcher = training_clone(model)
         self.deltas = {}
         self.lora_layers = {}     # weight key -> the layer its delta acts on
         self.forward_patched = []

@@ -168,9 +168,6 @@ def _build_ir_backbone(width: int, depth: int, proj_dim: int):
     return model
 
 
-IR_BACKBONE_PREFIXES = ("backbone.", "visual.")
-
-
 def ir_canonical_keys(state_dict: dict, name: str) -> dict:
     """The IR tensors under one naming: each key cut up to its last ``module.`` (as the authors'
     loader does, so DataParallel and DDP wrappers at any depth go), and the tower's keys under

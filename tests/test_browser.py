@@ -1,6 +1,7 @@
 """The pack in a real browser: headless Debian Chromium, driven by Playwright, on the frontend
 the test server serves. Each example workflow is opened from ComfyUI's template browser, the
-two-stage one is queued from the page, and the live chart is read back from screenshots.
+two-stage one is queued from the page, and the live chart is read back from screenshots, with the
+classic canvas renderer and with Nodes 2.0 (the Vue node renderer).
 
 Chromium comes from Debian (`make test` installs it); if it is missing these tests FAIL: a
 silent skip would hide that the browser path was never checked. SISO_SCREENSHOTS=<folder>
@@ -114,22 +115,27 @@ def set_widgets(page, overrides: dict):
     }""", {str(k): v for k, v in overrides.items()})
 
 
-def chart_clip(page, node_id: int) -> dict:
-    """The chart widget's rectangle in page pixels."""
-    return page.evaluate("""(id) => {
+def chart_element(page, node_id: int):
+    """The chart's own <canvas> (a DOM widget), brought into view on the graph canvas."""
+    page.evaluate("""(id) => {
         const node = app.graph.getNodeById(id);
-        app.canvas.bringToFront?.(node);   // nothing drawn over the chart
-        app.canvas.ds.scale = 1.0;
-        app.canvas.ds.offset = [80 - node.pos[0], 120 - node.pos[1]];
-        app.canvas.setDirty(true, true);
-        app.canvas.draw(true, true);
-        const w = node.widgets.find(w => w.name === 'siso_chart');
-        const y = w.last_y ?? w.y;
-        const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + 10, node.pos[1] + y + 4]);
-        const rect = app.canvas.canvas.getBoundingClientRect();
-        const scale = app.canvas.ds.scale;
-        return {x: rect.left + cx, y: rect.top + cy, width: (node.size[0] - 20) * scale, height: 162 * scale};
+        const ds = app.canvas?.ds;
+        if (ds) { ds.scale = 1.0; ds.offset = [80 - node.pos[0], 120 - node.pos[1]]; }
+        app.canvas?.setDirty(true, true);
     }""", node_id)
+    chart = page.locator(f"canvas.siso-chart[data-node='{node_id}']")
+    chart.wait_for(state="visible", timeout=60_000)
+    page.wait_for_timeout(300)   # the frontend places DOM widgets on its next frame
+    # A tall node (Nodes 2.0 cards are) can end below the window: move the graph up until the
+    # chart's bottom edge is inside it (the page itself does not scroll).
+    page.evaluate("""(id) => {
+        const rect = document.querySelector(`canvas.siso-chart[data-node='${id}']`).getBoundingClientRect();
+        const below = rect.bottom - (window.innerHeight - 20);
+        const ds = app.canvas?.ds;
+        if (ds && below > 0) { ds.offset[1] -= below / ds.scale; app.canvas.setDirty(true, true); }
+    }""", node_id)
+    page.wait_for_timeout(300)
+    return chart
 
 
 def colour_pixels(png: bytes, colour, tolerance=40) -> int:
@@ -140,55 +146,95 @@ def colour_pixels(png: bytes, colour, tolerance=40) -> int:
     return int((np.abs(pixels - np.array(colour)).sum(-1) < tolerance).sum())
 
 
-def queue_two_stage(page, iterations: int, lora_name: str):
-    """Open the two-stage template, point it at the test files and queue it from the page."""
+def queue_two_stage(page, iterations: int, lora_name: str, seed: int = 0):
+    """Open the two-stage template, point it at the test files and queue it from the page.
+    (Another seed per run: ComfyUI would answer an identical SISO Optimize from its cache.)"""
     spec = graphs.TWO_STAGE
     open_template(page, spec.name)
     overrides = dict(spec.test_overrides)
-    overrides[5] = dict(overrides[5], max_iterations=iterations, early_stop_patience=max(50, iterations))
+    overrides[5] = dict(overrides[5], max_iterations=iterations, early_stop_patience=max(50, iterations), seed=seed)
     overrides[13] = dict(overrides[13], name=lora_name)
     set_widgets(page, overrides)
     page.evaluate("() => app.queuePrompt(0, 1)")
 
 
-def test_queued_from_the_page_the_live_chart_updates_every_iteration(page):
+RENDERERS = {"classic canvas": False, "Nodes 2.0 (Vue)": True}
+
+
+def use_renderer(page, vue: bool):
+    """Switch ComfyUI's node renderer (setting Comfy.VueNodes.Enabled, in ComfyUI's frontend
+    1.32 and 1.49 alike) and reload the page, as a user does from the settings dialog."""
+    page.evaluate("""async (on) => {
+        const settings = app.extensionManager?.setting;
+        if (settings?.set) await settings.set('Comfy.VueNodes.Enabled', on);
+        else await app.ui.settings.setSettingValueAsync('Comfy.VueNodes.Enabled', on);
+    }""", vue)
+    page.reload()
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=180_000)
+
+
+def assert_renderer(page, vue: bool):
+    # Nodes 2.0 draws each node as a DOM element carrying data-node-id; the classic canvas does not.
+    assert page.evaluate("() => app.extensionManager?.setting?.get?.('Comfy.VueNodes.Enabled') ?? "
+                         "app.ui.settings.getSettingValue('Comfy.VueNodes.Enabled')") is vue
+    assert (page.locator("[data-node-id]").count() > 0) is vue
+
+
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_queued_from_the_page_the_live_chart_updates_every_iteration(page, renderer):
+    vue = RENDERERS[renderer]
+    use_renderer(page, vue)
     page.evaluate("""() => {
         window.__sisoSeen = [];
         window.comfyAPI.api.api.addEventListener('siso.progress', e => window.__sisoSeen.push([e.detail.state, e.detail.iteration]));
     }""")
-    queue_two_stage(page, iterations=5, lora_name="browser_lora")
+    queue_two_stage(page, iterations=5, lora_name=f"browser_lora_{int(vue)}", seed=int(vue))
+    assert_renderer(page, vue)
     page.wait_for_function("() => (window.__sisoSeen || []).some(([s, i]) => s === 'running' && i >= 2)", timeout=300_000)
-    mid = page.screenshot(clip=chart_clip(page, 5))
+    mid = chart_element(page, 5).screenshot()
     page.wait_for_function("() => window.__sisoSeen.some(([s]) => s === 'done')", timeout=300_000)
     time.sleep(0.5)
-    clip = chart_clip(page, 5)
-    final = page.screenshot(clip=clip)
+    chart = chart_element(page, 5)
+    final = chart.screenshot()
     seen = page.evaluate("() => window.__sisoSeen")
     assert [i for s, i in seen if s == "running"] == [1, 2, 3, 4, 5], seen
     state = page.evaluate("() => app.graph.getNodeById(5).sisoState")
     assert state["state"] == "done" and "iteration cap reached after 5 iterations" in state["reason"]
-    # the chart really is drawn: the loss (white) and both similarity lines (blue, orange)
+    # the chart really is drawn on the page: the loss (white) and both similarity lines (blue, orange)
     for colour in (WHITE, BLUE, ORANGE):
         assert colour_pixels(final, colour) > 15, colour
     assert final != mid, "the chart did not change between iteration 2 and the end"
     report = page.evaluate("() => app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_report')?.value")
     assert report and "iteration cap reached" in report
-    if SHOTS:
-        save_shot(page, "live_chart.png", clip={"x": clip["x"] - 20, "y": max(clip["y"] - 560, 0),
-                                                "width": clip["width"] + 40, "height": min(clip["height"] + 600, 1000)})
+    if vue:   # Nodes 2.0 renders widgets as DOM: the report is in the node's card on the page
+        shown = page.locator("[data-node-id='5']").first.evaluate(
+            "e => e.innerText + ' ' + [...e.querySelectorAll('textarea, input')].map(x => x.value).join(' ')")
+        assert "iteration cap reached" in shown, shown[:500]
+    if SHOTS and not vue:
+        box = chart.bounding_box()
+        save_shot(page, "live_chart.png", clip={"x": box["x"] - 20, "y": max(box["y"] - 560, 0),
+                                                "width": box["width"] + 40, "height": min(box["height"] + 600, 1000)})
+    if SHOTS and vue:
+        save_shot(page, "live_chart_nodes2.png")
 
 
-def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(page, server):
-    queue_two_stage(page, iterations=400, lora_name="reload_lora")
+@pytest.mark.parametrize("renderer", list(RENDERERS))
+def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(page, server, renderer):
+    vue = RENDERERS[renderer]
+    use_renderer(page, vue)
+    queue_two_stage(page, iterations=400, lora_name=f"reload_lora_{int(vue)}", seed=10 + int(vue))
     page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 2", timeout=300_000)
     page.reload()
     page.wait_for_function("() => window.app && window.app.graph && app.graph.getNodeById(5)", timeout=180_000)
     # the restored page knows nothing until the next event, which carries the whole history
     page.wait_for_function("() => (app.graph.getNodeById(5)?.sisoState?.iteration ?? 0) >= 4", timeout=300_000)
+    assert_renderer(page, vue)
     state = page.evaluate("() => app.graph.getNodeById(5).sisoState")
     assert len(state["history"]["loss"]) == state["iteration"] >= 4
-    assert page.evaluate("() => !!app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_chart')")
+    drawn = chart_element(page, 5).screenshot()
+    assert colour_pixels(drawn, WHITE) > 15, "the reloaded page did not draw the history"
     assert server.post("/interrupt", {})[0] == 200
     page.wait_for_function("() => app.graph.getNodeById(5).sisoState.state === 'cancelled'", timeout=120_000)
     report = page.evaluate("() => app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_report')?.value")
     assert report and report.startswith("cancelled: cancelled after"), report
+    use_renderer(page, False)   # leave the page as the other tests expect it

@@ -472,6 +472,9 @@ def test_weights_loaded_outside_inference_mode_get_no_gradient(subject, tiny_net
     """A custom loader may hand over normal parameters that require grad: the training clone still
     reads them without an autograd link, so the host's weights get no .grad and do not change."""
     model = tiny.build_model("sd15", inference=False)
+    # ComfyUI 0.33's BaseModel freezes its diffusion model (requires_grad_(False)); 0.3.75 leaves
+    # it trainable. A custom loader may hand over either: make the trainable case explicit.
+    model.model.diffusion_model.requires_grad_(True)
     assert any(p.requires_grad and not p.is_inference() for p in model.model.parameters())
     before = host_state(model)
     settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=3, precision="fp32",
@@ -483,3 +486,81 @@ def test_weights_loaded_outside_inference_mode_get_no_gradient(subject, tiny_net
     assert all(p.grad is None for p in model.model.parameters())
     after = host_state(model)
     assert all(torch.equal(before[k], after[k]) for k in after)
+
+
+def _flux_ksampler(model, positive, seed=7):
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
+        return comfy_nodes.common_ksampler(model, seed, 1, 1.0, "euler", "simple", positive, positive, latent)[0]["samples"]
+
+
+def test_comfyuis_training_flag_is_set_for_the_loop_only_and_flux_sampling_is_unchanged(subject, tiny_networks):
+    """ComfyUI 0.33 routes Flux's RoPE through comfy-kitchen's apply_rope (no autograd formula)
+    unless model_management.in_training is set, as its own trainer does. Pinned per version:
+    on 0.33 the flag is True during every iteration and False again afterwards; ComfyUI 0.3.75
+    has no such flag and none is added. A stock Flux KSampler gives bitwise the same latent after."""
+    management = comfy.model_management
+    model, positive = tiny.build_model("flux_schnell"), tiny.conditioning("flux_schnell")
+    before = _flux_ksampler(model, positive)
+    had_flag = hasattr(management, "in_training")
+    seen = []
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, precision="fp32",
+                                      optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=1e-2))
+    with torch.inference_mode():
+        lora, _, result = gen.optimize_subject(
+            model, tiny.build_vae(16), positive, subject, None, None, settings, feature_networks=tiny_networks,
+            on_iteration=lambda r: seen.append(getattr(management, "in_training", "absent")))
+    assert result.iterations == 2 and any(t.abs().sum() > 0 for k, t in lora.tensors.items() if "lora_up" in k)
+    if had_flag:
+        assert seen == [True, True] and management.in_training is False
+    else:
+        assert seen == ["absent", "absent"] and not hasattr(management, "in_training")
+    assert torch.equal(_flux_ksampler(model, positive), before)
+
+
+def test_a_dynamic_vram_model_trains_on_a_regular_clone_as_comfyuis_trainer_makes(sd15, subject, tiny_networks):
+    """ComfyUI's dynamic VRAM patcher (ModelPatcherDynamic; NVIDIA only, a CPU load reroutes to a
+    regular ModelPatcher) is cloned for training as ComfyUI's Train LoRA node does it: a regular
+    ModelPatcher over a copy reloaded through the stock loader's ``cached_patcher_init``. Here a
+    ModelPatcher that reports itself dynamic stands in for it (what the dynamic loader itself
+    does on a GPU is not exercised without one). ComfyUI 0.3.75 has no dynamic patcher: every
+    MODEL is cloned as it is, sharing the host's weights."""
+    import inspect
+    base, vae, positive, negative = sd15
+    if "disable_dynamic" not in inspect.signature(comfy.model_patcher.ModelPatcher.clone).parameters:
+        clone = host.training_clone(base)
+        assert not host.is_dynamic(base) and clone.model is base.model
+        return
+
+    class StandIn(comfy.model_patcher.ModelPatcher):
+        def is_dynamic(self):
+            return True
+
+    reloads = []
+
+    def reload(seed, disable_dynamic=False):   # what the stock loader's cached init does: read the file again
+        reloads.append(disable_dynamic)
+        return tiny.build_model("sd15", seed)
+
+    fresh = tiny.build_model("sd15")   # the same weights as the fixture's model, not its object
+    model = StandIn(fresh.model, fresh.load_device, fresh.offload_device)
+    model.cached_patcher_init = (reload, (0,))
+    before = host_state(model)
+    clone = host.training_clone(model)
+    assert type(clone) is comfy.model_patcher.ModelPatcher and reloads == [True] and clone.model is not model.model
+    first = []
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32",
+                                      optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=1e-2))
+    with torch.inference_mode():
+        lora, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                               feature_networks=tiny_networks, on_iteration=lambda r: first.append(r.image))
+        stock = vae.decode(ksampler(base, positive, negative, steps=1, seed=42))
+    assert result.iterations == 2 and any(t.abs().sum() > 0 for k, t in lora.tensors.items() if "lora_up" in k)
+    # the reloaded copy computes what the host computes: iteration 0 is the stock image
+    torch.testing.assert_close(first[0].permute(0, 2, 3, 1), stock.float(), atol=2e-5, rtol=0)
+    after = host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert_shared_modules_are_stock(model)
+    with pytest.raises(ValueError, match="--disable-dynamic-vram"):
+        model.cached_patcher_init = None
+        host.training_clone(model)

@@ -83,7 +83,11 @@ class _Wrapped:
     def __init__(self, denoise, flow):
         self.denoise = denoise
         sampling = comfy.model_sampling.CONST() if flow else comfy.model_sampling.EPS()
-        self.inner_model = type("Inner", (), {"inner_model": type("M", (), {"model_sampling": sampling})()})()
+        # 0.3.75's samplers read inner_model.inner_model.model_sampling; 0.33's flow sampler
+        # also asks inner_model.model_patcher for it (its noise_scale).
+        patcher = type("P", (), {"get_model_object": lambda self, name: sampling})()
+        self.inner_model = type("Inner", (), {"inner_model": type("M", (), {"model_sampling": sampling})(),
+                                              "model_patcher": patcher})()
 
     def __call__(self, x, sigma, **kwargs):
         return self.denoise(x, sigma[0])

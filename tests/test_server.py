@@ -187,12 +187,28 @@ def _check_widget_value(node_type, name, kind, options, value):
             assert value <= options["max"], where
 
 
+def without_added_unlinked_outputs(built: dict, committed: dict) -> dict:
+    """The workflows are generated on the embedded ComfyUI 0.3.75. A newer ComfyUI may give a
+    stock node outputs it did not have (0.33: SaveImage and PreviewImage pass their IMAGE on);
+    the saved workflow loads there as it is (test_ui_example_workflow_matches_server). Only such
+    added slots, which nothing can be linked to in a saved workflow, are left out here: the
+    same ComfyUI gives the same file, and any other difference still fails."""
+    saved = {n["id"]: len(n["outputs"]) for n in committed["nodes"]}
+    nodes = []
+    for node in built["nodes"]:
+        keep = saved.get(node["id"], len(node["outputs"]))
+        assert all(not out["links"] for out in node["outputs"][keep:]), node
+        nodes.append({**node, "outputs": node["outputs"][:keep]})
+    return {**built, "nodes": nodes}
+
+
 @pytest.mark.parametrize("spec", graphs.WORKFLOWS, ids=[w.name for w in graphs.WORKFLOWS])
 def test_committed_workflows_are_what_the_server_nodes_make_of_their_description(spec, object_info):
     """`make workflows` output is committed; rebuilt here from the running server's node
     definitions it must be identical, so no widget order or socket can drift."""
     ui = json.loads((REPO / "example_workflows" / f"{spec.name}.json").read_text())
-    assert ui == graphs.build_ui(spec, object_info), f"example_workflows/{spec.name}.json is stale: run `make workflows`"
+    assert ui == without_added_unlinked_outputs(graphs.build_ui(spec, object_info), ui), \
+        f"example_workflows/{spec.name}.json is stale: run `make workflows`"
     api = json.loads((REPO / "tests" / "workflows" / f"{spec.name}_api.json").read_text())
     assert api == graphs.ui_to_api(ui, object_info, spec.test_overrides), f"tests/workflows/{spec.name}_api.json is stale"
 

@@ -554,7 +554,8 @@ def test_free_model_and_node_cache_releases_the_models(files, fast):
                   "keep": "most confident", "grow_pixels": 0, "when_nothing_found": "error"}},
               "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
     seg.MODELS.clear()
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    # cache_args as main.py passes them (0.33 reads "ram_inactive"; 0.3.75 ignores it)
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, "p1", {}, ["3"])
     assert executor.success, executor.status_messages
     loaded = seg.MODELS.loaded()
@@ -584,10 +585,13 @@ args.disable_api_nodes = True
 import nodes
 os.makedirs({str(tmp_path / 'custom_nodes')!r}, exist_ok=True)
 os.symlink({str(REPO)!r}, {str(tmp_path / 'custom_nodes' / 'comfyui_siso')!r})
+# What ComfyUI itself imported before the pack loads is not the pack's doing (ComfyUI 0.33
+# imports cv2 for its own nodes; 0.3.75 does not).
+before = set(sys.modules)
 assert asyncio.run(nodes.load_custom_node({str(tmp_path / 'custom_nodes' / 'comfyui_siso')!r}))
 assert "SubjectMask" in nodes.NODE_CLASS_MAPPINGS
 heavy = ("groundingdino", "segment_anything", "cv2", "supervision", "pycocotools", "transformers.models.bert.modeling_bert")
-print("HEAVY", [m for m in heavy if m in sys.modules])
+print("HEAVY", [m for m in heavy if m in sys.modules and m not in before])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -37,6 +37,13 @@ FAMILIES = {
                  depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
                  guidance_embed=True), None),
 }
+# ComfyUI 0.33's FluxParams requires txt_ids_dims (which text-position axes get RoPE ids;
+# Flux.1 has none: [] as its model detection sets); 0.3.75's has no such field.
+import dataclasses  # noqa: E402
+import comfy.ldm.flux.model  # noqa: E402
+if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+    for _family in ("flux_schnell", "flux_dev"):
+        FAMILIES[_family][1]["txt_ids_dims"] = []
 CONTEXT = {"sd15": (768, None), "sd2_eps": (1024, None), "sd2_v": (1024, None), "sdxl": (2048, 1280),
            "flux_schnell": (64, 32), "flux_dev": (64, 32)}
 

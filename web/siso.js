@@ -1,5 +1,5 @@
-// SISO Optimize, live: a chart of the loss and of the DINO / IR similarities drawn in the node's
-// widget area, the iteration against the cap, the best iteration, and why the run ended.
+// SISO Optimize, live: a chart of the loss and of the DINO / IR similarities in the node, the
+// iteration against the cap, the best iteration, and why the run ended.
 // Data: the node's "siso.progress" websocket events. Each carries the whole history so far, so a
 // page reloaded mid-run redraws everything from the next event; with no page open nothing runs.
 import { app } from "../../scripts/app.js";
@@ -83,24 +83,56 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.restore();
 }
 
+// The chart is a DOM widget holding its own <canvas>: the classic LiteGraph canvas positions it
+// over the node, and the Nodes 2.0 (Vue) renderer puts it inside the node's card. A canvas
+// widget drawn with addCustomWidget + draw() is not rendered by Nodes 2.0.
+function paintChart(node) {
+  const canvas = node.sisoChartCanvas;
+  if (!canvas) return;
+  canvas.dataset.node = String(node.id);   // a node gets its id when it joins the graph
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(canvas.clientWidth, 40);
+  const height = Math.max(canvas.clientHeight, 40);
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  drawChart(ctx, node.sisoState, 0, 0, width, height);
+}
+
 function chartWidget(node) {
   let widget = node.widgets?.find((w) => w.name === "siso_chart");
   if (widget) return widget;
-  widget = {
-    name: "siso_chart",
-    type: "siso_chart",
-    value: "",
+  const canvas = document.createElement("canvas");
+  canvas.className = "siso-chart";
+  // The renderer sizes the widget (Nodes 2.0 gives it what the node's card has left): fill that
+  // and draw for the size actually shown (paintChart reads it back).
+  canvas.style.width = "100%";
+  canvas.style.height = "100%";
+  canvas.style.display = "block";
+  node.sisoChartCanvas = canvas;
+  widget = node.addDOMWidget("siso_chart", "siso_chart", canvas, {
     serialize: false,            // never part of widgets_values: workflows stay as saved
-    options: { serialize: false },
-    computeSize: (width) => [width, CHART_HEIGHT],
-    draw(ctx, owner, width, y) {
-      drawChart(ctx, owner.sisoState, 10, y + 4, width - 20, CHART_HEIGHT - 8);
-    },
-  };
-  node.addCustomWidget(widget);
-  const wanted = node.computeSize();
-  node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => CHART_HEIGHT,
+    getMaxHeight: () => CHART_HEIGHT,
+  });
+  widget.serialize = false;
+  if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => paintChart(node)).observe(canvas);
   return widget;
+}
+
+// A node saved smaller than the chart (an older workflow) grows to show it once a run reports.
+function fitNode(node) {
+  const wanted = node.computeSize();
+  if (wanted[0] > node.size[0] || wanted[1] > node.size[1]) {
+    node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
+  }
 }
 
 function showReport(node, text) {
@@ -120,12 +152,22 @@ app.registerExtension({
       if (!node || node.type !== NODE_TYPE) return;
       node.sisoState = detail;
       chartWidget(node);
+      fitNode(node);
+      paintChart(node);
       if (detail.state !== "running") showReport(node, statusLine(detail));
       node.setDirtyCanvas(true, true);
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
+    // The chart exists from the node's creation: Nodes 2.0 mounts a node's DOM widgets when it
+    // builds the node's card, and does not show one added later by an event.
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      chartWidget(this);
+      return result;
+    };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
