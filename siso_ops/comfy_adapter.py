@@ -1,4 +1,5 @@
-"""The one module that knows ComfyUI's internals (0.3.75).
+"""The one module that knows ComfyUI's internals (0.3.75 and 0.33; where they differ it checks
+for the feature, never the version string: the training flag, dynamic VRAM patchers).
 
 It turns the host's MODEL / VAE / CONDITIONING into what the SISO loop needs: a trainable
 LoRA on a *clone* of the model, a denoiser callable over sigma driven through ComfyUI's own

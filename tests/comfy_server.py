@@ -113,11 +113,18 @@ def server():
         (base / "custom_nodes").mkdir(parents=True)
         (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
         checkpoint.write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CKPT_NAME)
+        # The templates name the user's checkpoint sd_turbo.safetensors. ComfyUI's newer frontend
+        # (1.49, ComfyUI 0.33) checks a loaded workflow's model and input files and flags absent
+        # ones; here that name is the tiny SD1.5 too, so the browser tests see what a user with
+        # the files sees.
+        (base / "models" / "checkpoints" / "sd_turbo.safetensors").symlink_to(CKPT_NAME)
         tiny.write_feature_files(str(base / "models" / "siso"))
         import tiny_segmentation
         tiny_segmentation.write_segmentation_files(str(base / "models"))
         _write_subject_png(base / "input" / "subject.png")
         _write_photo_with_drawn_mask(base / "input" / "photo_masked.png")
+        # ... and the editing templates name the user's photo photo.png (the same check applies).
+        _write_subject_png(base / "input" / "photo.png")
         (base / "user").mkdir(exist_ok=True)
 
         port = _free_port()

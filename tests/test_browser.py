@@ -47,7 +47,8 @@ def page(server, tmp_path_factory):
 def open_template(page, name: str):
     """Through the template browser, as a user does: Templates > the pack's entry > the card."""
     page.locator(".p-dialog-mask.p-overlay-mask-leave").first.wait_for(state="detached", timeout=60_000)
-    dialog = page.locator(".p-dialog")
+    # frontend 1.32 (ComfyUI 0.3.75): a PrimeVue .p-dialog; 1.49 (0.33): its own role="dialog"
+    dialog = page.locator(".p-dialog, [role=dialog]")
     entry = dialog.get_by_text(PACK, exact=True).first
     try:   # on a first visit ComfyUI opens the template browser by itself
         entry.wait_for(state="visible", timeout=15_000)
@@ -85,7 +86,8 @@ def test_each_example_workflow_opens_from_the_template_browser_without_warnings(
     before = len(page.console_messages)
     open_template(page, spec.name)
     assert graph_problems(page) == []
-    loaded = page.evaluate("() => app.graph.nodes.map(n => [n.id, n.type])")
+    # node ids are numbers in frontend 1.32 and strings in 1.49
+    loaded = page.evaluate("() => app.graph.nodes.map(n => [Number(n.id), n.type])")
     expected = [[n.id, n.type] for n in spec.nodes] + [[max(n.id for n in spec.nodes) + 1, "Note"]]
     assert sorted(loaded) == sorted(expected)
     # the values the user sees are the saved ones (no widget shifted or dropped)
@@ -206,10 +208,9 @@ def test_queued_from_the_page_the_live_chart_updates_every_iteration(page, rende
     assert final != mid, "the chart did not change between iteration 2 and the end"
     report = page.evaluate("() => app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_report')?.value")
     assert report and "iteration cap reached" in report
-    if vue:   # Nodes 2.0 renders widgets as DOM: the report is in the node's card on the page
-        shown = page.locator("[data-node-id='5']").first.evaluate(
-            "e => e.innerText + ' ' + [...e.querySelectorAll('textarea, input')].map(x => x.value).join(' ')")
-        assert "iteration cap reached" in shown, shown[:500]
+    # The stop report is drawn at the chart's top in both renderers (the report text widget is
+    # not refreshed by Nodes 2.0 of frontend 1.32 when its value changes from code).
+    assert "iteration cap reached after 5 iterations" in chart.get_attribute("data-status")
     if SHOTS and not vue:
         box = chart.bounding_box()
         save_shot(page, "live_chart.png", clip={"x": box["x"] - 20, "y": max(box["y"] - 560, 0),
@@ -237,4 +238,5 @@ def test_a_page_reloaded_mid_run_redraws_the_whole_chart_and_cancel_is_shown(pag
     page.wait_for_function("() => app.graph.getNodeById(5).sisoState.state === 'cancelled'", timeout=120_000)
     report = page.evaluate("() => app.graph.getNodeById(5).widgets.find(w => w.name === 'siso_report')?.value")
     assert report and report.startswith("cancelled: cancelled after"), report
+    assert chart_element(page, 5).get_attribute("data-status").startswith("cancelled: cancelled after")
     use_renderer(page, False)   # leave the page as the other tests expect it

@@ -90,6 +90,7 @@ function paintChart(node) {
   const canvas = node.sisoChartCanvas;
   if (!canvas) return;
   canvas.dataset.node = String(node.id);   // a node gets its id when it joins the graph
+  canvas.dataset.status = statusLine(node.sisoState);   // the line drawn at the chart's top, readable by tests
   const ratio = window.devicePixelRatio || 1;
   const width = Math.max(canvas.clientWidth, 40);
   const height = Math.max(canvas.clientHeight, 40);
@@ -135,13 +136,17 @@ function fitNode(node) {
   }
 }
 
-function showReport(node, text) {
+function reportWidget(node) {
   let widget = node.widgets?.find((w) => w.name === "siso_report");
   if (!widget) {
     widget = node.addWidget("text", "siso_report", "", () => {}, { serialize: false });
     widget.serialize = false;
   }
-  widget.value = text;
+  return widget;
+}
+
+function showReport(node, text) {
+  reportWidget(node).value = text;
 }
 
 app.registerExtension({
@@ -160,12 +165,13 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE_TYPE) return;
-    // The chart exists from the node's creation: Nodes 2.0 mounts a node's DOM widgets when it
-    // builds the node's card, and does not show one added later by an event.
+    // The chart and the report exist from the node's creation: Nodes 2.0 (frontend 1.32) builds
+    // a node's card from the widgets it has then and does not show one added later by an event.
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       chartWidget(this);
+      reportWidget(this);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
