@@ -71,7 +71,12 @@ def test_renoise_reconstructs_the_photo_latent_far_better_than_ddim_on_a_tiny_mo
     print(f"\nlatent error: ReNoise {renoise.latent_error:.4f}, ReNoise euler {renoise_euler.latent_error:.4f}, "
           f"DDIM {ddim.latent_error:.4f}")
     assert renoise.latent_error < 0.5 * ddim.latent_error
-    assert renoise_euler.latent_error < ddim.latent_error
+    # ReNoise with plain Euler steps (no noise correction) is not compared with DDIM here: on this
+    # random model its fixed-point iteration is sensitive to rounding (latent error 1.0889 with
+    # ATEN_CPU_CAPABILITY=avx2, 1.2785 with =default, against DDIM's 1.2683 on both), so an
+    # ordering would hold on some CPUs only. Where the answer is known (the analytic Gaussian
+    # denoiser of test_renoise.py) euler ReNoise beating DDIM is tested; here it must only run.
+    assert torch.isfinite(torch.tensor(renoise_euler.latent_error))
     assert reconstruction.shape == (1, H, W, 3)
     assert renoise.size == (H, W) and len(renoise.noises) == 3 and renoise.latent.shape == (1, 4, H // 8, W // 8)
     assert ddim.noises is None and ddim.predictions == 3
