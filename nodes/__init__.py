@@ -2,8 +2,9 @@
 lives in ``siso_ops``."""
 from .subject import LoadSubject
 from .optimize import SISOOptimize
-from .lora import ApplySISOLoRA, SaveSISOLoRA
+from .lora import ApplySISOLoRA, LoadSISOLoRA, SaveSISOLoRA
 from .mask import SubjectMask
 from .invert import ReNoiseInvert
+from .score import SISOSubjectScore
 
-NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert, SubjectMask]
+NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert, SubjectMask, SISOSubjectScore, LoadSISOLoRA]

@@ -6,13 +6,14 @@ from comfy_api.v0_0_2 import io
 from ..siso_ops import comfy_adapter as host
 from ..siso_ops.editing import InversionSettings, check_photo, invert_photo
 from ..siso_ops.renoise import ReNoiseSettings
+from .checks import CheckedNode, checked
 from .graph_types import CATEGORY, Inversion
 
 log = logging.getLogger("siso")
 SAMPLERS = ("euler_ancestral", "euler")
 
 
-class ReNoiseInvert(io.ComfyNode):
+class ReNoiseInvert(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -54,17 +55,18 @@ class ReNoiseInvert(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, steps=4, strength=0.75, average_first_start=0, average_first_end=5, average_start=8,
-                        average_end=10, **kwargs):
-        if isinstance(steps, int) and isinstance(strength, float) and int(steps * strength) < 1:
+    def check_values(cls, steps=None, strength=None, average_first_start=None, average_first_end=None,
+                     average_start=None, average_end=None, **values):
+        if isinstance(steps, int) and isinstance(strength, (int, float)) and int(steps * strength) < 1:
             return f"strength {strength} of {steps} steps inverts no step: raise strength or steps"
         for start, end, name in ((average_first_start, average_first_end, "average_first"),
                                  (average_start, average_end, "average")):
             if isinstance(start, int) and isinstance(end, int) and start >= end:
                 return f"{name}_start ({start}) must be below {name}_end ({end})"
-        return True
+        return None
 
     @classmethod
+    @checked
     def execute(cls, model, vae, image, positive, steps, strength, scheduler, sampler, renoise_iterations,
                 first_step_iterations, average_first_start, average_first_end, average_start, average_end, kl_weight,
                 autocorrelation_weight, regularisation_passes, noise_correction, seed):
@@ -76,6 +78,7 @@ class ReNoiseInvert(io.ComfyNode):
         settings.check()
         check_photo(image)
         host.check_supported(model)
+        host.check_vae(vae, model)
         bar = comfy.utils.ProgressBar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))
 
         def on_step(done, total):

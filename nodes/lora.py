@@ -1,3 +1,4 @@
+import datetime
 import os
 import re
 
@@ -5,12 +6,22 @@ import safetensors.torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import comfy_adapter as host
+from ..siso_ops.lora import LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, lora_layers, to_diffusers
+from ..siso_ops.weights import read_checkpoint
+from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.\-]*")
+# Letters of any alphabet and digits first, then also spaces, '_', '.' and '-': nothing that can
+# name a folder or leave one.
+SAFE_NAME = re.compile(r"[^\W_][\w .\-]*")
+# File systems allow 255 bytes a name (UTF-8 on Linux and macOS); '.safetensors' takes 12 and
+# a copy's suffix may add some.
+MAX_NAME_BYTES = 200
+# Names Windows reserves for devices: a workflow shared to a Windows user must still save.
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 
 
-class ApplySISOLoRA(io.ComfyNode):
+class ApplySISOLoRA(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -27,6 +38,7 @@ class ApplySISOLoRA(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, subject_lora, strength):
         return io.NodeOutput(host.apply_lora(model, subject_lora.tensors, strength))
 
@@ -36,10 +48,16 @@ def lora_file_path(name: str) -> str:
     name = name.strip()
     if name.lower().endswith(".safetensors"):
         name = name[: -len(".safetensors")]
-    if not SAFE_NAME.fullmatch(name) or ".." in name:
+    if not SAFE_NAME.fullmatch(name) or ".." in name or name.endswith("."):
         raise ValueError(
-            f"LoRA name '{name}' is not allowed: use letters, digits, spaces, '_', '-' and '.', "
-            "starting with a letter or digit, with no folders ('/', '\\') and no '..'.")
+            f"LoRA name '{name}' is not allowed: use letters (any alphabet), digits, spaces, '_', '-' and '.', "
+            "starting with a letter or digit and not ending with '.', with no folders ('/', '\\') and no '..'.")
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"LoRA name '{name[:40]}...' is too long: {size} bytes in UTF-8, at most {MAX_NAME_BYTES} "
+                         "(file systems allow 255 a file name): use a shorter name.")
+    if name.split(".")[0].strip().lower() in WINDOWS_DEVICES:
+        raise ValueError(f"LoRA name '{name}' is a device name on Windows (CON, NUL, COM1...): choose another name.")
     folder = host.lora_folder()
     path = os.path.join(folder, name + ".safetensors")
     if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
@@ -47,7 +65,7 @@ def lora_file_path(name: str) -> str:
     return path
 
 
-class SaveSISOLoRA(io.ComfyNode):
+class SaveSISOLoRA(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -55,31 +73,80 @@ class SaveSISOLoRA(io.ComfyNode):
             display_name="SISO Save LoRA",
             category=CATEGORY,
             is_output_node=True,
-            description=("Writes the subject LoRA as .safetensors into the first 'loras' model folder, so "
-                         "LoraLoader / LoraLoaderModelOnly can load it later with the same result as SISO Apply LoRA."),
-            inputs=[SubjectLoRA.Input("subject_lora", tooltip="Output of SISO Optimize."),
+            description=("Writes the subject LoRA as .safetensors into the first 'loras' model folder. The comfyui "
+                         "layout loads in LoraLoader / LoraLoaderModelOnly with the same result as SISO Apply LoRA, and "
+                         "in SISO Load LoRA to warm-start a later run; the diffusers layout is what diffusers' "
+                         "load_lora_weights reads (SD1.x, SD2.x, SDXL, Flux). The header holds rank, alpha, the base "
+                         "model and the best iteration, shown in ComfyUI's model library."),
+            inputs=[SubjectLoRA.Input("subject_lora", tooltip="Output of SISO Optimize or SISO Load LoRA."),
                     io.String.Input("name", default="siso_subject", tooltip="File name (no folders); '.safetensors' is added."),
-                    io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name.")],
+                    io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+                    io.Combo.Input("format", options=list(LORA_FORMATS), default=LORA_FORMATS[0], optional=True,
+                                   tooltip="comfyui: ComfyUI's LoRA keys (its loaders, SISO Load LoRA). diffusers: the "
+                                           "PEFT layout diffusers reads (unet.* / transformer.* with lora_A / lora_B).")],
             outputs=[io.String.Output(display_name="file_name", tooltip="The file name as the LoRA loaders list it.")],
         )
 
     @classmethod
-    def validate_inputs(cls, name, **kwargs):
-        try:
-            lora_file_path(name)
-        except ValueError as error:
-            return str(error)
-        return True
+    def check_values(cls, name=None, **values):
+        if isinstance(name, str):
+            try:
+                lora_file_path(name)
+            except ValueError as error:
+                return f"name: {error}"
+        return None
 
     @classmethod
-    def execute(cls, subject_lora, name, overwrite):
+    @checked
+    def execute(cls, subject_lora, name, overwrite, format="comfyui"):
         path = lora_file_path(name)
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} already exists: choose another name or set overwrite to true")
+        if format == "diffusers":
+            if subject_lora.diffusers_targets is None:
+                raise ValueError(f"no diffusers layout is known for {subject_lora.model}: save in the comfyui format")
+            tensors = to_diffusers(subject_lora.tensors, subject_lora.diffusers_targets)
+        else:
+            tensors = subject_lora.tensors
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        metadata = {"siso.model": subject_lora.model, "siso.rank": str(subject_lora.rank),
-                    "siso.best_iteration": str(subject_lora.best_iteration + 1),
-                    "siso.iterations": str(subject_lora.iterations), "siso.best_loss": f"{subject_lora.best_loss:.6f}"}
-        safetensors.torch.save_file({k: v.contiguous() for k, v in subject_lora.tensors.items()}, path, metadata=metadata)
         file_name = os.path.basename(path)
+        metadata = file_metadata(subject_lora, file_name[: -len(".safetensors")], format,
+                                 datetime.date.today().isoformat())
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
         return io.NodeOutput(file_name, ui={"text": [file_name]})
+
+
+class LoadSISOLoRA(CheckedNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadSISOLoRA",
+            display_name="SISO Load LoRA",
+            category=CATEGORY,
+            description=("Loads a subject LoRA saved by SISO Save LoRA (comfyui layout) from the loras folder as a "
+                         "SISO_LORA: connect it to SISO Optimize's initial_lora to go on from it (warm start: "
+                         "iteration 0 is the model with this LoRA), or to SISO Apply LoRA / SISO Save LoRA. A file made "
+                         "for another model is refused, naming the layer that does not fit."),
+            inputs=[io.Model.Input("model", tooltip="The model the LoRA was made for (its layers are checked)."),
+                    io.Combo.Input("lora_name", options=host.lora_choices(), tooltip="A LoRA in models/loras saved by SISO Save LoRA.")],
+            outputs=[SubjectLoRA.Output(display_name="subject_lora", tooltip="The LoRA, for SISO Optimize (initial_lora), Apply or Save.")],
+        )
+
+    CHOICE_CHECKS = {"lora_name": file_choice("lora_name", host.lora_file)}
+
+    @classmethod
+    @checked
+    def execute(cls, model, lora_name):
+        path = host.lora_file(lora_name)
+        tensors = read_checkpoint(path, "SISO LoRA")
+        rank = host.check_lora_fits(model, tensors, lora_name)
+        with safetensors.safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+        alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
+        history = []
+        loss = float(header.get("siso.best_loss", "nan"))
+        lora = SubjectLoRAData(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank),
+                           model=host.describe_model(model), best_iteration=max(int(header.get("siso.best_iteration", 1)) - 1, 0),
+                           iterations=int(header.get("siso.iterations", 0)), best_loss=loss,
+                           stop_reason=f"loaded from {lora_name}", history=history, **host.subject_lora_layouts(model))
+        return io.NodeOutput(lora)

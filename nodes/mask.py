@@ -6,12 +6,19 @@ from comfy_api.v0_0_2 import io
 from ..siso_ops import comfy_adapter as host
 from ..siso_ops.masks import KEEP_RULES, NOTHING_FOUND, caption_for
 from ..siso_ops.segmentation import BERT_FOLDER, BERT_SOURCE, MaskSettings
+from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY
 
 log = logging.getLogger("siso")
 
 
-class SubjectMask(io.ComfyNode):
+class SubjectMask(CheckedNode):
+    # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse missing files (and a
+    # missing BERT folder) at queue time, naming the folder, instead of mid-run.
+    CHOICE_CHECKS = {"sam_model": file_choice("sam_model", host.sam_model_path),
+                     "grounding_dino_model": file_choice(
+                         "grounding_dino_model", lambda v: host.bert_folder_for(host.grounding_dino_path(v)))}
+
     def __init__(self):
         super().__init__()
         # ComfyUI keeps one object per node of the running workflow; the loaded models live
@@ -52,31 +59,16 @@ class SubjectMask(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text=None, sam_model=None, grounding_dino_model=None, keep=None, when_nothing_found=None):
-        # Named inputs are ComfyUI's to skip and ours to check; thresholds keep its min/max checks.
-        for name, value, options in (("keep", keep, KEEP_RULES), ("when_nothing_found", when_nothing_found, NOTHING_FOUND)):
-            if isinstance(value, str) and value not in options:
-                return f"{name}: '{value}' is not one of {list(options)}"
+    def check_values(cls, text=None, **values):
         if isinstance(text, str):
             try:
                 caption_for(text)
             except ValueError as error:
                 return f"text: {error}"
-        # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse missing files (and a
-        # missing BERT folder) at queue time, naming the folder, instead of mid-run.
-        if isinstance(sam_model, str):
-            try:
-                host.sam_model_path(sam_model)
-            except ValueError as error:
-                return f"sam_model: {error}"
-        if isinstance(grounding_dino_model, str):
-            try:
-                host.bert_folder_for(host.grounding_dino_path(grounding_dino_model))
-            except ValueError as error:
-                return f"grounding_dino_model: {error}"
-        return True
+        return None
 
     @classmethod
+    @checked
     def execute(cls, image, text, sam_model, grounding_dino_model, box_threshold, text_threshold, keep, grow_pixels,
                 when_nothing_found):
         settings = MaskSettings(text=text, box_threshold=box_threshold, text_threshold=text_threshold, keep=keep,

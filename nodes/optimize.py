@@ -8,13 +8,38 @@ from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS
 from ..siso_ops.report import loss_curve
+from .checks import CheckedNode, checked, file_choice
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
 log = logging.getLogger("siso")
 
 
-class SISOOptimize(io.ComfyNode):
+# low_memory: "auto" decides from the memory estimate; workflows saved when it was a true/false
+# switch keep their meaning.
+LOW_MEMORY = {"auto": "auto", "on": True, "off": False}
+LEGACY_LOW_MEMORY = {True: True, False: False, "true": True, "false": False}
+
+
+def weight_unused(weight_input: str):
+    def unused(values):   # weight 0: the network is skipped, its file does not matter
+        weight = values.get(weight_input)
+        return isinstance(weight, (int, float)) and weight == 0
+    return unused
+
+
+# The similarity networks' file dropdowns (SISO Optimize, SISO Subject Score). ComfyUI 0.3.75
+# does not check V3 dropdown values itself: a missing file is refused at queue time, with the
+# folder and the expected name, instead of mid-run.
+WEIGHT_FILE_CHECKS = {
+    "dino_weights": file_choice("dino_weights", lambda v: host.weight_file_path("dino", v), weight_unused("dino_weight")),
+    "ir_weights": file_choice("ir_weights", lambda v: host.weight_file_path("ir", v), weight_unused("ir_weight"))}
+
+
+class SISOOptimize(CheckedNode):
+    LEGACY_CHOICES = {"low_memory": LEGACY_LOW_MEMORY}
+    CHOICE_CHECKS = WEIGHT_FILE_CHECKS
+
     @classmethod
     def define_schema(cls):
         weight_files = host.weight_file_choices()
@@ -55,7 +80,13 @@ class SISOOptimize(io.ComfyNode):
                 io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, tooltip="Stop when the loss has not improved by this many percent..."),
                 io.Int.Input("early_stop_patience", default=7, min=1, max=1000, tooltip="...within this many iterations."),
                 io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="Editing only: weight c of the background loss (mean squared error outside the mask against the photo). Paper: 10."),
-                io.Boolean.Input("low_memory", default=True, tooltip="Gradient checkpointing of the denoiser, the decoder and both similarity networks: they keep only block inputs and recompute the rest in backward. Same results. Measured on an H100 at 512 px (SDXL-Turbo): peak 8.9 GiB instead of 18.8 GiB, about 2x the time per iteration; turn it off on a card with room to spare for speed."),
+                io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", tooltip=(
+                    "Gradient checkpointing of the denoiser, the decoder and both similarity networks: they keep only "
+                    "block inputs and recompute the rest in backward (same results, slower). auto: only when the run "
+                    "would not fit in the device's free memory without it (estimated before the run; the report says "
+                    "which was chosen). on / off: always / never. Measured on an H100 at 512 px (SDXL-Turbo): 8.9 GiB "
+                    "and 1.54 s per iteration with it, 18.8 GiB and 0.74 s without. Workflows saved with true / false "
+                    "keep that meaning.")),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, tooltip=(
                     "Compute precision of the forward passes; the LoRA and its optimiser stay float32. auto: bfloat16 "
                     "mixed precision where the hardware is fast at it (NVIDIA GPUs from Ampere on, CPUs with AVX-512 "
@@ -63,6 +94,7 @@ class SISOOptimize(io.ComfyNode):
                     "before this input existed run in fp32, as they did.")),
                 Inversion.Input("inversion", optional=True, tooltip="Editing: the photo inverted by SISO ReNoise Invert (with the same model). Leave empty to generate from the seed."),
                 io.Mask.Input("mask", optional=True, tooltip="Editing: the subject to replace in the inverted photo (1 = subject), from SISO Subject Mask or drawn in the mask editor. Same size as the photo."),
+                SubjectLoRA.Input("initial_lora", optional=True, tooltip="Warm start: begin from this LoRA (an earlier run's, or SISO Load LoRA's) instead of zero; iteration 0 is then the model with it. Same model, lora_rank and lora_target."),
             ],
             outputs=[
                 SubjectLoRA.Output(display_name="subject_lora", tooltip="The best iteration's LoRA: connect to SISO Apply LoRA or SISO Save LoRA."),
@@ -74,48 +106,42 @@ class SISOOptimize(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=512, height=512, steps=1, grad_steps=1, max_iterations=50, **kwargs):
-        if isinstance(width, int) and width % 8:
-            return f"width {width} is not a multiple of 8"
-        if isinstance(height, int) and height % 8:
-            return f"height {height} is not a multiple of 8"
+    def check_values(cls, width=None, height=None, dino_weight=None, ir_weight=None, **values):
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, int) and value % 8:
+                return f"{name} {value} is not a multiple of 8: use {value - value % 8} or {value - value % 8 + 8}"
         # grad_steps <= steps is checked when the node runs (before any work): when editing,
         # steps come from the linked inversion, which validation cannot see.
-        if isinstance(max_iterations, int) and max_iterations < 1:
-            return f"max_iterations must be at least 1, got {max_iterations}"
-        # ComfyUI 0.3.75 does not check V3 dropdown values itself: refuse a missing file at
-        # queue time, with the folder and the expected name, instead of mid-run.
-        for kind, key in (("dino", "dino_weights"), ("ir", "ir_weights")):
-            value = kwargs.get(key)
-            if isinstance(value, str):
-                try:
-                    host.weight_file_path(kind, value)
-                except ValueError as error:
-                    return f"{key}: {error}"
-        return True
+        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
+            return "dino_weight and ir_weight are both 0: nothing would judge the subject; set at least one above 0"
+        return None
 
     @classmethod
+    @checked
     def execute(cls, model, vae, positive, subject, dino_weights, ir_weights, seed, width, height, steps, grad_steps,
                 scheduler, max_iterations, learning_rate, lora_rank, lora_alpha, lora_target, dino_weight, ir_weight,
-                early_stop_percent, early_stop_patience, background_weight=10.0, low_memory=False, precision="fp32", inversion=None,
-                mask=None):
+                early_stop_percent, early_stop_patience, background_weight=10.0, low_memory="auto", precision="fp32",
+                inversion=None, mask=None, initial_lora=None):
         # precision: a prompt saved before the input existed has none and keeps its float32 results.
         settings = GenerationSettings(
             width=width, height=height, seed=seed, steps=steps, grad_steps=grad_steps, scheduler=scheduler,
             rank=lora_rank, alpha=lora_alpha, target=lora_target, dino_weight=dino_weight, ir_weight=ir_weight,
-            background_weight=background_weight, gradient_checkpointing=low_memory, precision=precision,
+            background_weight=background_weight, precision=precision,
+            gradient_checkpointing=LEGACY_LOW_MEMORY[low_memory] if low_memory in LEGACY_LOW_MEMORY else LOW_MEMORY[low_memory],
             optimization=OptimizationSettings(max_iterations=max_iterations, learning_rate=learning_rate,
                                               early_stop_percent=early_stop_percent,
                                               early_stop_patience=early_stop_patience))
         # optimize_subject checks the model, the settings and the editing inputs before any work.
         # Resolve both files first so a missing one fails fast.
+        host.check_vae(vae, model)
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,
                                      editing=inversion is not None)
         try:
             lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
-                                                        on_iteration=progress, inversion=inversion, mask=mask)
+                                                        on_iteration=progress, inversion=inversion, mask=mask,
+                                                        initial_lora=initial_lora)
         except BaseException as error:
             progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
             raise

@@ -55,6 +55,12 @@ class IterationProgress:
         self.history["dino"].append(-terms["dino"] if "dino" in terms else None)
         self.history["ir"].append(-terms["ir"] if "ir" in terms else None)
         self.history["background"].append(terms.get("background"))
+        # several reference photos: each one's similarity, drawn as faint lines
+        for term in ("dino", "ir"):
+            per_photo = [-terms[k] for k in sorted((k for k in terms if k.startswith(term + "@")),
+                                                   key=lambda k: int(k.split("@")[1]))]
+            if per_photo:
+                self.history.setdefault(f"{term}_per_photo", []).append(per_photo)
         self.iteration = report.iteration + 1
         self.best = report.best_iteration + 1
         self._event("running")

@@ -28,10 +28,11 @@ import comfy.ops
 import comfy.sample
 import comfy.samplers
 import comfy.sd
+import comfy.utils
 import folder_paths
 
 from .feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
-from .lora import LoRADelta, export_lora
+from .lora import LoRADelta, export_lora, lora_layers
 
 log = logging.getLogger("siso")
 
@@ -96,6 +97,46 @@ def describe_model(model) -> str:
     return f"{type(base).__name__} ({type(base.model_config).__name__}, {sampling})"
 
 
+# ComfyUI's model configs in modelspec's architecture words (what LoRA files name their base)
+ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2", "SD21UnclipL": "stable-diffusion-v2",
+                 "SDXL": "stable-diffusion-xl-v1-base", "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
+                 "Flux": "flux-1-dev", "FluxSchnell": "flux-1-schnell"}
+
+
+def model_architecture(model) -> str:
+    config = type(model.model.model_config).__name__
+    return ARCHITECTURES.get(config, config.lower())
+
+
+def subject_lora_layouts(model) -> dict:
+    """What a SISO_LORA records of its model so SISO Save LoRA can write other layouts."""
+    try:
+        targets = diffusers_lora_targets(model)[1]
+    except ValueError:
+        targets = None
+    return {"architecture": model_architecture(model), "diffusers_targets": targets}
+
+
+def check_lora_fits(model, tensors: dict, name: str):
+    """A ComfyUI-layout LoRA file against the MODEL: every layer exists with these shapes."""
+    weights = model.model.state_dict()
+    layers = lora_layers(tensors)
+    if not layers:
+        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in tensors) else "unknown"
+        raise ValueError(f"{name} holds no ComfyUI-layout LoRA layers (*.lora_up.weight / *.lora_down.weight); its "
+                         f"layout is {kind}. SISO Load LoRA reads files saved by SISO Save LoRA in the comfyui format.")
+    wrong = [base for base, (up, down, _) in layers.items()
+             if tuple(weights.get(f"{base}.weight", torch.empty(0)).shape[:2]) != (up.shape[0], down.shape[1])]
+    if wrong:
+        raise ValueError(f"{name} does not fit {describe_model(model)}: {len(wrong)} of its {len(layers)} layers are "
+                         f"missing or shaped differently in this model (first: {wrong[0]}). It was made for another "
+                         "model: load the checkpoint it was trained on.")
+    ranks = sorted({down.shape[0] for _, down, _ in layers.values()})
+    if len(ranks) != 1:
+        raise ValueError(f"{name} mixes LoRA ranks {ranks}: it is not a SISO LoRA")
+    return ranks[0]
+
+
 def check_supported(model):
     """Raise before any work when the MODEL has no differentiable path we know."""
     base = getattr(model, "model", None)
@@ -110,6 +151,25 @@ def check_supported(model):
             "or flow sampling.")
     if getattr(base, "latent_format", None) is not None and base.latent_format.latent_dimensions != 2:
         raise ValueError(f"SISO needs an image model; {describe_model(model)} makes video/3D latents")
+
+
+def check_vae(vae, model):
+    """Raise before any work when the VAE makes latents of another shape than the model's (a VAE
+    of another family: e.g. Flux's 16-channel VAE with an SD1.5 model), which would otherwise
+    fail after the first denoiser pass with a convolution shape error."""
+    check_supported(model)
+    if not hasattr(vae, "first_stage_model"):
+        raise TypeError(f"expected a ComfyUI VAE, got {type(vae).__name__}")
+    # The decoder's first convolution is what the latents really meet (ComfyUI's own
+    # latent_channels attribute keeps its default 4 when a VAE is built from a config).
+    conv_in = getattr(getattr(vae.first_stage_model, "decoder", None), "conv_in", None)
+    vae_channels = getattr(conv_in, "in_channels", None) or getattr(vae, "latent_channels", None)
+    model_channels = latent_channels(model)
+    if vae_channels is not None and int(vae_channels) != model_channels:
+        raise ValueError(
+            f"the VAE makes {vae_channels}-channel latents but {describe_model(model)} works on {model_channels} "
+            "channels: the VAE belongs to another model family. Connect the VAE of this checkpoint (its "
+            "CheckpointLoader's VAE output) or the VAE file made for this model.")
 
 
 def is_dit(model) -> bool:
@@ -376,6 +436,32 @@ class TrainableModel:
             self.load_state(state)
         return export_lora(self.deltas)
 
+    def start_from(self, tensors: dict, what: str = "initial_lora"):
+        """Warm start: the deltas take a LoRA's values (ComfyUI layout, e.g. an earlier run's),
+        so iteration 0 is the model with that LoRA. It must cover exactly the layers this run
+        trains, at this rank; its alpha may differ (up is rescaled: the same delta)."""
+        layers = lora_layers(tensors)
+        ours = {key[: -len(".weight")]: delta for key, delta in self.deltas.items()}
+        missing, extra = sorted(set(ours) - set(layers)), sorted(set(layers) - set(ours))
+        if missing or extra:
+            raise ValueError(
+                f"{what} does not fit this run: it has {len(layers)} LoRA layers, this model with this lora_target "
+                f"trains {len(ours)}" + (f"; not in it: {missing[0]}" if missing else "")
+                + (f"; not trained here: {extra[0]}" if extra else "")
+                + ". Use the model and lora_target it was made with.")
+        with torch.no_grad():
+            for base, delta in ours.items():
+                up, down, alpha = layers[base]
+                if down.shape[0] != delta.rank:
+                    raise ValueError(f"{what} has rank {down.shape[0]} but lora_rank is {delta.rank}: set lora_rank "
+                                     f"to {down.shape[0]}")
+                if tuple(up.shape) != tuple(delta.up.shape) or tuple(down.shape) != tuple(delta.down.shape):
+                    raise ValueError(f"{what}: layer {base} has shape {tuple(up.shape)} x {tuple(down.shape)}, this "
+                                     f"model's needs {tuple(delta.up.shape)} x {tuple(delta.down.shape)}: it was made "
+                                     "for another model")
+                delta.down.copy_(down.to(delta.down))
+                delta.up.copy_((up.float() * (alpha / delta.alpha)).to(delta.up))
+
     def unload_host_copies(self):
         """Unload other loaded copies of these weights (the host MODEL after a stock sampler ran it).
         ComfyUI only detaches such a clone, leaving the weights marked as loaded; loading ours then
@@ -535,6 +621,12 @@ class DifferentiableDecoder:
             for block in self.module.modules():
                 if type(block).__name__ in ("ResnetBlock", "AttnBlock"):
                     block.forward = _checkpointed(block.forward)
+        # Cancel within one block's work: ComfyUI's stock layers check its interrupt flag, other
+        # layer classes and the work between layers need not, so every block of the copy checks
+        # it before it runs. Blocks are found from the structure, so this holds for every VAE
+        # ComfyUI builds (SD's 4-channel, Flux's 16-channel, ...).
+        from .feature_networks import check_before_blocks
+        self.interrupt_hooks = check_before_blocks(self.module, throw_if_interrupted)
         self.model = model.model
         self.dtype = dtype
 
@@ -544,6 +636,9 @@ class DifferentiableDecoder:
         return (pixels.float() + 1.0) / 2.0
 
     def release(self):
+        for handle in self.interrupt_hooks:
+            handle.remove()
+        self.interrupt_hooks = []
         self.module = None
 
 
@@ -558,6 +653,38 @@ def apply_lora(model, lora_tensors: dict, strength: float):
 
 def lora_folder() -> str:
     return folder_paths.get_folder_paths("loras")[0]
+
+
+def lora_choices() -> list:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_file(name: str) -> str:
+    return _model_file("loras", name, "LoRA file", "a SISO LoRA saved by SISO Save LoRA")
+
+
+def diffusers_lora_targets(model) -> tuple:
+    """(prefix, {ComfyUI layer 'diffusion_model.<module>': [(diffusers module, rows or None)]}):
+    where each of the model's layers lives in a diffusers pipeline, from ComfyUI's own key maps
+    (the ones its LoRA loader uses to read diffusers files). ``rows`` = (dim, start, length)
+    where ComfyUI fuses layers diffusers keeps apart (Flux's q, k, v); ``reorder``: ComfyUI's
+    function between the two row orders where they differ (Flux's final modulation)."""
+    config = model.model.model_config.unet_config
+    if is_dit(model):
+        prefix, mapping = "transformer.", comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
+    elif "num_res_blocks" in config:
+        prefix = "unet."
+        mapping = {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
+    else:
+        raise ValueError(f"no diffusers LoRA layout is known for {describe_model(model)}: save in the comfyui format")
+    targets = {}
+    for diffusers_key, target in mapping.items():
+        target = target if isinstance(target, tuple) else (target, None)
+        comfy_key, rows, reorder = target[0], target[1], (target[2] if len(target) > 2 else None)
+        if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
+            targets.setdefault(comfy_key[:-len(".weight")], []).append(
+                (prefix + diffusers_key[:-len(".weight")], rows, reorder))
+    return prefix, targets
 
 
 def free_cached_memory():
@@ -687,3 +814,179 @@ def keep_segmentation_models_while(node):
     is dropped from them too. When the last SubjectMask object is collected, the cache lets go
     of the models and their memory is freed; the next run loads them again."""
     segmentation.MODELS.hold(node)
+
+
+# ============================================================================= memory estimate
+# What siso_ops/memory.py needs from ComfyUI (appended section): the device's free memory as
+# ComfyUI counts it, the weights a run keeps resident, and the forward passes of the model and of
+# the decoder on shape-only ("meta") copies, driven the way the training loop drives them.
+
+# The blocks DifferentiableDecoder checkpoints (kept in step with its constructor).
+DECODER_CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock")
+
+
+def device_memory(device) -> dict:
+    """Bytes on ``device``: ``free`` now (ComfyUI's get_free_memory: on a CPU the RAM the system
+    can still give, psutil's ``available``), ``unloadable``: what unloading the models ComfyUI holds
+    there frees (make_room_for_training unloads them all from a GPU before training; on a CPU it
+    unloads nothing), and ``total``."""
+    device = torch.device(device)
+    management = comfy.model_management
+    free = int(management.get_free_memory(device))
+    unloadable = 0
+    if device.type != "cpu":
+        for loaded in list(management.current_loaded_models):
+            if torch.device(loaded.device) == device:
+                unloadable += int(loaded.model_loaded_memory())
+    return {"free": free, "unloadable": unloadable, "total": int(management.get_total_memory(device))}
+
+
+def memory_reserve(device) -> int:
+    """What ComfyUI keeps free beyond a load's own estimate (``minimum_inference_memory``)."""
+    return int(comfy.model_management.minimum_inference_memory())
+
+
+def model_weight_bytes(model) -> int:
+    """The diffusion model's weights as ComfyUI sizes its load (state dict bytes)."""
+    return int(model.model_size())
+
+
+def model_weights_in_ram(model) -> bool:
+    """Whether the model's weights already live in this process's RAM, shared by the training
+    clone (a regular patcher on a CPU); a dynamic VRAM patcher's clone reloads them."""
+    if is_dynamic(model):
+        return False
+    first = next(model.model.diffusion_model.parameters(), None)
+    return first is not None and first.device.type == "cpu"
+
+
+def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
+    """DifferentiableDecoder's private copy: the first stage without its encoder, in ``dtype``."""
+    first_stage = vae.first_stage_model
+    encoder = getattr(first_stage, "encoder", None)
+    skip = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(p.numel() * size for p in first_stage.parameters() if id(p) not in skip)
+
+
+def lora_parameter_count(model, rank: int, target: str) -> int:
+    """Parameters of the LoRA TrainableModel would add (same layer choice)."""
+    all_linear = target == TARGETS[1]
+    pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+    count = 0
+    for name, module in model.model.diffusion_model.named_modules():
+        if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
+                and (all_linear or pattern.search(f"diffusion_model.{name}.weight"))):
+            count += int(rank) * (module.weight.shape[0] + module.weight.shape[1])
+    return count
+
+
+def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
+    """The keyword tensors ComfyUI's guider hands ``apply_model`` for this prompt and latent
+    (cross-attention context, SDXL's size vector, Flux's guidance, ...), on the CPU."""
+    import comfy.sampler_helpers
+    conds = comfy.sampler_helpers.convert_cond(_detach_copy(positive))
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, latent, torch.device("cpu"),
+                                              "positive", latent_image=latent, seed=0)
+    out = {}
+    for key, cond in conds[0]["model_conds"].items():
+        out[key] = cond.process_cond(batch_size=latent.shape[0], area=None, device=torch.device("cpu")).cond
+    return out
+
+
+class _ProbeLoRA(torch.nn.Module):
+    """LoRADelta.on_input on shapes: the same operations, so autograd keeps the same tensors
+    (a LoRA layer keeps its input for the LoRA's gradient, which a frozen layer does not)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, scale: float):
+        super().__init__()
+        self.down = torch.nn.Parameter(torch.empty(rank, in_features, device="meta"))
+        self.up = torch.nn.Parameter(torch.empty(out_features, rank, device="meta"))
+        self.scale = scale
+
+    def on_input(self, x):
+        out = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return out if self.scale == 1.0 else out * self.scale
+
+
+class _ProbeForward:
+    """A stock layer's forward on a shape-only copy, as _TrainingForward computes it: the weight
+    itself, or a copy in the input's dtype where ComfyUI would cast (manual cast), the LoRA on
+    the input side, the input copied where the training forward copies it."""
+
+    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False):
+        self.module, self.op, self.cast, self.lora, self.clone_input = module, op, cast, lora, clone_input
+
+    def __call__(self, x):
+        weight, bias = self.module.weight, getattr(self.module, "bias", None)
+        if self.cast and weight is not None:
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        if self.clone_input:
+            x = x.clone()
+        out = self.op(self.module, x, weight, bias)
+        return out if self.lora is None else out + self.lora.on_input(x)
+
+
+def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
+    """On a shape-only copy ``base`` of ``model.model``: every stock layer computes as
+    TrainableModel's training forward does, with the LoRA on the same layers (ComfyUI's cast
+    machinery is not run on shapes)."""
+    all_linear = target == TARGETS[1]
+    pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+    for name, module in list(base.diffusion_model.named_modules()):
+        dit_norm = is_dit(model) and isinstance(module, torch.nn.LayerNorm)
+        lora = None
+        if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
+                and (all_linear or pattern.search(f"diffusion_model.{name}.weight"))):
+            lora = _ProbeLoRA(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank) / int(rank))
+            module.siso_probe_lora = lora      # a child, so its parameters count as weights, not activations
+        op = _training_op(module)
+        if op is not None:
+            cast = bool(getattr(module, "comfy_cast_weights", False))
+            module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm)
+        elif dit_norm:
+            module.forward = _CloneInput(module.forward)
+    return base
+
+
+def probe_apply_model(base, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
+    """``apply_model`` as the guider calls it, with the training clone's attention."""
+    options = {"optimized_attention_override": _pytorch_attention}
+    return base.apply_model(x, sigma, transformer_options=options, **conds)
+
+
+def _vae_math_attention(q, k, v):
+    # What ComfyUI's slice_attention keeps for backward, at any slice count: the whole softmax.
+    b, c, h, w = q.shape
+    q = q.reshape(b, c, -1).permute(0, 2, 1)
+    k = k.reshape(b, c, -1)
+    v = v.reshape(b, c, -1)
+    weights = torch.nn.functional.softmax(torch.bmm(q, k) * (int(c) ** -0.5), dim=2).permute(0, 2, 1)
+    return torch.bmm(v, weights).reshape(b, c, h, w)
+
+
+def prepare_decoder_probe(first_stage):
+    """On a shape-only copy of the VAE's first stage: its attention blocks use what ComfyUI
+    picked for them (slice attention, which keeps the full attention matrix for backward, where
+    PyTorch attention is off for VAEs, e.g. on CPUs; a fused kernel otherwise)."""
+    from comfy.ldm.modules.diffusionmodules import model as vae_model
+    for block in first_stage.modules():
+        chosen = getattr(block, "optimized_attention", None)
+        if chosen is None or type(block).__name__ != "AttnBlock":
+            continue
+        block.optimized_attention = (_vae_math_attention if chosen in (vae_model.normal_attention,)
+                                     else vae_model.pytorch_attention)
+    return first_stage
+
+
+def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DifferentiableDecoder.__call__ on a shape-only copy."""
+    latent = model.model.process_latent_out(model_latent)
+    return (first_stage.decode(latent.to(dtype)).float() + 1.0) / 2.0
+
+
+def vae_first_stage(vae):
+    """(first stage module, its encoder or None): the decoder copy leaves the encoder out."""
+    first_stage = vae.first_stage_model
+    return first_stage, getattr(first_stage, "encoder", None)

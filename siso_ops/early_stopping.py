@@ -40,7 +40,7 @@ class EarlyStopping:
         """Record one iteration's loss; True when the run should stop after it."""
         loss = float(loss)
         if math.isnan(loss):
-            raise FloatingPointError("the similarity loss became NaN; lower the learning rate")
+            raise FloatingPointError("the loss is NaN: early stopping cannot compare it")
         self.history.append(loss)
         if self.improves(loss):
             self.reference_loss = loss

@@ -76,9 +76,13 @@ def check_photo(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the photo input holds a batch of {image.shape[0]} images; ReNoise inverts ONE photo. "
                          "Pick one with an 'ImageFromBatch' node (length 1).")
     h, w = image.shape[1:3]
-    if h % 8 or w % 8 or h < 64 or w < 64:
-        raise ValueError(f"the photo is {w}x{h}; both sides must be multiples of 8 and at least 64 (the VAE works on "
-                         f"8-pixel blocks). Crop or scale it first, e.g. 'ImageCrop' to {w - w % 8}x{h - h % 8}.")
+    if h < 64 or w < 64:
+        raise ValueError(f"the photo is {w}x{h}; both sides must be at least 64 pixels (and multiples of 8: the VAE "
+                         "works on 8-pixel blocks). Scale it up first, e.g. 'ImageScale' to "
+                         f"{max(64, w + (-w) % 8)}x{max(64, h + (-h) % 8)} or larger.")
+    if h % 8 or w % 8:
+        raise ValueError(f"the photo is {w}x{h}; both sides must be multiples of 8 (the VAE works on 8-pixel blocks). "
+                         f"Crop or scale it first, e.g. 'ImageCrop' to {w - w % 8}x{h - h % 8}.")
     return image[..., :3]
 
 
@@ -127,6 +131,11 @@ def background_weights(mask: torch.Tensor | None, size: tuple) -> torch.Tensor:
     if tuple(m.shape[-2:]) != tuple(size):
         raise ValueError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the inverted photo is {size[1]}x{size[0]}: "
                          "make the mask from the same photo that went into SISO ReNoise Invert")
+    if float(m.clamp(0, 1).max()) <= 0:
+        raise ValueError(
+            "the mask is empty: it marks no subject to replace in the photo. From SISO Subject Mask: the text was not "
+            "found (see its preview) or a negative grow_pixels shrank the mask to nothing; drawn by hand: paint over "
+            "the subject in the mask editor (white = subject).")
     keep = 1.0 - m.clamp(0, 1)
     if float(keep.sum()) <= 0:
         raise ValueError("the mask covers the whole photo: there is no background to preserve (set background_weight to 0)")

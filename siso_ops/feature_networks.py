@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -45,9 +46,14 @@ IR_SOURCE = ("the ir_features.pth file of the SISO authors' setup (Kaggle datase
              "it must be downloaded and placed by hand")
 
 
-def read_state_dict(path: str) -> dict:
-    """Tensors of a .safetensors or .pth/.pt/.bin file; pickles only with weights_only=True."""
-    return read_checkpoint(path, "weight")
+DINO_ROLE = "DINOv2 ViT-L/14"
+IR_ROLE = "IR ViT-H/14 + fc1"
+
+
+def read_state_dict(path: str, what: str = "similarity network", source: str | None = None) -> dict:
+    """Tensors of a .safetensors or .pth/.pt/.bin file; pickles only with weights_only=True.
+    ``what`` and ``source`` name the file's role and the published file in messages."""
+    return read_checkpoint(path, what, source=source)
 
 
 def _strip_prefix(state_dict: dict, prefix: str) -> dict:
@@ -80,6 +86,20 @@ def _load_strict(model: torch.nn.Module, state_dict: dict, path: str, what: str,
     model.load_state_dict(state_dict, strict=True)
 
 
+def _holds_layers(module: torch.nn.Module) -> bool:
+    return any(next(child.parameters(recurse=False), None) is not None for child in module.children())
+
+
+def check_before_blocks(module: torch.nn.Module, check: Callable[[], None]) -> list:
+    """Call ``check()`` before each block of ``module`` runs; ``check`` raises to cancel. A block
+    is any submodule that holds weighted layers itself (a transformer block, its attention and
+    MLP, a ResNet block, an upsampler), found from the structure, so no class names are listed.
+    Returns the hook handles: ``handle.remove()`` each to take the checks off again."""
+    def before(_module, _args):
+        check()
+    return [block.register_forward_pre_hook(before) for block in module.modules() if _holds_layers(block)]
+
+
 @dataclass
 class FeatureNetwork:
     """A frozen embedding network with its input geometry."""
@@ -88,6 +108,7 @@ class FeatureNetwork:
     mean: tuple
     std: tuple
     name: str
+    interrupt_hooks: list = field(default_factory=list, repr=False, compare=False)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         from .preprocess import prepare_for_network
@@ -102,6 +123,15 @@ class FeatureNetwork:
         """Recompute each transformer block in backward instead of keeping its activations."""
         self.module.set_grad_checkpointing(enable)
 
+    def set_interrupt_check(self, check: Callable[[], None] | None):
+        """From now on call ``check()`` (which raises to cancel: ComfyUI's Cancel) before every
+        transformer block, its attention and its MLP run, in forward passes and in the
+        recomputation of gradient checkpointing; ``None`` takes the checks off (at the end of a
+        run, so a cached network keeps no hook of a finished run)."""
+        for handle in self.interrupt_hooks:
+            handle.remove()
+        self.interrupt_hooks = [] if check is None else check_before_blocks(self.module, check)
+
     def __repr__(self):
         return f"FeatureNetwork({self.name}, {self.image_size}px)"
 
@@ -111,7 +141,7 @@ def load_dino(path: str) -> FeatureNetwork:
     from timm.models.vision_transformer import checkpoint_filter_fn
     from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-    sd = _strip_prefix(read_state_dict(path), "module.")
+    sd = _strip_prefix(read_state_dict(path, DINO_ROLE, DINO_SOURCE), "module.")
     name = os.path.basename(path)
     if "cls_token" not in sd or "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
         raise WeightFileError(f"{name} is not a DINOv2 ViT checkpoint (no cls_token / pos_embed / "
@@ -190,7 +220,7 @@ def load_ir(path: str) -> FeatureNetwork:
     from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     name = os.path.basename(path)
-    sd = ir_canonical_keys(read_state_dict(path), name)
+    sd = ir_canonical_keys(read_state_dict(path, IR_ROLE, IR_SOURCE), name)
     required = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
                 "visual.proj", "fc1.weight", "fc1.bias")
     absent = [k for k in required if k not in sd]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import comfy_adapter as host
+from . import memory
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
@@ -37,7 +38,9 @@ class GenerationSettings:
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     background_weight: float = 10.0    # c of c * L_bg when editing
-    gradient_checkpointing: bool = True    # recompute denoiser, decoder and feature-network activations in backward
+    # Recompute denoiser, decoder and feature-network activations in backward: True, False, or
+    # "auto": only when the memory estimate says the run would not fit without it (memory.py).
+    gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"                # compute precision of the forward passes, see precision.py
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
@@ -53,6 +56,7 @@ class GenerationSettings:
         if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
             raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
         check_precision(self.precision)
+        memory.check_mode(self.gradient_checkpointing)
         self.optimization.check()
 
 
@@ -96,6 +100,15 @@ class _NetworkCache:
             release_freed_memory()
         return self.entries[kind][1]
 
+    def peek(self, kind: str, path: str | None, dtype: torch.dtype = torch.float32):
+        """The cached network ``get`` would return without reading the file, or None."""
+        try:
+            key = (kind, os.path.abspath(path), os.path.getmtime(path), dtype)
+        except (OSError, TypeError):
+            return None
+        entry = self.entries.get(kind)
+        return entry[1] if entry is not None and entry[0] == key else None
+
     def clear(self):
         self.entries.clear()
         release_freed_memory()
@@ -105,13 +118,15 @@ networks = _NetworkCache()
 
 
 def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str | None, ir_path: str | None,
-                     settings: GenerationSettings, on_iteration=None, feature_networks=None, inversion=None, mask=None):
+                     settings: GenerationSettings, on_iteration=None, feature_networks=None, inversion=None, mask=None,
+                     initial_lora=None):
     """Returns (SubjectLoRA, best image BHWC, OptimizationResult).
 
     With ``inversion`` (a PhotoInversion) it edits: every iteration denoises the inverted photo
     with its stored noises, and the loss adds ``background_weight`` * L_bg outside ``mask``
     (MASK, 1 = the subject to replace). Size, steps and sampler then come from the inversion.
-    ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks)."""
+    ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
+    SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
     host.check_supported(model)
     keep = None
     if inversion is not None:
@@ -122,8 +137,25 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         raise ValueError("a mask is only used when editing: connect an inversion from SISO ReNoise Invert too, "
                          "or disconnect the mask")
     settings.check()
+    if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
+        raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
+                         f"to {initial_lora.rank}")
     device = host.compute_device()
     dtype = compute_dtype(device, settings.precision)
+    # Before any work (networks read, clone and decoder copy built): will one iteration fit, and
+    # does it need gradient checkpointing to? Refuses with the estimate when nothing fits.
+    uses = []
+    for kind, weight, path, given in (("dino", settings.dino_weight, dino_path, 0), ("ir", settings.ir_weight, ir_path, 1)):
+        if weight <= 0:
+            continue
+        if feature_networks is not None:
+            uses.append(memory.NetworkUse(kind, feature_networks[given], in_ram=True))
+        else:
+            cached = networks.peek(kind, path, dtype)
+            uses.append(memory.NetworkUse(kind, cached, path, in_ram=cached is not None))
+    memory_plan = memory.plan(settings.gradient_checkpointing, model, vae, positive, settings.width, settings.height,
+                              device, dtype, settings.grad_steps, settings.rank, settings.alpha, settings.target, uses)
+    checkpointing = memory_plan.checkpointing
     with host.training_mode():
         if feature_networks is None:
             dino = networks.get("dino", dino_path, dtype) if settings.dino_weight > 0 else None
@@ -137,18 +169,21 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         try:
             for net in used:
                 net.to(device)
-                net.set_checkpointing(settings.gradient_checkpointing)
+                net.set_checkpointing(checkpointing)
+                net.set_interrupt_check(host.throw_if_interrupted)   # Cancel within one block
             with autocast(device, dtype):    # the subject's embeddings in the loop's precision
-                score = SimilarityLoss(dino, ir, subject.image.detach().clone().float().to(device),
+                score = SimilarityLoss(dino, ir, [p.detach().clone().float().to(device) for p in subject.images],
                                        settings.dino_weight, settings.ir_weight)
             if inversion is not None:
                 # clones: tensors made under the executor's inference_mode cannot enter autograd
                 score = EditScore(score, inversion.photo.to(device).clone(),
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
-                                            seed=settings.seed, checkpointing=settings.gradient_checkpointing)
+                                            seed=settings.seed, checkpointing=checkpointing)
+            if initial_lora is not None:   # warm start: iteration 0 is the model with that LoRA
+                trainable.start_from(initial_lora.tensors)
             decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype,
-                                                 checkpointing=settings.gradient_checkpointing)
+                                                 checkpointing=checkpointing)
             latent = host.empty_latent(model, settings.width, settings.height)
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
@@ -175,11 +210,12 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 return optimize(trainable.parameters(), generate, scored, settings.optimization, on_iteration)
 
             result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
+            result.memory = memory_plan     # the estimate and the low_memory choice, for the report
             lora = SubjectLoRA(
                 tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
                 model=host.describe_model(model), best_iteration=result.best_iteration,
                 iterations=result.iterations, best_loss=result.best_loss, stop_reason=result.stop_reason,
-                history=result.history)
+                history=result.history, **host.subject_lora_layouts(model))
             return lora, result.best_image.permute(0, 2, 3, 1).contiguous(), result
         finally:
             if trainable is not None:
@@ -189,5 +225,6 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             for net in used:
                 net.to("cpu")
                 net.set_checkpointing(False)
+                net.set_interrupt_check(None)
             release_freed_memory()
             host.free_cached_memory()

@@ -61,8 +61,42 @@ class OptimizationResult:
 
     def describe(self) -> str:
         why = {"early_stop": "early stop (no improvement)", "max_iterations": "iteration cap reached"}
-        return (f"{why.get(self.stop_reason, self.stop_reason)} after {self.iterations} iterations; "
+        text = (f"{why.get(self.stop_reason, self.stop_reason)} after {self.iterations} iterations; "
                 f"best iteration {self.best_iteration + 1} with loss {self.best_loss:.4f}")
+        best = self.history[self.best_iteration] if self.best_iteration < len(self.history) else {}
+        per_photo = []
+        for term, label in (("dino", "DINO"), ("ir", "IR")):
+            values = [-best[k] for k in sorted((k for k in best if k.startswith(term + "@")),
+                                               key=lambda k: int(k.split("@")[1]))]
+            if values:
+                per_photo.append(f"{label} " + " / ".join(f"{v:.3f}" for v in values))
+        if per_photo:   # several reference photos: how close the best image is to each
+            text += "; similarity per reference photo: " + ", ".join(per_photo)
+        return text
+
+
+TERM_NAMES = {"loss": "total loss", "dino": "DINOv2 distance", "ir": "image-retrieval distance",
+              "background": "background loss"}
+
+
+def non_finite_message(iteration: int, values: dict, image: torch.Tensor, settings: OptimizationSettings) -> str:
+    """Which term went NaN / infinite, and the advice that fits the cause: at the first iteration
+    the LoRA is still zero (the stock model's output), so the learning rate cannot be the cause."""
+    bad = [TERM_NAMES.get(k, k) for k, v in values.items() if k != "loss" and not math.isfinite(v)] or ["total loss"]
+    what = f"iteration {iteration + 1}: the {' and the '.join(bad)} became NaN or infinite"
+    image_bad = not bool(torch.isfinite(image.detach()).all())
+    if iteration == 0:
+        if image_bad:
+            return (f"{what}, because the generated image already holds NaN or infinite pixels before any LoRA "
+                    "step (the unchanged model and VAE made it; not the learning rate). Try precision fp32 (a "
+                    "half-precision overflow), and check that this model and VAE give a normal image in a stock "
+                    "KSampler + VAE Decode at this size.")
+        return (f"{what} on a normal image before any LoRA step (not the learning rate): the similarity "
+                "network's weights or the subject photo are broken; re-download the weight file and check the "
+                "subject with SISO Load Subject's preview.")
+    return (f"{what} after {iteration} LoRA step{'s' if iteration != 1 else ''}: the LoRA diverged. Lower "
+            f"learning_rate (now {settings.learning_rate:g}; the paper uses 2e-4 to generate, 3e-4 to edit) or "
+            "lora_alpha; precision fp32 helps if half precision overflows.")
 
 
 def optimize(parameters: dict, generate, score, settings: OptimizationSettings, on_iteration=None) -> OptimizationResult:
@@ -81,6 +115,8 @@ def optimize(parameters: dict, generate, score, settings: OptimizationSettings, 
             terms = score(image)
             loss = terms["loss"]
             values = {k: float(v.detach()) for k, v in terms.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(non_finite_message(i, values, image, settings))
             history.append(values)
             shown = image.detach().float().clamp(0, 1).cpu()
             is_best = best is None or values["loss"] < best.best_loss

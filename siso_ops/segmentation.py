@@ -66,10 +66,12 @@ SAM_TOKENS_PER_SIDE = 64
 
 # ----------------------------------------------------------------------------- safe reading
 def read_checkpoint(path: str, what: str) -> dict:
-    """A detector/segmenter checkpoint. Training scripts of the DETR family store their
-    argparse.Namespace beside the weights: a plain attribute bag, the one class allowed."""
+    """A detector/segmenter checkpoint (``what``: "SAM" or "Grounding DINO"). Training scripts of
+    the DETR family store their argparse.Namespace beside the weights: a plain attribute bag, the
+    one class allowed."""
     import argparse
-    return read_state(path, f"{what} checkpoint", allowed=(argparse.Namespace,))
+    source = {"SAM": SAM_SOURCE, "Grounding DINO": GROUNDING_DINO_SOURCE}.get(what)
+    return read_state(path, what, allowed=(argparse.Namespace,), source=source)
 
 
 def read_config(path: str) -> dict:
@@ -552,6 +554,13 @@ def subject_masks(images: torch.Tensor, settings: MaskSettings, detector, sam, r
                 segments = segment_boxes(sam, rgb[i], candidates.boxes)
                 mask, chosen = M.choose_mask(segments, candidates.scores, settings.keep)
                 masks[i] = M.grow_mask(mask, settings.grow_pixels)
+                if settings.grow_pixels < 0 and bool(mask.any()) and not bool(masks[i].any()):
+                    where = f"image {i + 1} of {batch}" if batch > 1 else "the image"
+                    message = (f"SubjectMask found '{settings.text}' in {where}, but grow_pixels "
+                               f"{settings.grow_pixels} shrank its mask to nothing")
+                    if settings.when_nothing_found == "error":
+                        raise M.NothingFound(f"{message}: use a grow_pixels closer to 0.")
+                    warnings.append(f"{message}: its mask is empty.")
             previews[i] = M.preview(rgb[i], masks[i], detections.boxes, chosen)
             step()
     return MaskResult(masks, previews, found, warnings)

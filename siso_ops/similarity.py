@@ -1,7 +1,10 @@
 """The SISO similarity loss: L = a * d_DINO + b * d_IR, d = negative cosine similarity.
 
-The subject's embeddings are computed once, without grad; the generated image keeps its
-gradient through preprocessing and both networks.
+With several reference photos of the subject, each term is the negative MEAN cosine similarity
+over the references (as the authors' ``get_*_negative_mean_cos_sim`` do with a list of
+reference embeddings). The references' embeddings are computed once, each photo preprocessed
+on its own (sizes may differ), without grad; the generated image keeps its gradient through
+preprocessing and both networks.
 """
 from __future__ import annotations
 
@@ -9,22 +12,39 @@ import torch
 import torch.nn.functional as F
 
 
+def reference_similarities(embedding: torch.Tensor, references: list) -> torch.Tensor:
+    """Cosine similarity of the generated images' embeddings to each reference, averaged over
+    the generated batch: one value per reference. The per-reference expression is the one a
+    single reference has always used, so one photo gives bitwise the same loss as before."""
+    return torch.stack([F.cosine_similarity(embedding.float(), ref.float().expand_as(embedding), dim=-1).mean()
+                        for ref in references])
+
+
 class SimilarityLoss:
-    def __init__(self, dino, ir, subject_image: torch.Tensor, dino_weight: float = 1.0, ir_weight: float = 1.0):
+    def __init__(self, dino, ir, subject_images, dino_weight: float = 1.0, ir_weight: float = 1.0):
+        """subject_images: one 1x3xHxW photo, or a list of them (the same subject)."""
         self.terms = [(name, net, w) for name, net, w in (("dino", dino, dino_weight), ("ir", ir, ir_weight)) if w != 0]
         if not self.terms:
             raise ValueError("both similarity weights are 0: nothing would be optimised; set dino_weight or ir_weight above 0")
+        photos = list(subject_images) if isinstance(subject_images, (list, tuple)) else [subject_images]
+        if not photos:
+            raise ValueError("no reference photo of the subject")
         with torch.no_grad():
-            self.targets = {name: net.embed(subject_image).detach() for name, net, _ in self.terms}
+            self.targets = {name: [net.embed(photo).detach() for photo in photos] for name, net, _ in self.terms}
+        self.references = len(photos)
 
     def __call__(self, image: torch.Tensor) -> dict:
-        """image: BCHW RGB, [0, 1] range but unclamped. Returns the total and each term."""
+        """image: BCHW RGB, [0, 1] range but unclamped. Returns the total and each term; with
+        several references also each reference's distance as '<term>@<n>' (1-based)."""
         out = {}
         total = 0.0
         for name, net, weight in self.terms:
-            emb = net.embed(image)
-            distance = -F.cosine_similarity(emb.float(), self.targets[name].float().expand_as(emb), dim=-1).mean()
+            similarities = reference_similarities(net.embed(image), self.targets[name])
+            distance = -similarities.mean()
             out[name] = distance
+            if self.references > 1:
+                for i, similarity in enumerate(similarities.detach()):
+                    out[f"{name}@{i + 1}"] = -similarity
             total = total + weight * distance
         out["loss"] = total
         return out

@@ -1,9 +1,17 @@
 """Reading weight files safely (no ComfyUI import): safetensors, or pickles through
-``torch.load(weights_only=True)`` with at most a few named harmless classes allowed."""
+``torch.load(weights_only=True)`` with at most a few named harmless classes allowed.
+
+Every way a file can be unusable ends in a ``WeightFileError`` that names the file, its folder
+and its role, says in plain words what is wrong with it and what to do. Torch's own advice for a
+refused pickle (loading it with the safety check switched off) is never passed on: the refusal is
+the safety feature."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import zipfile
 
 import torch
 
@@ -17,41 +25,249 @@ def _allowing(classes):
     return allow(list(classes)) if classes and allow else contextlib.nullcontext()
 
 
-def _refused_classes(path: str, allowed) -> list:
+# ----------------------------------------------------------------------------- the message
+class _File:
+    """Where a file is and what it is for, for messages."""
+
+    def __init__(self, path: str, what: str, source: str | None):
+        self.path = path
+        self.name = os.path.basename(path)
+        self.folder = os.path.dirname(os.path.abspath(path))
+        self.what = what
+        self.source = source
+
+    def error(self, problem: str, advice: str | None = None) -> WeightFileError:
+        return WeightFileError(f"The {self.what} file '{self.name}' in {self.folder} {problem}. "
+                               f"{advice or self.download_again()}")
+
+    def published(self) -> str:
+        return f" Published: {self.source}." if self.source else ""
+
+    def download_again(self) -> str:
+        return (f"Download the published file again and put it in {self.folder} in place of "
+                f"'{self.name}'.{self.published()}")
+
+    def refused(self, classes: list) -> WeightFileError:
+        return self.error(
+            f"holds Python objects that a weights-only load refuses: {', '.join(classes)}",
+            "Objects in a checkpoint can run code when it is opened, so SISO reads .pth files with "
+            "torch.load(weights_only=True) only and does not open this one. Use the published file, or a "
+            f"copy of its tensors saved as .safetensors, in {self.folder}.{self.published()}")
+
+
+# ----------------------------------------------------------------------------- what a file is
+def _text_kind(head: bytes) -> str | None:
+    """A plain-words name for a start of file that is text, not weights (what a failed download
+    often leaves: a Git LFS pointer, an error or login page)."""
+    if not head or b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # the sample may end inside a multi-byte character
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if sum(c.isprintable() or c in "\r\n\t" for c in text) < 0.95 * len(text):
+        return None
+    start = text.lstrip().lower()
+    if start.startswith("version https://git-lfs"):
+        return ("is a Git LFS pointer (a small text file that stands for the weights), not the weights "
+                "themselves: the repository was cloned without 'git lfs pull'")
+    if start.startswith(("<!doctype html", "<html", "<?xml")):
+        return "is a web page (HTML), not weights: the download saved an error or sign-in page"
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return f"is a text file, not weights (its first line: {first!r})" if 0 < len(first) <= 80 else \
+        "is a text file, not weights"
+
+
+def _head(path: str, size: int = 512) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
+
+
+def _not_weights(path: str, size: int) -> str | None:
+    """Why a file is no weight file at all, seen before any loader reads it: empty, or text."""
+    if size == 0:
+        return "is empty (0 bytes)"
+    return _text_kind(_head(path))
+
+
+def _safetensors_problem(path: str, size: int) -> str:
+    """Why safetensors could not read a file, in plain words."""
+    head = _head(path)
+    if size < 8 or head[8:9] != b"{":
+        return f"is not a safetensors file, or one cut short before its header ({size:,} bytes)"
+    header_size = int.from_bytes(head[:8], "little")
+    if 8 + header_size > size:
+        return (f"is a safetensors file cut short: it has {size:,} bytes, fewer than its header alone "
+                f"({8 + header_size:,} bytes); the download or copy did not finish")
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(8)
+            header = json.loads(handle.read(header_size))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return f"is not a safetensors file, or its header is damaged ({size:,} bytes)"
+    expected = 8 + header_size + int(end)
+    if size < expected:
+        return (f"is a safetensors file cut short: it has {size:,} of the {expected:,} bytes its header "
+                "announces; the download or copy did not finish")
+    if size > expected:
+        return (f"is a damaged safetensors file: it has {size - expected:,} bytes more than the {expected:,} "
+                "its header announces")
+    return f"is a damaged safetensors file ({size:,} bytes)"
+
+
+def _renamed(path: str, size: int) -> tuple | None:
+    """(problem, advice) for a safetensors file under a pickle's name or the other way round."""
+    head = _head(path, 10)
+    stem, extension = os.path.splitext(os.path.basename(path))
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_safetensors = size >= 10 and head[8:10] == b'{"' and 8 + int.from_bytes(head[:8], "little") <= size
+    if extension == ".safetensors" and is_zip:
+        kind, proper = "a PyTorch (torch.save) checkpoint", f"{stem}.pth"
+    elif extension != ".safetensors" and is_safetensors:
+        kind, proper = "a safetensors file", f"{stem}.safetensors"
+    else:
+        return None
+    return (f"is {kind}, but its name ends in '{extension}'",
+            f"Rename it to '{proper}' (in the same folder) and refresh.")
+
+
+def _first_sentence(error: Exception) -> str:
+    """The first sentence of a loader's error, without torch's advice to load without the safety check."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+    if unpickler:
+        text = unpickler.group(1)
+    text = text.strip().splitlines()[0].strip() if text.strip() else ""
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    if not sentence or "weights_only" in sentence or len(sentence) > 300:
+        return type(error).__name__
+    return f"{type(error).__name__}: {sentence}"
+
+
+def _zip_problem(path: str, size: int, error: Exception, allowed) -> tuple:
+    """(problem, refused classes) for a file that starts like a zip archive (torch.save's format)."""
+    if not zipfile.is_zipfile(path):
+        return (f"is a PyTorch checkpoint cut short: its {size:,} bytes end before the archive's table of "
+                "contents; the download or copy did not finish"), []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                return "is a zip archive that holds no PyTorch checkpoint (no data.pkl in it)", []
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError):
+        return f"is a damaged PyTorch checkpoint: its zip archive cannot be read ({size:,} bytes)", []
+    if broken is not None:
+        return f"is a damaged PyTorch checkpoint: its part '{broken}' fails its checksum", []
     try:
         with _allowing(allowed):
-            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # an older torch or not a zip checkpoint: the load error is all we have
-        return []
+            refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # an older torch: the load error is all we have
+        refused = []
+    refused = refused or _globals_named_in(error)
+    if refused:
+        return None, refused
+    return f"could not be read by torch.load(weights_only=True) ({_first_sentence(error)})", []
 
 
-def read_checkpoint(path: str, what: str, allowed=()) -> dict:
+def _globals_named_in(error: Exception) -> list:
+    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
+
+
+def _pickle_problem(path: str, size: int, error: Exception, allowed) -> tuple:
+    """(problem, refused classes): why torch.load(weights_only=True) could not read a file."""
+    head = _head(path)
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_problem(path, size, error, allowed)
+    if head[:1] == b"\x80":  # a pickle: torch.save's older (non-zip) format
+        refused = _globals_named_in(error)
+        if refused:
+            return None, refused
+        if isinstance(error, EOFError) or "EOF" in str(error):
+            return (f"is a PyTorch checkpoint (older non-zip format) cut short: its {size:,} bytes end before "
+                    "its data does; the download or copy did not finish"), []
+        return f"is a damaged PyTorch checkpoint (older non-zip format; {_first_sentence(error)})", []
+    return (f"is not a PyTorch checkpoint: it is neither the zip archive torch.save writes nor a pickle "
+            f"({size:,} bytes)"), []
+
+
+def _describe(data) -> str:
+    if isinstance(data, dict):
+        odd = [(k, v) for k, v in data.items() if not isinstance(v, torch.Tensor)]
+        if not data:
+            return "an empty dictionary"
+        key, value = odd[0]
+        return (f"a dictionary of {len(data)} entries, {len(odd)} of them no tensor (the first: '{key}', "
+                f"of type {type(value).__name__})")
+    return f"a {type(data).__name__}"
+
+
+def _non_finite(state: dict) -> tuple:
+    """(key of the first floating-point tensor with NaN or infinite values, how many such tensors,
+    how many floating-point tensors), tensor by tensor so no second copy of the weights is made."""
+    first, count, total = None, 0, 0
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()) or value.device.type == "meta":
+            continue
+        total += 1
+        if not bool(torch.isfinite(value).all()):
+            count += 1
+            first = key if first is None else first
+    return first, count, total
+
+
+# ----------------------------------------------------------------------------- reading
+def read_checkpoint(path: str, what: str, allowed=(), source: str | None = None) -> dict:
     """The state dict of a checkpoint, unwrapping a ``{"model": ...}`` / ``{"state_dict": ...}``
-    dict and a ``module.`` prefix. ``allowed``: classes a weights-only load may rebuild."""
+    dict and a ``module.`` prefix, with every floating-point tensor checked finite.
+    ``what``: the file's role in messages ("DINOv2 ViT-L/14", "SAM"); ``allowed``: classes a
+    weights-only load may rebuild; ``source``: the published file(s) and where to get them."""
+    file = _File(path, what, source)
     if not os.path.isfile(path):
-        raise WeightFileError(f"{what} file not found: {path}")
-    name = os.path.basename(path)
-    if path.endswith(".safetensors"):
-        import safetensors.torch
-        data = safetensors.torch.load_file(path, device="cpu")
-    else:
-        try:
-            with _allowing(allowed):
-                data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            refused = _refused_classes(path, allowed)
-            detail = (f"it holds Python objects that a weights-only load refuses: {', '.join(refused)}"
-                      if refused else f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
-            raise WeightFileError(
-                f"{name} could not be read as a {what} file with torch.load(weights_only=True): {detail}. "
-                "Such a file could run code when loaded, so it is not opened; use the published file or "
-                "convert its tensors to .safetensors.") from error
+        raise WeightFileError(f"The {what} file {path} was not found. {file.download_again()}")
+    try:
+        size = os.path.getsize(path)
+        problem = _not_weights(path, size)
+        if problem:
+            raise file.error(problem)
+        renamed = _renamed(path, size)
+        if renamed:
+            raise file.error(*renamed)
+        if path.endswith(".safetensors"):
+            import safetensors.torch
+            try:
+                data = safetensors.torch.load_file(path, device="cpu")
+            except OSError:
+                raise
+            except Exception as error:
+                raise file.error(_safetensors_problem(path, size)) from error
+        else:
+            try:
+                with _allowing(allowed):
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+            except OSError:
+                raise
+            except Exception as error:
+                problem, refused = _pickle_problem(path, size, error, allowed)
+                raise (file.refused(refused) if refused else file.error(problem)) from None
+    except OSError as error:
+        raise file.error(f"could not be read: {error.strerror or type(error).__name__}",
+                         "Check that the file can be read by the user ComfyUI runs as.") from error
     for wrapper in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
             break
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise WeightFileError(f"{name} does not hold a {what} state dict of tensors")
+        raise file.error(f"holds {_describe(data)}, not a state dict of tensors",
+                         f"It is not the file SISO expects. {file.download_again()}")
     if all(k.startswith("module.") for k in data):
         data = {k[len("module."):]: v for k, v in data.items()}
+    first, count, total = _non_finite(data)
+    if count:
+        raise file.error(
+            f"holds NaN or infinite values in {count} of its {total} floating-point tensors (the first: "
+            f"'{first}'), which a broken download or conversion leaves")
     return data

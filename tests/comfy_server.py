@@ -67,10 +67,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_subject_png(path: pathlib.Path):
+def _write_subject_png(path: pathlib.Path, size=(64, 64), seed=0):
     import numpy as np
     from PIL import Image
-    pixels = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype("uint8")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
 
@@ -125,6 +125,8 @@ def server():
         _write_photo_with_drawn_mask(base / "input" / "photo_masked.png")
         # ... and the editing templates name the user's photo photo.png (the same check applies).
         _write_subject_png(base / "input" / "photo.png")
+        # ... and the several-photos template a second photo of the subject (another size)
+        _write_subject_png(base / "input" / "subject_2.png", size=(80, 56), seed=2)
         (base / "user").mkdir(exist_ok=True)
 
         port = _free_port()

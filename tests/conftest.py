@@ -44,6 +44,11 @@ def siso(module: str):
     return importlib.import_module(f"{pack.__name__}.{module}")
 
 
+def pack_node_ids() -> tuple:
+    """Every node the pack registers (its own list: a new node cannot be left out of a test)."""
+    return tuple(cls.define_schema().node_id for cls in siso("nodes").NODES)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(BASE, ignore_errors=True)
 

@@ -267,22 +267,30 @@ def test_lora_file_names_cannot_leave_the_loras_folder(bad):
 
 def test_load_subject_handles_rgba_gray_masks_and_batches():
     with torch.inference_mode():
-        rgba = torch.ones(1, 10, 12, 4) * 0.3
+        rgba = torch.ones(1, 40, 48, 4) * 0.3
         rgba[..., 3] = 0
-        rgba[:, 2:5, 3:6, 3] = 1
+        rgba[:, 8:20, 12:24, 3] = 1
         s = subject_mod.prepare_subject(rgba, background="white")
-        assert s.image.shape == (1, 3, 10, 12)
-        assert torch.allclose(s.image[0, :, 0, 0], torch.ones(3)) and torch.allclose(s.image[0, :, 3, 4], torch.full((3,), 0.3))
-        gray = subject_mod.prepare_subject(torch.rand(1, 9, 7, 1))
-        assert gray.image.shape == (1, 3, 9, 7)
-        mask = torch.zeros(1, 5, 6)
-        mask[:, :2] = 1  # LoadImage's MASK: 1 = transparent background
-        s = subject_mod.prepare_subject(torch.full((1, 10, 12, 3), 0.5), mask, "background", "black")
-        assert float(s.image[0, 0, 0, 0]) == 0.0 and float(s.image[0, 0, 9, 0]) == 0.5
-        with pytest.raises(ValueError, match="batch of 2 images"):
-            subject_mod.prepare_subject(torch.rand(2, 8, 8, 3))
+        assert len(s) == 1 and s.image.shape == (1, 3, 40, 48)
+        assert torch.allclose(s.image[0, :, 0, 0], torch.ones(3)) and torch.allclose(s.image[0, :, 12, 16], torch.full((3,), 0.3))
+        gray = subject_mod.prepare_subject(torch.rand(1, 36, 32, 1))
+        assert gray.image.shape == (1, 3, 36, 32)
+        mask = torch.zeros(1, 20, 24)
+        mask[:, :8] = 1  # LoadImage's MASK: 1 = transparent background
+        s = subject_mod.prepare_subject(torch.full((1, 40, 48, 3), 0.5), mask, "background", "black")
+        assert float(s.image[0, 0, 0, 0]) == 0.0 and float(s.image[0, 0, 39, 0]) == 0.5
+        # a batch is several photos of the subject; one mask for all, or one each
+        batch = torch.rand(3, 40, 48, 3)
+        s = subject_mod.prepare_subject(batch)
+        assert len(s) == 3 and all(torch.equal(s.images[i][0], batch[i].permute(2, 0, 1)) for i in range(3))
+        masks = torch.zeros(3, 40, 48)
+        masks[1, 10:20, 10:20] = 1
+        with pytest.raises(ValueError, match=r"the subject mask \(photo 1 of 3\) is empty"):
+            subject_mod.prepare_subject(batch, masks)
+        with pytest.raises(ValueError, match="holds 2 masks for 3 photos"):
+            subject_mod.prepare_subject(batch, torch.ones(2, 40, 48))
         with pytest.raises(ValueError, match="mask is empty"):
-            subject_mod.prepare_subject(torch.rand(1, 8, 8, 3), torch.zeros(1, 8, 8))
+            subject_mod.prepare_subject(torch.rand(1, 40, 40, 3), torch.zeros(1, 40, 40))
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_schnell"])

@@ -12,13 +12,14 @@ import time
 import uuid
 
 import pytest
+import torch
 
 import workflow_graphs as graphs
 from comfy_server import CKPT_NAME, WebSocketListener, _execution_errors, wait_for_history
-from conftest import REPO
+from conftest import REPO, pack_node_ids
 
 API_WORKFLOW = REPO / "tests" / "workflows" / "siso_two_stage_api.json"
-OUR_NODES = ("LoadSubject", "SISOOptimize", "ApplySISOLoRA", "SaveSISOLoRA", "ReNoiseInvert", "SubjectMask")
+OUR_NODES = pack_node_ids()
 OPTIMIZE_ID = "5"  # the SISOOptimize node in siso_two_stage_api.json
 FRONTEND_ONLY = graphs.FRONTEND_ONLY  # node types that live only in the frontend
 
@@ -417,3 +418,43 @@ def test_every_pack_node_explains_itself(object_info):
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
         tooltips = info.get("output_tooltips") or []
         assert len(tooltips) == len(info["output"]) and all(tooltips), f"{name} outputs lack tooltips: {tooltips}"
+
+
+# ----------------------------------------------------------------------------- warm start, LoRA layouts
+def test_a_saved_lora_warm_starts_a_new_run_and_saves_in_the_diffusers_layout(server):
+    """SISO Save LoRA -> SISO Load LoRA -> SISO Optimize's initial_lora -> SISO Save LoRA
+    (diffusers): the second run goes on from the first's LoRA, and the file is PEFT-keyed."""
+    import safetensors
+    first = api_prompt()
+    first["13"]["inputs"].update(name="warm start source", overwrite=True)
+    run_prompt(server, first)
+    # random up weights in the saved file (a run's best may be its iteration 0, all zero): the
+    # check below then shows that these exact values came through
+    import safetensors.torch
+    loras = server.base / "models" / "loras"
+    saved = loras / "warm start source.safetensors"
+    with safetensors.safe_open(str(saved), "pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(v.shape, generator=g) * 0.05 if k.endswith(".lora_up.weight") else v) for k, v in tensors.items()}
+    safetensors.torch.save_file(tensors, str(saved), metadata=header)
+    second = api_prompt()
+    second["50"] = {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": "warm start source.safetensors"}}
+    second[OPTIMIZE_ID]["inputs"].update(initial_lora=["50", 0], max_iterations=1)
+    second["13"]["inputs"].update(name="warm start diffusers", overwrite=True, format="diffusers")
+    entry = run_prompt(server, second)
+    assert entry["outputs"]["13"]["text"] == ["warm start diffusers.safetensors"]
+    with safetensors.safe_open(str(loras / "warm start source.safetensors"), "pt") as f:
+        source = {k: f.get_tensor(k) for k in f.keys()}
+    with safetensors.safe_open(str(loras / "warm start diffusers.safetensors"), "pt") as f:
+        keys, header = list(f.keys()), f.metadata()
+        ups = {k: f.get_tensor(k) for k in keys if k.endswith(".lora_B.weight")}
+    assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys), keys[:4]
+    assert header["siso.format"] == "diffusers" and header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    # one iteration of the warm start keeps its iteration 0 (the loaded LoRA) as the best: the
+    # diffusers file holds the source's up weights (times alpha / rank = 1), layer for layer
+    source_ups = sorted(float(t.abs().sum()) for k, t in source.items() if k.endswith(".lora_up.weight"))
+    assert len(ups) == len(source_ups) and min(source_ups) > 0
+    torch.testing.assert_close(sorted(float(t.abs().sum()) for t in ups.values()), source_ups, rtol=1e-6, atol=0)
+

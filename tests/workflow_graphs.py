@@ -373,5 +373,41 @@ INSERTION = Workflow(
                     12: dict(ANY_DETECTION, keep="most confident")},
 )
 
+SEVERAL_PHOTOS_BEST_OF_FOUR = Workflow(
+    name="siso_several_photos_best_of_four",
+    note=("SISO from several photos of your subject, then the best of four seeds\n\n"
+          "Files:\n" + FILES_NOTE +
+          "- input/: two (or more) photos of the SAME subject: other angles or other light.\n\n"
+          "1. Each SISO Load Subject takes photos (a batch, or one photo); chained through 'add_to' they make one "
+          "subject, so photos may differ in size and each may have its own mask. SISO's loss is then the mean "
+          "similarity over all photos (the live chart draws each photo's as a faint line).\n"
+          "2. Stage 2 renders four images at once (batch_size 4: four seeds).\n"
+          "3. SISO Subject Score ranks them by DINOv2 and image-retrieval similarity to the same photos (its table shows "
+          "the scores); the best one is saved. Score other tools' outputs the same way to compare methods on your own "
+          "subject."),
+    nodes=[
+        *subject_lora_nodes("Simple prompt (stage 1)")[:4],
+        Node(15, "LoadImage", (-420, 540), (320, 330), {"image": "subject_2.png"}, title="Another photo of the subject"),
+        Node(16, "LoadSubject", (-40, 560), (400, 122), {}, {"image": (15, 0), "add_to": (4, 0)}, "Add the second photo"),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (16, 0)}),
+        Node(6, "ApplySISOLoRA", (420, 1040), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
+        Node(7, "CLIPTextEncode", (-40, 1040), (400, 140), {"text": "a photo of a dog in a red raincoat on a city street"},
+             {"clip": (1, 1)}, "Any prompt (stage 2)", POSITIVE),
+        Node(8, "CLIPTextEncode", (-40, 1220), (400, 100), {"text": ""}, {"clip": (1, 1)}, "Negative prompt", NEGATIVE),
+        Node(9, "EmptyLatentImage", (420, 1160), (320, 106), {"width": 512, "height": 512, "batch_size": 4}, title="Four seeds"),
+        Node(10, "KSampler", (880, 1040), (320, 262), {"steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}),
+        Node(11, "VAEDecode", (1240, 1040), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SISOSubjectScore", (1240, 1140), (400, 300), WEIGHTS, {"images": (11, 0), "subject": (16, 0)}),
+        Node(13, "ImageFromBatch", (1680, 1040), (320, 82), {"batch_index": 0, "length": 1}, {"image": (12, 3)}, "The best one"),
+        Node(14, "SaveImage", (1680, 1160), (420, 420), {"filename_prefix": "siso_best_of_four"}, {"images": (13, 0)}),
+        Node(17, "PreviewImage", (1240, 1500), (420, 380), {}, {"images": (12, 3)}, "All four, best first"),
+    ],
+    groups=[("Subject LoRA from several photos", -440, -60, 1680, 1040, "#3f789e"),
+            ("Four seeds, scored, the best saved", -60, 1000, 2200, 920, "#8A8")],
+    test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 2}, 9: {"width": 64, "height": 64}},
+)
+
 WORKFLOWS[1:1] = [SWAP]
 WORKFLOWS.append(INSERTION)
+WORKFLOWS.append(SEVERAL_PHOTOS_BEST_OF_FOUR)

@@ -57,7 +57,21 @@ function drawChart(ctx, state, x, y, w, h) {
   if (count) {
     // the loss on its own scale; both similarities on one shared scale (comparable)
     drawLine(ctx, history.loss, seriesRange(history.loss), plot.x, plot.y, plot.w, plot.h, count, COLORS.loss);
-    const sims = seriesRange([...(history.dino ?? []), ...(history.ir ?? [])]);
+    // several reference photos: each photo's similarity as a faint line under the mean
+    const perPhoto = (key) => {
+      const rows = history[`${key}_per_photo`] ?? [];
+      const photos = rows.reduce((n, row) => Math.max(n, row?.length ?? 0), 0);
+      return Array.from({ length: photos }, (_, p) => rows.map((row) => row?.[p]));
+    };
+    const photoLines = { dino: perPhoto("dino"), ir: perPhoto("ir") };
+    const sims = seriesRange([...(history.dino ?? []), ...(history.ir ?? []),
+                              ...photoLines.dino.flat(), ...photoLines.ir.flat()]);
+    ctx.save();
+    ctx.globalAlpha = 0.35;
+    for (const key of ["dino", "ir"]) {
+      for (const line of photoLines[key]) drawLine(ctx, line, sims, plot.x, plot.y, plot.w, plot.h, count, COLORS[key]);
+    }
+    ctx.restore();
     drawLine(ctx, history.dino ?? [], sims, plot.x, plot.y, plot.w, plot.h, count, COLORS.dino);
     drawLine(ctx, history.ir ?? [], sims, plot.x, plot.y, plot.w, plot.h, count, COLORS.ir);
     if (state.editing) {

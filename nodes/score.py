@@ -1,0 +1,86 @@
+import torch
+from comfy_api.v0_0_2 import io
+
+import comfy.utils
+
+from ..siso_ops import comfy_adapter as host
+from ..siso_ops.generation import networks
+from ..siso_ops.precision import PRECISIONS, compute_dtype
+from ..siso_ops.score import score_images
+from .checks import CheckedNode, checked
+from .graph_types import CATEGORY, Subject
+from .optimize import WEIGHT_FILE_CHECKS
+
+
+class SISOSubjectScore(CheckedNode):
+    CHOICE_CHECKS = WEIGHT_FILE_CHECKS
+
+    @classmethod
+    def define_schema(cls):
+        weight_files = host.weight_file_choices()
+        return io.Schema(
+            node_id="SISOSubjectScore",
+            display_name="SISO Subject Score",
+            category=CATEGORY,
+            description=(
+                "How much each image of a batch looks like your subject, by the two networks SISO optimises "
+                "against: the mean cosine similarity of its DINOv2 and image-retrieval embeddings to the subject's "
+                "photos (higher is closer, at most 1). Gives the scores, a table, the batch sorted best first and "
+                "the best image's index. Use it to pick the best of several stage-2 seeds, or to compare SISO with "
+                "other tools' outputs (Kontext, Qwen-Image-Edit, IPAdapter) on your own subject. Shares the loaded "
+                "networks with SISO Optimize; no gradients."),
+            inputs=[
+                io.Image.Input("images", tooltip="The images to score (a batch)."),
+                Subject.Input("subject", tooltip="From SISO Load Subject (one or more photos)."),
+                io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (as in SISO Optimize)."),
+                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (as in SISO Optimize)."),
+                io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight of the DINOv2 similarity in the ranking score (0 skips the network)."),
+                io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight of the image-retrieval similarity in the ranking score (0 skips the network)."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, tooltip="Compute precision of the networks (auto: bfloat16 where the hardware is fast at it)."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="dino", is_output_list=True, tooltip="DINOv2 similarity of each image, in batch order."),
+                io.Float.Output(display_name="ir", is_output_list=True, tooltip="Image-retrieval similarity of each image, in batch order."),
+                io.String.Output(display_name="table", tooltip="rank | image index | DINO | IR | score, best first."),
+                io.Image.Output(display_name="best_first", tooltip="The batch re-ordered, best score first."),
+                io.Int.Output(display_name="best_index", tooltip="Batch index of the best image (for ImageFromBatch)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def check_values(cls, dino_weight=None, ir_weight=None, **values):
+        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
+            return "dino_weight and ir_weight are both 0: nothing would score the images; set at least one above 0"
+        return None
+
+    @classmethod
+    @checked
+    def execute(cls, images, subject, dino_weights, ir_weights, dino_weight, ir_weight, precision="auto"):
+        device = host.compute_device()
+        dtype = compute_dtype(device, precision)
+        dino = networks.get("dino", host.weight_file_path("dino", dino_weights), dtype) if dino_weight > 0 else None
+        ir = networks.get("ir", host.weight_file_path("ir", ir_weights), dtype) if ir_weight > 0 else None
+        used = [n for n in (dino, ir) if n is not None]
+        bar = comfy.utils.ProgressBar(images.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
+
+        def on_chunk(done, total):
+            bar.update_absolute(done, total)
+            host.throw_if_interrupted()
+
+        try:
+            for net in used:
+                net.to(device)
+                net.set_interrupt_check(host.throw_if_interrupted)
+            scores = score_images(images[..., :3].permute(0, 3, 1, 2), subject.images, dino, ir, dino_weight,
+                                  ir_weight, device, dtype, on_chunk)
+        finally:
+            for net in used:
+                net.to("cpu")
+                net.set_interrupt_check(None)
+            host.free_cached_memory()
+        table = scores.table()
+        best_first = images[torch.tensor(scores.order)]
+        dino_out = [v if v is not None else float("nan") for v in scores.dino]
+        ir_out = [v if v is not None else float("nan") for v in scores.ir]
+        return io.NodeOutput(dino_out, ir_out, table, best_first, scores.best, ui={"text": [table]})

@@ -1,0 +1,66 @@
+"""SISO Subject Score: how close each image of a batch is to the subject, by the two networks
+SISO optimises against (DINOv2 and the image-retrieval embedding), without gradients.
+
+Each image's similarity to the subject is the mean cosine similarity of its embedding to the
+reference photos' embeddings, exactly the quantity SISO's loss maximises, so a score here is
+comparable with the similarities in SISO Optimize's report and chart. The ranking uses the
+weighted mean ``(a * DINO + b * IR) / (a + b)`` of the two, with SISO Optimize's weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .precision import autocast
+from .similarity import reference_similarities
+
+CHUNK = 4   # images embedded at once: bounds the activations of a large batch
+
+
+@dataclass
+class Scores:
+    dino: list          # per image, None where the network is skipped (weight 0)
+    ir: list
+    combined: list      # the ranking score
+    order: list         # image indices, best first
+
+    @property
+    def best(self) -> int:
+        return self.order[0]
+
+    def table(self) -> str:
+        rows = ["rank | image | DINO sim | IR sim | score"]
+        for rank, i in enumerate(self.order, 1):
+            cells = ["-" if v is None else f"{v:.4f}" for v in (self.dino[i], self.ir[i], self.combined[i])]
+            rows.append(f"{rank} | {i} | " + " | ".join(cells))
+        return "\n".join(rows)
+
+
+def score_images(images: torch.Tensor, references: list, dino, ir, dino_weight: float = 1.0, ir_weight: float = 1.0,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, on_chunk=None) -> Scores:
+    """images: BCHW in [0, 1]; references: the subject's photos (1x3xHxW each); dino / ir: the
+    feature networks (None where the weight is 0). ``on_chunk(done, total)`` may raise to cancel."""
+    if dino_weight < 0 or ir_weight < 0 or dino_weight + ir_weight <= 0:
+        raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+    nets = [(name, net, w) for name, net, w in (("dino", dino, dino_weight), ("ir", ir, ir_weight)) if w > 0]
+    device = torch.device(device)
+    sims = {name: [] for name, _, _ in nets}
+    with torch.no_grad(), autocast(device, dtype):
+        targets = {name: [net.embed(ref.to(device).float()) for ref in references] for name, net, _ in nets}
+        total = images.shape[0]
+        for start in range(0, total, CHUNK):
+            chunk = images[start:start + CHUNK].to(device).float()
+            for name, net, _ in nets:
+                embedding = net.embed(chunk).float()
+                for row in embedding:   # one image at a time: the mean over references only
+                    sims[name].append(float(reference_similarities(row[None], targets[name]).mean()))
+            if on_chunk is not None:
+                on_chunk(min(start + CHUNK, total), total)
+    count = images.shape[0]
+    dino_sims = sims.get("dino", [None] * count)
+    ir_sims = sims.get("ir", [None] * count)
+    weight_sum = sum(w for _, _, w in nets)
+    combined = [sum(w * sims[name][i] for name, _, w in nets) / weight_sum for i in range(count)]
+    order = sorted(range(count), key=lambda i: (-combined[i], i))
+    return Scores(dino_sims, ir_sims, combined, order)

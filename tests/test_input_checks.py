@@ -1,0 +1,141 @@
+"""The pack's input checks in-process (issue 14), for what the server table cannot send: NaN
+pixels (no stock loader makes them), a VAE of another family, the NaN-loss diagnosis, and the
+schema check itself (every node's defaults pass it)."""
+import math
+
+import pytest
+import torch
+
+import comfy.model_management
+import nodes as comfy_nodes
+import tiny
+from conftest import pack_node_ids, siso
+
+checks = siso("nodes.checks")
+optim = siso("siso_ops.optimize")
+editing = siso("siso_ops.editing")
+subject_mod = siso("siso_ops.subject")
+host = siso("siso_ops.comfy_adapter")
+NODE = comfy_nodes.NODE_CLASS_MAPPINGS
+PACK = pack_node_ids()
+
+
+def _defaults(name):
+    return {spec.id: spec.default for spec in NODE[name].define_schema().inputs
+            if getattr(spec, "default", None) is not None}
+
+
+WITH_DEFAULTS = [name for name in PACK if _defaults(name)]
+
+
+def test_the_nodes_with_widget_defaults_are_most_of_the_pack():
+    # only SISO Load LoRA (a model and a file) has none: the test below is not vacuous
+    assert set(PACK) - set(WITH_DEFAULTS) == {"LoadSISOLoRA"}
+
+
+@pytest.mark.parametrize("name", WITH_DEFAULTS)
+def test_every_default_of_every_node_passes_its_own_schema(name):
+    """The widgets' defaults are what a new node queues: the check must accept them all."""
+    assert checks.schema_problem(NODE[name], _defaults(name)) is None
+
+
+def test_a_nan_subject_pixel_is_refused_naming_the_input():
+    image = torch.rand(1, 64, 64, 3)
+    image[0, 5, 5, 1] = float("nan")
+    with pytest.raises(checks.InputError, match=r"SISO Load Subject: image holds 1 NaN or infinite value \(of 12288\)"):
+        NODE["LoadSubject"].execute(image, "subject", "white")
+
+
+def test_an_infinite_mask_value_is_refused_naming_the_input():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 0, :3] = float("inf")
+    with pytest.raises(checks.InputError, match="mask holds 3 NaN or infinite values"):
+        NODE["LoadSubject"].execute(torch.rand(1, 64, 64, 3), "subject", "white", mask=mask)
+
+
+def test_a_linked_nan_strength_is_refused_before_patching():
+    model = tiny.build_model("sd15")
+    with pytest.raises(checks.InputError, match="SISO Apply LoRA: strength is nan, not a number: use a value between -4 and 4"):
+        NODE["ApplySISOLoRA"].execute(model, None, float("nan"))
+
+
+def test_a_vae_of_another_family_is_refused_before_any_work(monkeypatch):
+    """Flux's 16-channel VAE with an SD1.5 model: refused naming both, before the networks load."""
+    model, vae = tiny.build_model("sd15"), tiny.build_vae(latent_channels=16)
+    loaded = []
+    monkeypatch.setattr(host, "weight_file_path", lambda kind, name: f"/nowhere/{name}")
+    monkeypatch.setattr(siso("siso_ops.generation").networks, "get", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match="the VAE makes 16-channel latents but .* works on 4 channels: the VAE "
+                                         "belongs to another model family"):
+        host.check_vae(vae, model)
+    subject = subject_mod.prepare_subject(torch.rand(1, 64, 64, 3))
+    with torch.inference_mode(), pytest.raises(ValueError, match="16-channel latents"):
+        NODE["SISOOptimize"].execute(
+            model, vae, tiny.conditioning("sd15"), subject, dino_weights="d", ir_weights="i", seed=0, width=64,
+            height=64, steps=1, grad_steps=1, scheduler="simple", max_iterations=1, learning_rate=2e-4, lora_rank=4,
+            lora_alpha=0.0, lora_target=host.TARGETS[0], dino_weight=1.0, ir_weight=1.0, early_stop_percent=3.0,
+            early_stop_patience=7)
+    assert not loaded
+    host.check_vae(tiny.build_vae(latent_channels=4), model)   # the matching one passes
+
+
+def _nan_run(nan_at: int, nan_image: bool, lr=2e-4):
+    """optimize() on a toy problem whose score goes NaN at iteration ``nan_at``."""
+    weight = torch.zeros(3, requires_grad=True)
+    calls = {"n": 0}
+
+    def generate():
+        image = torch.ones(1, 3, 4, 4) * weight.view(1, 3, 1, 1) + 0.5
+        if nan_image and calls["n"] == nan_at:
+            image = image * float("nan")
+        return image
+
+    def score(image):
+        i = calls["n"]
+        calls["n"] += 1
+        dino = ((image - 0.2) ** 2).mean()
+        if i == nan_at and not nan_image:
+            dino = dino * float("nan")
+        return {"loss": dino, "dino": dino}
+
+    settings = optim.OptimizationSettings(max_iterations=5, learning_rate=lr, early_stop_patience=100)
+    with pytest.raises(FloatingPointError) as error:
+        optim.optimize({"w": weight}, generate, score, settings)
+    return str(error.value)
+
+
+def test_nan_at_the_first_iteration_does_not_blame_the_learning_rate():
+    message = _nan_run(0, nan_image=True)
+    assert "iteration 1: the DINOv2 distance became NaN or infinite" in message
+    assert "before any LoRA step" in message and "not the learning rate" in message and "precision fp32" in message
+    message = _nan_run(0, nan_image=False)
+    assert "on a normal image before any LoRA step" in message and "re-download the weight file" in message
+    assert "Lower learning_rate" not in message
+
+
+def test_nan_after_lora_steps_says_the_lora_diverged_and_names_the_learning_rate():
+    message = _nan_run(2, nan_image=True, lr=0.05)
+    assert "iteration 3: the DINOv2 distance became NaN or infinite after 2 LoRA steps: the LoRA diverged" in message
+    assert "Lower learning_rate (now 0.05" in message
+
+
+def test_an_empty_editing_mask_is_refused_naming_where_masks_come_from():
+    with pytest.raises(ValueError, match="the mask is empty: it marks no subject to replace") as error:
+        editing.background_weights(torch.zeros(1, 64, 64), (64, 64))
+    assert "negative grow_pixels" in str(error.value) and "mask editor" in str(error.value)
+    with pytest.raises(ValueError, match="covers the whole photo"):
+        editing.background_weights(torch.ones(1, 64, 64), (64, 64))
+    kept = editing.background_weights(torch.zeros(1, 64, 64).index_fill_(1, torch.tensor([3]), 1.0), (64, 64))
+    assert math.isclose(float(kept.sum()), 64 * 63)
+
+
+@pytest.mark.parametrize("side", [1, 31])
+def test_a_subject_photo_too_small_to_see_is_refused(side):
+    with pytest.raises(ValueError, match=rf"the subject photo is {side}x{side} pixels; SISO needs at least 32"):
+        subject_mod.prepare_subject(torch.rand(1, side, side, 3))
+    subject_mod.prepare_subject(torch.rand(1, 32, 40, 3))
+
+
+def test_interrupt_flag_is_left_clear():
+    # guard for the tests after this file: none of the checks above may leave Cancel set
+    assert not comfy.model_management.processing_interrupted()

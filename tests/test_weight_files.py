@@ -1,0 +1,203 @@
+"""Broken weight files (cut short, random bytes, empty, text, pickles holding objects, NaN or
+infinite values) are refused through the real loaders with the pack's own message: the file, its
+folder and role, what is wrong in plain words and what to do; never a loader's raw error, never
+torch's advice to switch its safety check off."""
+import os
+import random
+
+import pytest
+import safetensors.torch
+import torch
+
+import tiny
+from conftest import siso
+
+fn = siso("siso_ops.feature_networks")
+seg = siso("siso_ops.segmentation")
+
+
+class TrainingState:
+    """A class a training script might pickle beside the weights (not a tensor, not plain data)."""
+
+    def __init__(self):
+        self.step = 3
+
+
+def write(path, sd):
+    if str(path).endswith(".safetensors"):
+        safetensors.torch.save_file(sd, str(path))
+    else:
+        torch.save(sd, str(path))
+    return str(path)
+
+
+def cut(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[:int(len(data) * keep)])
+    return path
+
+
+def random_bytes(path, n=4096):
+    data = bytearray(random.Random(7).randbytes(n))
+    data[0] = 0x17   # neither a zip ('PK') nor a pickle (0x80) nor text
+    open(path, "wb").write(bytes(data))
+    return str(path)
+
+
+def assert_pack_message(message, path, role, *fragments):
+    """The pack's own message: file name and folder, role, the given fragments, whole sentences,
+    no advice to load without the weights-only check, no raw loader error."""
+    assert os.path.basename(path) in message and os.path.dirname(os.path.abspath(path)) in message
+    assert role in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert message.endswith(".")
+    lowered = message.lower()
+    assert "weights_only=false" not in lowered and "set to `false`" not in lowered and "set to false" not in lowered
+    assert "SafetensorError" not in message and "Error while deserializing" not in message
+    assert "PytorchStreamReader" not in message
+
+
+DINO = ("DINOv2 ViT-L/14", fn.load_dino, "dinov2_vitl14_pretrain.pth")
+IR = ("IR ViT-H/14 + fc1", fn.load_ir, "ir_features.pth")
+
+
+def _dino_safetensors(tmp_path, name="dinov2_vitl14.safetensors"):
+    path = write(tmp_path / "written.safetensors", tiny.dino_state_dict(meta_format=False))
+    os.rename(path, tmp_path / name)
+    return str(tmp_path / name)
+
+
+CASES = {
+    # name: (network, writer(tmp_path) -> path, fragments the message must hold)
+    "safetensors cut short": (DINO, lambda t: cut(_dino_safetensors(t)),
+                              ["is a safetensors file cut short", "bytes its header announces",
+                               "Download the published file again"]),
+    "safetensors cut inside its header": (DINO, lambda t: cut(_dino_safetensors(t), keep=0.001),
+                                          ["is a safetensors file cut short", "fewer than its header alone"]),
+    "random bytes named .safetensors": (IR, lambda t: random_bytes(t / "ir_features.safetensors"),
+                                        ["is not a safetensors file", "4,096 bytes",
+                                         "Download the published file again"]),
+    "empty .safetensors": (DINO, lambda t: write_bytes(t / "dinov2_vitl14.safetensors", b""),
+                           ["is empty (0 bytes)", "Download the published file again"]),
+    "zip .pth cut short": (IR, lambda t: cut(write(t / "ir_features.pth", tiny.ir_state_dict())),
+                           ["is a PyTorch checkpoint cut short", "did not finish",
+                            "Download the published file again"]),
+    "old-format .pth cut short": (DINO, lambda t: cut(write_legacy(t / "dinov2_vitl14_pretrain.pth")),
+                                  ["older non-zip format", "cut short"]),
+    "random bytes named .pth": (DINO, lambda t: random_bytes(t / "dinov2_vitl14_pretrain.pth"),
+                                ["is not a PyTorch checkpoint", "4,096 bytes", "Download the published file again"]),
+    "empty .pth": (IR, lambda t: write_bytes(t / "ir_features.pth", b""), ["is empty (0 bytes)"]),
+    "text renamed .pth": (IR, lambda t: write_bytes(t / "ir_features.pth", b"Access denied.\nPlease sign in.\n"),
+                          ["is a text file, not weights", "Access denied.", "Download the published file again"]),
+    "Git LFS pointer": (DINO, lambda t: write_bytes(t / "dinov2_vitl14_pretrain.pth",
+                                                    b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+                        ["Git LFS pointer", "git lfs pull"]),
+    "HTML page": (DINO, lambda t: write_bytes(t / "model.safetensors", b"<!DOCTYPE html>\n<html><body>404</body>"),
+                  ["web page (HTML)"]),
+    "pickle holding a custom class": (DINO, lambda t: write(t / "dinov2_vitl14_pretrain.pth",
+                                                            {**tiny.dino_state_dict(), "state": TrainingState()}),
+                                      ["holds Python objects that a weights-only load refuses",
+                                       f"{__name__}.TrainingState", "torch.load(weights_only=True) only",
+                                       ".safetensors"]),
+    "safetensors under a .pth name": (DINO, lambda t: _dino_safetensors(t, "dinov2_vitl14_pretrain.pth"),
+                                      ["is a safetensors file, but its name ends in '.pth'",
+                                       "Rename it to 'dinov2_vitl14_pretrain.safetensors'"]),
+}
+
+
+def write_bytes(path, data):
+    open(path, "wb").write(data)
+    return str(path)
+
+
+def write_legacy(path):
+    torch.save(tiny.dino_state_dict(), str(path), _use_new_zipfile_serialization=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_broken_similarity_network_file_is_refused_with_what_is_wrong_and_what_to_do(tmp_path, case):
+    (role, load, published), writer, fragments = CASES[case]
+    path = writer(tmp_path)
+    with pytest.raises(fn.WeightFileError) as error, torch.inference_mode(False):
+        load(path)
+    message = str(error.value)
+    assert_pack_message(message, path, role, *fragments)
+    if "Rename" not in message and "weights-only" not in message:
+        assert published in message   # the file name to download again
+
+
+def test_a_refused_pickle_hides_torchs_advice_from_the_traceback_too(tmp_path):
+    """ComfyUI shows the chained exceptions of a failed node; none may suggest weights_only=False."""
+    path = write(tmp_path / "dinov2_vitl14_pretrain.pth", {**tiny.dino_state_dict(), "state": TrainingState()})
+    with pytest.raises(fn.WeightFileError) as error, torch.inference_mode(False):
+        fn.load_dino(path)
+    chain, seen = error.value, []
+    while chain is not None:
+        seen.append(str(chain))
+        chain = chain.__cause__ or (None if chain.__suppress_context__ else chain.__context__)
+    assert not any("weights_only` set to `False`" in text or "weights_only=False" in text for text in seen)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_nan_and_infinite_values_are_refused_once_at_load_naming_the_first_tensor(tmp_path, suffix):
+    sd = tiny.dino_state_dict(meta_format=False)
+    sd["blocks.0.attn.qkv.weight"][3, 5] = float("nan")
+    sd["blocks.1.mlp.fc2.bias"][0] = float("-inf")
+    floating = sum(v.is_floating_point() for v in sd.values())
+    path = write(tmp_path / f"dinov2_vitl14{suffix}", sd)
+    with pytest.raises(fn.WeightFileError) as error, torch.inference_mode(False):
+        fn.load_dino(path)
+    assert_pack_message(str(error.value), path, "DINOv2 ViT-L/14", "NaN or infinite values",
+                        f"in 2 of its {floating} floating-point tensors", "(the first: 'blocks.0.attn.qkv.weight')",
+                        "broken download or conversion", "Download the published file again")
+
+
+def test_one_infinite_value_in_the_ir_file_is_refused(tmp_path):
+    sd = tiny.ir_state_dict()
+    sd["fc1.bias"][1] = float("inf")
+    path = write(tmp_path / "ir_features.pth", sd)
+    with pytest.raises(fn.WeightFileError) as error, torch.inference_mode(False):
+        fn.load_ir(path)
+    assert_pack_message(str(error.value), path, "IR ViT-H/14 + fc1", "in 1 of its", "(the first: 'fc1.bias')",
+                        "ir_features.pth")
+
+
+def test_finite_files_and_integer_tensors_pass_the_check(tmp_path):
+    sd = tiny.dino_state_dict(meta_format=False)
+    sd["step"] = torch.tensor([2 ** 62])     # an integer buffer: not checked for NaN
+    state = fn.read_state_dict(write(tmp_path / "d.safetensors", sd))
+    assert torch.equal(state["step"], sd["step"]) and set(state) == set(sd)
+
+
+def test_a_file_of_other_things_than_tensors_says_what_it_holds(tmp_path):
+    path = write(tmp_path / "ir_features.pth", {"fc1.weight": torch.zeros(2), "epoch": 12})
+    with pytest.raises(fn.WeightFileError) as error, torch.inference_mode(False):
+        fn.load_ir(path)
+    assert_pack_message(str(error.value), path, "IR ViT-H/14 + fc1", "1 of them no tensor", "'epoch', of type int")
+
+
+# ----------------------------------------------------------------------------- SubjectMask's models
+def test_a_sam_checkpoint_cut_short_is_refused_through_the_sam_loader(tmp_path):
+    path = cut(write(tmp_path / "sam_vit_b_01ec64.pth", {"image_encoder.pos_embed": torch.zeros(1, 4, 4, 8)}))
+    with pytest.raises(seg.WeightFileError) as error:
+        seg.load_sam(path)
+    assert_pack_message(str(error.value), path, "SAM", "cut short", seg.SAM_SOURCE)
+
+
+def test_a_sam_checkpoint_with_nan_is_refused_before_sam_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(seg, "build_sam", lambda *a: pytest.fail("SAM was built from a broken file"))
+    sd = {"image_encoder.pos_embed": torch.zeros(1, 4, 4, 8), "mask_decoder.w": torch.full((2,), float("nan"))}
+    path = write(tmp_path / "sam_vit_b_01ec64.pth", {"model": sd})
+    with pytest.raises(seg.WeightFileError) as error:
+        seg.load_sam(path)
+    assert_pack_message(str(error.value), path, "SAM", "(the first: 'mask_decoder.w')")
+
+
+def test_an_empty_grounding_dino_file_is_refused_through_its_loader(tmp_path):
+    path = write_bytes(tmp_path / "groundingdino_swint_ogc.pth", b"")
+    with pytest.raises(seg.WeightFileError) as error:
+        seg.load_grounding_dino(path, str(tmp_path / "bert-base-uncased"))
+    assert_pack_message(str(error.value), path, "Grounding DINO", "is empty (0 bytes)", seg.GROUNDING_DINO_SOURCE)
