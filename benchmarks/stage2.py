@@ -25,9 +25,10 @@ def random_siso_lora(model, rank=4, seed=0):
     """A LoRA on the default SISO targets with non-zero up matrices, in the exported key format."""
     g = torch.Generator().manual_seed(seed)
     deltas = {}
+    targets = host.lora_target_names(model)
     for name, module in model.model.diffusion_model.named_modules():
         key = f"diffusion_model.{name}.weight"
-        if isinstance(module, torch.nn.Linear) and host.UNET_ATTENTION.search(key):
+        if name in targets:
             delta = lora_mod.LoRADelta(module.weight.shape[0], module.weight.shape[1], rank, rank)
             with torch.no_grad():
                 delta.up.copy_(torch.randn(delta.up.shape, generator=g) * 0.01)

@@ -77,7 +77,7 @@ class ReNoiseInvert(CheckedNode):
             ancestral=sampler == "euler_ancestral", noise_correction=noise_correction, seed=seed))
         settings.check()
         check_photo(image)
-        host.check_supported(model)
+        host.check_editing(model)
         host.check_vae(vae, model)
         bar = comfy.utils.ProgressBar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))
 

@@ -31,6 +31,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
+from . import families
 from .feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
 from .lora import LoRADelta, export_lora, lora_layers
 
@@ -40,14 +41,8 @@ WEIGHTS_FOLDER = "siso"
 SAM_FOLDER = "sams"                   # the community's folders for SubjectMask's models
 GROUNDING_DINO_FOLDER = "grounding-dino"
 SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST)
-# BaseModel covers SD1.x and SD2.x (eps and v); the others are ComfyUI's class names.
-SUPPORTED_MODELS = ("BaseModel", "SDXL", "Flux")
 SCHEDULERS = tuple(comfy.samplers.SCHEDULER_NAMES)
 
-UNET_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-DIT_DEFAULT = re.compile(
-    r"\.(img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.0|img_mlp\.2|"
-    r"txt_mlp\.0|txt_mlp\.2|linear1|linear2)\.weight$")
 TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
 
 
@@ -137,20 +132,41 @@ def check_lora_fits(model, tensors: dict, name: str):
     return ranks[0]
 
 
-def check_supported(model):
-    """Raise before any work when the MODEL has no differentiable path we know."""
+def model_family(model) -> families.Family:
+    """The MODEL's row of the family table; raises before any work when SISO cannot train it."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(model, "get_model_object"):
         raise TypeError(f"expected a ComfyUI MODEL, got {type(model).__name__}")
     name = type(base).__name__
+    family = families.family_of(name)
+    supported = "; ".join(f.name for f in families.FAMILIES)
+    if family is None:
+        if name in families.REFUSED:
+            raise ValueError(f"SISO cannot optimise {describe_model(model)}: {families.REFUSED[name]}. "
+                             f"Supported: {supported}.")
+        dimensions = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2)
+        kind = {1: "audio", 3: "video or 3D"}.get(dimensions, "image")
+        raise ValueError(f"SISO optimises image models; {describe_model(model)} is "
+                         + (f"a {kind} model" if kind != "image" else "an image model it has no tested path for")
+                         + f". Supported: {supported}.")
     sampling = model.get_model_object("model_sampling")
-    if name not in SUPPORTED_MODELS or not isinstance(sampling, SUPPORTED_SAMPLING):
-        raise ValueError(
-            f"SISO cannot optimise this model type: {describe_model(model)}. Supported: SD1.x, "
-            "SD2.x (eps and v), SDXL (SDXL-Turbo) and Flux (schnell, dev) with EPS, V-prediction "
-            "or flow sampling.")
-    if getattr(base, "latent_format", None) is not None and base.latent_format.latent_dimensions != 2:
-        raise ValueError(f"SISO needs an image model; {describe_model(model)} makes video/3D latents")
+    if not isinstance(sampling, SUPPORTED_SAMPLING):
+        raise ValueError(f"SISO cannot optimise {describe_model(model)}: its sampling "
+                         f"({type(sampling).__name__}) is not EPS, V-prediction or flow (CONST).")
+    return family
+
+
+def check_supported(model):
+    """Raise before any work when the MODEL has no differentiable path we know."""
+    model_family(model)
+
+
+def check_editing(model):
+    """Raise before any work when subject swap (ReNoise inversion) is not available for the MODEL."""
+    family = model_family(model)
+    if family.editing:
+        raise ValueError(f"subject swap (SISO ReNoise Invert) is not available for {family.name} yet: "
+                         f"{family.editing}. Generating with SISO Optimize (no inversion connected) works.")
 
 
 def check_vae(vae, model):
@@ -163,9 +179,12 @@ def check_vae(vae, model):
     # The decoder's first convolution is what the latents really meet (ComfyUI's own
     # latent_channels attribute keeps its default 4 when a VAE is built from a config).
     conv_in = getattr(getattr(vae.first_stage_model, "decoder", None), "conv_in", None)
+    candidates = {int(c) for c in (getattr(conv_in, "in_channels", None), getattr(vae, "latent_channels", None))
+                  if c is not None}
+    # Flux.2's VAE decodes 32 channels after unpatchifying the model's 128: either count may match
     vae_channels = getattr(conv_in, "in_channels", None) or getattr(vae, "latent_channels", None)
     model_channels = latent_channels(model)
-    if vae_channels is not None and int(vae_channels) != model_channels:
+    if candidates and model_channels not in candidates:
         raise ValueError(
             f"the VAE makes {vae_channels}-channel latents but {describe_model(model)} works on {model_channels} "
             "channels: the VAE belongs to another model family. Connect the VAE of this checkpoint (its "
@@ -173,7 +192,7 @@ def check_vae(vae, model):
 
 
 def is_dit(model) -> bool:
-    return type(model.model).__name__ == "Flux"
+    return model_family(model).lora == "blocks"
 
 
 def compute_device():
@@ -299,10 +318,13 @@ class _CloneInput:
         return self.forward(x.clone(), *args, **kwargs)
 
 
-# The denoiser's repeated blocks: with gradient checkpointing each keeps only its inputs for
-# backward and recomputes its activations there (UNet: ResNet and transformer blocks; Flux:
-# double- and single-stream blocks).
-CHECKPOINTED_BLOCKS = ("ResBlock", "BasicTransformerBlock", "DoubleStreamBlock", "SingleStreamBlock")
+def checkpoint_block_classes(model) -> set:
+    """Class names of the denoiser's blocks that gradient checkpointing recomputes (the family's:
+    UNet ResNet and transformer blocks, a DiT's repeated blocks), for the memory estimate."""
+    diffusion = model.model.diffusion_model
+    names = families.checkpointed_blocks(diffusion, model_family(model))
+    modules = dict(diffusion.named_modules())
+    return {type(modules[name]).__name__ for name in names}
 
 
 def _pytorch_attention(func, *args, **kwargs):
@@ -356,6 +378,15 @@ def training_clone(model):
     return clone
 
 
+def lora_target_names(model, target: str = None) -> set:
+    """The denoiser's layers (names under diffusion_model) that get a LoRA: the family's rule
+    (families.py), or every linear layer; only layers ComfyUI can patch (its own ops)."""
+    diffusion = model.model.diffusion_model
+    names = families.lora_layers(diffusion, model_family(model), all_linear=target == TARGETS[1])
+    modules = dict(diffusion.named_modules())
+    return {name for name in names if hasattr(modules[name], "weight_function")}
+
+
 class TrainableModel:
     """A clone of the host MODEL with trainable LoRA deltas; the host stays untouched."""
 
@@ -373,17 +404,17 @@ class TrainableModel:
         self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
-        all_linear = target == TARGETS[1]
-        pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+        family = model_family(model)
+        targets = lora_target_names(model, target)
+        blocks = families.checkpointed_blocks(diffusion, family) if checkpointing else set()
         generator = torch.Generator().manual_seed(int(seed))
         for name, module in diffusion.named_modules():
             full = f"diffusion_model.{name}"
-            dit_norm = is_dit(model) and isinstance(module, torch.nn.LayerNorm)
+            dit_norm = family.in_place and isinstance(module, torch.nn.LayerNorm)
             op = _training_op(module)
             key = f"{full}.weight"
             delta = None
-            if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
-                    and (all_linear or pattern.search(key))):
+            if name in targets:
                 delta = LoRADelta(module.weight.shape[0], module.weight.shape[1], self.rank, self.alpha,
                                   device=device, generator=generator)
                 self.deltas[key] = delta
@@ -409,8 +440,8 @@ class TrainableModel:
                                                   torch.nn.Parameter(param.detach().clone(), requires_grad=False))
             if dit_norm:
                 self._patch_forward(full, module, _CloneInput(module.forward))
-            elif checkpointing and type(module).__name__ in CHECKPOINTED_BLOCKS:
-                self._patch_forward(full, module, _checkpointed(module.forward, clone_inputs=is_dit(model)))
+            elif name in blocks:
+                self._patch_forward(full, module, _checkpointed(module.forward, clone_inputs=family.in_place))
         _attention_for_training(self.patcher.model_options)
         if not self.deltas:
             raise ValueError(f"no LoRA target layers found in {describe_model(model)} for target '{target}'")
@@ -530,8 +561,27 @@ def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
         return vae.decode(latent).detach().float().clone().cpu()
 
 
-def empty_latent(model, width: int, height: int) -> torch.Tensor:
-    latent = torch.zeros([1, 4, height // 8, width // 8])
+def latent_scale(vae) -> int:
+    """Pixels per latent cell of the VAE: 8 (SD, SDXL, Flux.1, SD3, Qwen-Image...), 16 (Flux.2),
+    32 (HunyuanImage 2.1), 1 (pixel-space models)."""
+    return int(vae.spacial_compression_encode()) if vae is not None else 8
+
+
+def check_size(vae, width: int, height: int):
+    scale = latent_scale(vae)
+    for name, value in (("width", width), ("height", height)):
+        if value % scale:
+            raise ValueError(f"{name} {value} is not a multiple of {scale}: this model's VAE works on {scale}-pixel "
+                             f"blocks; use {value - value % scale} or {value - value % scale + scale}")
+
+
+def empty_latent(model, width: int, height: int, vae=None) -> torch.Tensor:
+    """The zeros a stock EmptyLatentImage-like node gives this model: its latent channels and
+    dimensions (one frame for the Wan-latent image models), at the VAE's scale."""
+    latent_format = model.model.latent_format
+    scale = latent_scale(vae)
+    frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
+    latent = torch.zeros((1, 4) + frames + (height // scale, width // scale))
     return comfy.sample.fix_empty_latent_channels(model, latent)
 
 
@@ -604,10 +654,11 @@ def _checkpointed(forward, clone_inputs: bool = False):
 
 
 class DifferentiableDecoder:
-    """A private copy of the VAE decoder: model latents -> unclamped RGB in [0, 1] range.
+    """A private copy of the VAE decoder: model latents -> unclamped RGB in [0, 1] range, BCHW.
 
     ``VAE.decode`` clamps (zero gradients), may tile and moves data off the device; the host
-    VAE's weights are inference tensors, so we decode with our own copy."""
+    VAE's weights are inference tensors, so we decode with our own copy. The latent format is
+    copied too: some keep their statistics as inference tensors (Wan 2.1's, for Qwen-Image)."""
 
     def __init__(self, vae, model, device, dtype=torch.float32, checkpointing: bool = False):
         first_stage = vae.first_stage_model
@@ -617,9 +668,11 @@ class DifferentiableDecoder:
         self.module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         if checkpointing:
             # Our private copy, so its blocks may be rewrapped: each ResNet / attention block
-            # keeps only its input for backward and recomputes the rest.
+            # keeps only its input for backward and recomputes the rest (KL autoencoders; not
+            # where decoding keeps state across blocks, see families.py).
+            blocks = model_family(model).decoder_blocks
             for block in self.module.modules():
-                if type(block).__name__ in ("ResnetBlock", "AttnBlock"):
+                if type(block).__name__ in blocks:
                     block.forward = _checkpointed(block.forward)
         # Cancel within one block's work: ComfyUI's stock layers check its interrupt flag, other
         # layer classes and the work between layers need not, so every block of the copy checks
@@ -628,11 +681,17 @@ class DifferentiableDecoder:
         from .feature_networks import check_before_blocks
         self.interrupt_hooks = check_before_blocks(self.module, throw_if_interrupted)
         self.model = model.model
+        self.latent_format = copy.copy(model.model.latent_format)
+        for name, value in vars(self.latent_format).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self.latent_format, name, value.detach().clone())
         self.dtype = dtype
 
     def __call__(self, model_latent: torch.Tensor) -> torch.Tensor:
-        latent = self.model.process_latent_out(model_latent)
+        latent = self.latent_format.process_out(model_latent)
         pixels = self.module.decode(latent.to(self.dtype))
+        if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
+            pixels = pixels[:, :, 0]
         return (pixels.float() + 1.0) / 2.0
 
     def release(self):
@@ -670,7 +729,7 @@ def diffusers_lora_targets(model) -> tuple:
     where ComfyUI fuses layers diffusers keeps apart (Flux's q, k, v); ``reorder``: ComfyUI's
     function between the two row orders where they differ (Flux's final modulation)."""
     config = model.model.model_config.unet_config
-    if is_dit(model):
+    if type(model.model).__name__ == "Flux":
         prefix, mapping = "transformer.", comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
     elif "num_res_blocks" in config:
         prefix = "unet."
@@ -682,8 +741,11 @@ def diffusers_lora_targets(model) -> tuple:
         target = target if isinstance(target, tuple) else (target, None)
         comfy_key, rows, reorder = target[0], target[1], (target[2] if len(target) > 2 else None)
         if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
-            targets.setdefault(comfy_key[:-len(".weight")], []).append(
-                (prefix + diffusers_key[:-len(".weight")], rows, reorder))
+            places = targets.setdefault(comfy_key[:-len(".weight")], [])
+            # ComfyUI's maps also list other trainers' aliases of a module (e.g. LyCoris's
+            # ff.linear_in for ff.net.0.proj), after diffusers' own name: one LoRA per rows
+            if not any(rows == other_rows for _, other_rows, _ in places):
+                places.append((prefix + diffusers_key[:-len(".weight")], rows, reorder))
     return prefix, targets
 
 
@@ -871,12 +933,10 @@ def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
 
 def lora_parameter_count(model, rank: int, target: str) -> int:
     """Parameters of the LoRA TrainableModel would add (same layer choice)."""
-    all_linear = target == TARGETS[1]
-    pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+    targets = lora_target_names(model, target)
     count = 0
     for name, module in model.model.diffusion_model.named_modules():
-        if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
-                and (all_linear or pattern.search(f"diffusion_model.{name}.weight"))):
+        if name in targets:
             count += int(rank) * (module.weight.shape[0] + module.weight.shape[1])
     return count
 
@@ -932,13 +992,12 @@ def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
     """On a shape-only copy ``base`` of ``model.model``: every stock layer computes as
     TrainableModel's training forward does, with the LoRA on the same layers (ComfyUI's cast
     machinery is not run on shapes)."""
-    all_linear = target == TARGETS[1]
-    pattern = DIT_DEFAULT if is_dit(model) else UNET_ATTENTION
+    targets = lora_target_names(model, target)
+    in_place = model_family(model).in_place
     for name, module in list(base.diffusion_model.named_modules()):
-        dit_norm = is_dit(model) and isinstance(module, torch.nn.LayerNorm)
+        dit_norm = in_place and isinstance(module, torch.nn.LayerNorm)
         lora = None
-        if (isinstance(module, torch.nn.Linear) and hasattr(module, "weight_function")
-                and (all_linear or pattern.search(f"diffusion_model.{name}.weight"))):
+        if name in targets:
             lora = _ProbeLoRA(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank) / int(rank))
             module.siso_probe_lora = lora      # a child, so its parameters count as weights, not activations
         op = _training_op(module)

@@ -137,6 +137,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         raise ValueError("a mask is only used when editing: connect an inversion from SISO ReNoise Invert too, "
                          "or disconnect the mask")
     settings.check()
+    if inversion is None:
+        host.check_size(vae, settings.width, settings.height)
     if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
         raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
                          f"to {initial_lora.rank}")
@@ -184,7 +186,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 trainable.start_from(initial_lora.tensors)
             decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype,
                                                  checkpointing=checkpointing)
-            latent = host.empty_latent(model, settings.width, settings.height)
+            latent = host.empty_latent(model, settings.width, settings.height, vae)
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
                 sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)

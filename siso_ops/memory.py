@@ -9,24 +9,32 @@ Method (no per-family table: everything is read from the run's own objects)
   published architecture when the file cannot be read, whose own error comes later), and the
   LoRA with its gradient, two AdamW moments and the best-iteration snapshot (5 copies, float32).
 - Activations: the forward passes of one iteration run on shape-only copies of the model, the
-  decoder and the networks (PyTorch's ``meta`` device: no memory, no arithmetic, a few hundred
-  milliseconds), at the run's real size, under ``saved_tensors_hooks`` that record every
-  tensor autograd keeps for backward, counted once per storage and without the weights. So
-  what the code keeps is counted, not modelled: the model's own layers, ComfyUI's conditioning
-  for the family, the attention ComfyUI picked (fused kernels keep O(tokens); the VAE's slice
-  attention keeps the whole attention matrix), the cast copies that mixed precision makes
-  (emulated on the shapes: the operations ``torch.autocast`` runs in bfloat16 get bfloat16
-  copies of their inputs, and on CUDA the ones it runs in float32 get float32 copies). On a
-  real CPU run the kept bytes of the denoiser, decoder and DINOv2 equal the probe's exactly
-  (tests/test_memory.py).
+  decoder and the networks (PyTorch's ``meta`` device: no memory, no arithmetic, about a second),
+  at the run's real size, under ``saved_tensors_hooks`` that record every tensor autograd keeps
+  for backward, counted once per storage and without the weights. So what the code keeps is
+  counted, not modelled: the model's own layers, ComfyUI's conditioning for the family, the LoRA
+  on the layers it trains, the attention ComfyUI picked (fused kernels keep O(tokens); the VAE's
+  slice attention, ComfyUI's choice on CPUs, keeps the whole attention matrix), the cast copies
+  mixed precision makes (emulated on the shapes: what ``torch.autocast`` runs in bfloat16 gets
+  bfloat16 copies of its inputs; on CUDA what it runs in float32 gets float32 copies). Against a
+  real CPU run of the tiny models the decoder's and both networks' kept bytes agree to the byte,
+  the denoiser's within 6 % (tests/test_memory.py); a full-size DINOv2 ViT-L at 518 px to the byte.
 - Checkpointing from the same pass: each block the run would checkpoint (the denoiser's
   ResNet / transformer / DiT blocks, the decoder's ResNet and attention blocks, the networks'
   transformer blocks) then keeps only its inputs; the largest block's own activations come
   back once, while backward recomputes it.
 - Peak = weights + kept activations (the denoiser's times the steps with gradients) + the
   largest kept tensor twice (backward holds the gradient of a tensor and of its input while the
-  tensors kept for it are still alive). Measured errors: tests/test_memory.py (tiny models) and
-  BENCHMARKS.md / benchmarks/bench.py ``--estimate`` (SD-Turbo, SDXL-Turbo architectures).
+  tensors kept for it are still alive). On a CPU the kept tensors below 32 MiB count 1.5x
+  (CPU_HEAP_FACTOR: glibc's heap keeps the gaps between them resident).
+- Measured error (estimate / measured - 1; on a CPU the memory the run adds to the process,
+  peak RSS less RSS at its start, against the estimate less the weights already in RAM):
+  SD-Turbo architecture at 256 px, float32: low_memory on -3.8 %, off +12.8 % (auto chose off on
+  a 24 GiB machine: +13.9 %) (``benchmarks/bench.py --models sd_turbo --configs
+  checkpointing-on,checkpointing-off,defaults --paths generation --iterations 1 --estimate``);
+  tiny SD1.5 at 384 px: on about +8 %, off about +20 % (tests/test_memory.py). Not yet measured
+  on a GPU (no GPU was lent): there the count is the same, without the heap factor, and CUDA's
+  allocator rounding and cuDNN workspaces are left to the margin.
 - Not counted: the text encoders (the prompt is encoded before the loop) and the short peak of
   reading a network file (about twice the network, before the loop).
 
@@ -53,8 +61,9 @@ log = logging.getLogger("siso")
 
 GiB = 2 ** 30
 # auto turns checkpointing off only when the estimate, grown by this fraction and by ComfyUI's
-# inference reserve, fits: the largest error measured against real peaks is below 15 % (module
-# docstring), and a run that does not fit costs far more than one that recomputes.
+# inference reserve, fits. The largest underestimate measured is 3.8 % (module docstring); the
+# rest covers what was not measured (a GPU's allocator, another platform's heap), because a run
+# that does not fit costs far more than one that recomputes.
 SAFETY_FRACTION = 0.15
 # On a CPU, glibc serves allocations below its largest mmap threshold (32 MiB on 64-bit Linux)
 # from its heap, where the gaps that freed temporaries leave between the tensors autograd keeps
@@ -116,6 +125,87 @@ class _FusedAttention(torch.autograd.Function):
         raise RuntimeError("a memory probe is not differentiated")
 
 
+class _Normalization(torch.autograd.Function):
+    """group_norm / layer_norm on shapes: keeps what their kernels keep (the input, and the mean
+    and reciprocal deviation per group or row). PyTorch's own meta versions are Python
+    decompositions, seconds for a full-size UNet; this is the same count at no cost."""
+
+    @staticmethod
+    def forward(ctx, x, stats_shape):
+        mean = x.new_empty(stats_shape, dtype=torch.float32)
+        rstd = x.new_empty(stats_shape, dtype=torch.float32)
+        ctx.save_for_backward(x, mean, rstd)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
+        raise RuntimeError("a memory probe is not differentiated")
+
+
+class _KeepsInput(torch.autograd.Function):
+    """An elementwise operation whose backward needs its input (GELU, SiLU), on shapes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
+        raise RuntimeError("a memory probe is not differentiated")
+
+
+class _Resized(torch.autograd.Function):
+    """A bicubic / bilinear resize on shapes: its backward needs only the sizes, keeps nothing."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        return x.new_empty(tuple(x.shape[:2]) + tuple(size))
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
+        raise RuntimeError("a memory probe is not differentiated")
+
+
+def _linear(input, weight, bias=None):
+    # The same saving as linear's own backward formula (matmul keeps an operand only when the
+    # other needs a gradient), through C++ meta kernels instead of linear's Python ones.
+    out = torch.matmul(input, weight.t())
+    return out if bias is None else out + bias
+
+
+def _interpolate(func, args, kwargs):
+    x = args[0]
+    size = kwargs.get("size", args[1] if len(args) > 1 else None)
+    mode = kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+    if mode in ("bicubic", "bilinear") and size is not None and x.dim() == 4:
+        return _Resized.apply(x, tuple(size) if isinstance(size, (tuple, list)) else (size, size))
+    return func(*args, **kwargs)
+
+
+def _group_norm(x, num_groups, *args, **kwargs):
+    return _Normalization.apply(x, (x.shape[0], num_groups))
+
+
+def _layer_norm(x, normalized_shape, *args, **kwargs):
+    return _Normalization.apply(x, tuple(x.shape[:x.dim() - len(normalized_shape)]) + (1,) * len(normalized_shape))
+
+
+class _NoInit(TorchFunctionMode):
+    """While building a network on the meta device: initialisers and in-place writes do nothing
+    (shapes need no values; timm's initialisation on meta tensors takes seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")
+        if isinstance(target, torch.Tensor) and target.is_meta and (
+                getattr(func, "__module__", "") == "torch.nn.init"
+                or (name.endswith("_") and not name.startswith("_") and name != "requires_grad_")):
+            return target
+        return func(*args, **kwargs)
+
+
 # Operations torch.autocast runs in the lower precision (CPU and CUDA lists agree on these) and,
 # on CUDA only, those it runs in float32. Tensor methods are listed with the functions.
 _LOWER = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
@@ -155,6 +245,16 @@ class _ShapeRun(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             q, k, v = args[:3]
             return _FusedAttention.apply(q, k, v)
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func is F.interpolate:
+            return _interpolate(func, args, kwargs)
+        if func in (F.gelu, F.silu) and not kwargs.get("inplace", False):
+            return _KeepsInput.apply(args[0])
+        if func is F.group_norm:
+            return _group_norm(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -274,7 +374,7 @@ def denoiser_activations(model, positive, latent: torch.Tensor, device_type: str
     x = torch.zeros(latent.shape, device="meta")
     sigma = torch.ones(latent.shape[0], device="meta")
     return _count_kept(lambda: host.probe_apply_model(base, x, sigma, conds), [base],
-                       host.CHECKPOINTED_BLOCKS, dtype, device_type)
+                       host.checkpoint_block_classes(model), dtype, device_type)
 
 
 def decoder_activations(vae, model, latent: torch.Tensor, device_type: str, dtype: torch.dtype):
@@ -290,7 +390,7 @@ def decoder_activations(vae, model, latent: torch.Tensor, device_type: str, dtyp
 
     def run():
         shape.append(tuple(host.probe_decode(module, model, z, dtype).shape))
-    count = _count_kept(run, [module], host.DECODER_CHECKPOINTED_BLOCKS, dtype, device_type)
+    count = _count_kept(run, [module], host.model_family(model).decoder_blocks, dtype, device_type)
     return count, shape[0]
 
 
@@ -329,7 +429,7 @@ def meta_network(kind: str, path: str | None, dtype: torch.dtype = torch.float32
             shapes = _shapes(path)
         except Exception as error:  # the loader reports the file's problem later, with its own message
             log.debug("SISO memory estimate: %s unreadable (%s); published architecture assumed", path, error)
-    with torch.device("meta"):
+    with torch.device("meta"), _NoInit():
         if kind == "dino":
             shapes = {k[len("module."):] if k.startswith("module.") else k: v for k, v in shapes.items()}
             width = shapes["cls_token"][0][-1] if "cls_token" in shapes else 1024
@@ -409,7 +509,7 @@ def estimate_iteration(model, vae, positive, width: int, height: int, device, dt
     device = torch.device(device)
     estimate = MemoryEstimate(str(device), int(width), int(height),
                               heap_factor=CPU_HEAP_FACTOR if device.type == "cpu" else 1.0)
-    latent = host.empty_latent(model, width, height)
+    latent = host.empty_latent(model, width, height, vae)
     estimate.weights["diffusion model"] = host.model_weight_bytes(model)
     if device.type == "cpu" and host.model_weights_in_ram(model):
         estimate.already_in_ram += estimate.weights["diffusion model"]

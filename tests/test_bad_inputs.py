@@ -211,8 +211,9 @@ def test_bad_input_is_refused_with_a_message_naming_it(case, server):
         progressed = [m for m in listener.messages if m.get("type") in ("progress", "siso.progress")
                       and str(m["data"].get("node")) == target and m["data"].get("state", "running") == "running"]
         assert case.needs_work or not progressed, f"{case.id}: the node worked before refusing: {progressed[:3]}"
-        started = [m for m in listener.messages if m.get("type") == "siso.progress"]
-        assert not started, f"{case.id}: SISO's optimisation started: {started[:1]}"
+        if case.node not in ("ApplySISOLoRA", "SaveSISOLoRA"):   # these run after SISO Optimize
+            started = [m for m in listener.messages if m.get("type") == "siso.progress" and m["data"]["state"] == "running"]
+            assert not started, f"{case.id}: SISO's optimisation started: {started[:1]}"
     assert server.alive() and "SISOOptimize" in server.get("/object_info/SISOOptimize")
 
 

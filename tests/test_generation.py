@@ -3,6 +3,7 @@ ComfyUI's own classes. Nodes are called as ComfyUI's executor calls them: under
 torch.inference_mode()."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -128,8 +129,10 @@ def test_gradients_reach_the_lora_and_nothing_else(sd15, subject, tiny_networks)
         assert [n for n, p in model.model.named_parameters() if p.grad is not None] == []   # host weights get nothing
         assert all(p.grad is None for p in decoder.module.parameters())
         assert all(p.grad is None for net in (dino, ir) for p in net.module.parameters())
-        # default targets: the UNet's attention projections only
-        assert all(host.UNET_ATTENTION.search(k) for k in trainable.deltas)
+        # default targets: the UNet's attention projections only (q, k, v, out of attn1 / attn2)
+        assert trainable.deltas and all(re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$", k)
+                                        for k in trainable.deltas)
+        assert {k[len("diffusion_model."):-len(".weight")] for k in trainable.deltas} == host.lora_target_names(model)
 
 
 def test_training_first_asks_comfyui_to_unload_the_other_models_from_a_gpu(sd15, subject, tiny_networks, monkeypatch):
@@ -228,7 +231,7 @@ def test_an_unsupported_model_is_refused_before_any_work(sd15, subject, feature_
     with torch.inference_mode():
         odd = model.clone()
         odd.add_object_patch("model_sampling", RFlowSampling(model.model.model_config))
-    with pytest.raises(ValueError, match="cannot optimise this model type: BaseModel .*RFlowSampling"):
+    with pytest.raises(ValueError, match="SISO cannot optimise BaseModel .*RFlowSampling.*is not EPS, V-prediction or flow"):
         run_node(odd, vae, positive, subject, feature_files)
     with pytest.raises(TypeError, match="expected a ComfyUI MODEL"):
         run_node(vae, vae, positive, subject, feature_files)

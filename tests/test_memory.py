@@ -191,17 +191,25 @@ def test_optimize_follows_the_estimate_and_uses_the_choice_everywhere(room, sd15
     free = 4 * off + reserve if room == "plenty" else (on + off) / 2 + reserve   # between: only "on" fits the margin
     monkeypatch.setattr(host, "device_memory", _device_with(free))
     used = {}
-    real_trainable, real_decoder = host.TrainableModel, host.DifferentiableDecoder
-    monkeypatch.setattr(host, "TrainableModel", lambda *a, checkpointing, **k: (
-        used.__setitem__("denoiser", checkpointing), real_trainable(*a, checkpointing=checkpointing, **k))[1])
-    monkeypatch.setattr(host, "DifferentiableDecoder", lambda *a, checkpointing, **k: (
-        used.__setitem__("decoder", checkpointing), real_decoder(*a, checkpointing=checkpointing, **k))[1])
-    for kind, net in zip(("dino", "ir"), tiny_networks):
-        monkeypatch.setattr(net, "set_checkpointing", (lambda kind, set_: lambda on: (
-            used.setdefault(kind, on), set_(on))[1])(kind, net.set_checkpointing))
+
+    class Trainable(host.TrainableModel):
+        def __init__(self, *args, checkpointing=False, **kwargs):
+            used["denoiser"] = checkpointing
+            super().__init__(*args, checkpointing=checkpointing, **kwargs)
+
+    class Decoder(host.DifferentiableDecoder):
+        def __init__(self, *args, checkpointing=False, **kwargs):
+            used["decoder"] = checkpointing
+            super().__init__(*args, checkpointing=checkpointing, **kwargs)
+    monkeypatch.setattr(host, "TrainableModel", Trainable)
+    monkeypatch.setattr(host, "DifferentiableDecoder", Decoder)
+
+    def during_the_loop(report):
+        for kind, net in zip(("dino", "ir"), tiny_networks):
+            used[kind] = net.module.grad_checkpointing
     with torch.inference_mode():
         _, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
-                                            feature_networks=tiny_networks)
+                                            feature_networks=tiny_networks, on_iteration=during_the_loop)
     expected = room == "little"
     assert result.memory.checkpointing is expected and result.memory.mode == "auto"
     assert used == {"denoiser": expected, "decoder": expected, "dino": expected, "ir": expected}
@@ -275,3 +283,35 @@ def test_activations_grow_with_the_image_and_checkpointing_keeps_less(sd15):
         assert 3 * a.kept <= b.kept <= 6 * a.kept, part
         assert b.kept_checkpointed < b.kept
     assert large.peak(True) < large.peak(False)
+
+
+def test_on_a_gpu_what_comfyui_holds_there_counts_as_available_and_nothing_is_in_ram(sd15, monkeypatch):
+    """SISO unloads ComfyUI's models from the GPU before training, so their memory is the run's;
+    models on other devices are not. No GPU here: ComfyUI's bookkeeping is stood in for."""
+    import comfy.model_management as management
+
+    class Loaded:
+        def __init__(self, device, size):
+            self.device, self.size = device, size
+
+        def model_loaded_memory(self):
+            return self.size
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(management, "current_loaded_models", [
+        Loaded(gpu, 3 * GiB), Loaded(torch.device("cuda", 1), 5 * GiB), Loaded(torch.device("cpu"), 7 * GiB)])
+    monkeypatch.setattr(management, "get_free_memory", lambda dev=None, torch_free_too=False: 2 * GiB)
+    monkeypatch.setattr(management, "get_total_memory", lambda dev=None, torch_total_too=False: 24 * GiB)
+    found = memory.available_memory(gpu)
+    assert (found.free, found.unloadable, found.usable, found.total) == (2 * GiB, 3 * GiB, 5 * GiB, 24 * GiB)
+    assert "after unloading other models" in found.describe()
+    assert memory.available_memory("cpu").unloadable == 0
+    # the estimate for a GPU: every weight must come to it, bfloat16 mixed precision keeps less than float32
+    model, vae, positive, _ = sd15
+    with torch.inference_mode(), host.training_mode():
+        on_gpu = memory.estimate_iteration(model, vae, positive, 256, 256, gpu, torch.bfloat16)
+        on_cpu = memory.estimate_iteration(model, vae, positive, 256, 256, "cpu", torch.float32)
+    assert on_gpu.already_in_ram == 0 and on_gpu.needed(True) == on_gpu.peak(True)
+    assert on_cpu.already_in_ram == host.model_weight_bytes(model) > 0
+    for part in ("denoiser", "decoder"):
+        assert on_gpu.activations[part].kept < on_cpu.activations[part].kept, part
+    assert on_gpu.weights["decoder copy"] * 2 == on_cpu.weights["decoder copy"]

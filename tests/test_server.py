@@ -365,7 +365,7 @@ def test_zero_iterations_is_refused_at_queue_time(server):
     prompt[OPTIMIZE_ID]["inputs"]["max_iterations"] = 0
     body = _rejected(server, prompt)
     details = json.dumps(body["node_errors"][OPTIMIZE_ID])
-    assert "max_iterations must be at least 1, got 0" in details, details
+    assert "max_iterations = 0 is below its minimum 1: use a value between 1 and 1000" in details, details
 
 
 def test_a_mask_of_the_wrong_size_fails_with_a_clear_message_and_the_server_lives(server):

@@ -1,0 +1,174 @@
+"""SISO on every image model family of the table (siso_ops/families.py), on tiny random-weight
+models built through ComfyUI's own classes (tests/tiny_families.py), in-process on the CPU, on
+whichever ComfyUI the suite runs against.
+
+Per family: an optimisation runs; its iteration 0 is the stock KSampler + VAEDecode image (same
+seed, euler, 1 step, cfg 1); the LoRA is on the family's layers and learns; the host MODEL and a
+stock sampler's output are bitwise unchanged afterwards; the saved LoRA loads through ComfyUI's
+stock LoRA path with every key mapped. Families that are refused are refused before any work."""
+import numpy as np
+import pytest
+import torch
+
+import comfy.lora
+import comfy.model_management
+import nodes as comfy_nodes
+import tiny_families as tf
+from conftest import siso
+
+host = siso("siso_ops.comfy_adapter")
+gen = siso("siso_ops.generation")
+optim = siso("siso_ops.optimize")
+families = siso("siso_ops.families")
+
+SUPPORTED = [name for name in tf.FAMILIES if name != "cosmos_predict2"]
+
+
+def _size(name):
+    return tf.MIN_SIZE.get(name, 64)
+
+
+def _stock_image(model, vae, positive, name, size, seed=42):
+    with torch.inference_mode():
+        latent = tf.empty_latent(name, size, size)
+        samples = comfy_nodes.common_ksampler(model, seed, 1, 1.0, "euler", "simple", positive, positive, latent)[0]
+        image = vae.decode(samples["samples"])
+    return image.reshape(-1, *image.shape[-3:])[:1].float()     # one frame of a video VAE: BHWC
+
+
+def _host_state(model):
+    return {k: v.clone() for k, v in model.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def subject():
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        return comfy_nodes.NODE_CLASS_MAPPINGS["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g),
+                                                                     "subject", "white").args[0]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(name, subject, tiny_networks):
+    model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
+    size = _size(name)
+    before = _host_state(model)
+    stock = _stock_image(model, vae, positive, name, size)
+    images = []
+    settings = gen.GenerationSettings(width=size, height=size, seed=42, precision="fp32", gradient_checkpointing=False,
+                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
+                                                                              early_stop_patience=10))
+    with torch.inference_mode():
+        lora, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                               feature_networks=tiny_networks, on_iteration=lambda r: images.append(r.image))
+    assert result.iterations == 3 and all(np.isfinite(h["loss"]) for h in result.history)
+    # iteration 0 (the LoRA is zero) is what ComfyUI's stock KSampler + VAEDecode make of the same
+    # seed: the same float32 model run by the same sampler; only VAEDecode's clamp to [0, 1] and
+    # the order of float operations in the private decoder copy differ
+    ours = images[0].permute(0, 2, 3, 1)
+    assert ours.shape == stock.shape, (ours.shape, stock.shape)
+    torch.testing.assert_close(ours.clamp(0, 1), stock, atol=2e-5, rtol=0)
+    # the LoRA sits on the family's layers and learned (the images move after steps)
+    family = host.model_family(model)
+    targets = host.lora_target_names(model, host.TARGETS[0])
+    ups = {k[len("diffusion_model."):-len(".lora_up.weight")]: v for k, v in lora.tensors.items() if k.endswith(".lora_up.weight")}
+    assert set(ups) == targets and targets
+    assert any(float((images[i] - images[0]).abs().max()) > 0 for i in (1, 2)), "the LoRA changed nothing"
+    if family.lora == "blocks":
+        assert not any(families._MODULATION.search(k) for k in ups), "modulation layers got a LoRA"
+    after = _host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert torch.equal(_stock_image(model, vae, positive, name, size), stock)
+    # the file loads through ComfyUI's stock LoRA path (LoraLoaderModelOnly) with every key mapped
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(lora.tensors, key_map, log_missing=False)
+    assert len(patches) == len(ups), f"ComfyUI's loader mapped {len(patches)} of {len(ups)} layers"
+
+
+@pytest.mark.parametrize("name", ["flux2", "qwen_image", "zimage"])
+def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, tiny_networks):
+    """low_memory on recomputes the family's blocks (and the decoder's where it may) in backward:
+    the same losses as without, up to float32 reassociation."""
+    model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
+    runs = []
+    for checkpointing in (False, True):
+        settings = gen.GenerationSettings(width=64, height=64, seed=1, precision="fp32",
+                                          gradient_checkpointing=checkpointing,
+                                          optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
+                                                                                  early_stop_patience=10))
+        with torch.inference_mode():
+            runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                             feature_networks=tiny_networks)[2].history)
+    # recomputation repeats the same float32 operations: equal to rounding of the loss's magnitude
+    for a, b in zip(*runs):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+
+
+def test_a_refused_image_family_and_a_video_model_are_named_before_any_work(subject, tiny_networks, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: loaded.append(a))
+    settings = gen.GenerationSettings(width=64, height=64)
+    cosmos = tf.build_model("cosmos_predict2")
+    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise CosmosPredict2 .*fused rotary"):
+        gen.optimize_subject(cosmos, tf.build_vae("cosmos_predict2"), tf.conditioning("cosmos_predict2"), subject,
+                             "d", "i", settings)
+    assert not loaded
+
+
+def test_the_family_table_covers_every_family_the_tests_build():
+    built = {type(tf.build_model(name).model).__name__ for name in tf.FAMILIES}
+    listed = {c for f in families.FAMILIES for c in f.model_classes} | set(families.REFUSED)
+    assert built <= listed, built - listed
+
+
+def test_the_readme_shows_the_family_table_as_generated():
+    from conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- generated from siso_ops/families.py: supported_models_markdown() -->\n")
+    end = readme.index("\n<!-- end of generated table -->")
+    shown = readme[start:end].split("\n", 1)[1]
+    assert shown == families.supported_models_markdown(), "README's table is stale: paste supported_models_markdown()"
+
+
+EDITING = [name for name in SUPPORTED if name not in ("qwen_image", "hunyuan_image21")]
+
+
+def test_subject_swap_is_refused_where_the_table_says_so_before_any_work():
+    from test_editing import invert
+    for name in ("qwen_image", "hunyuan_image21"):
+        model = tf.build_model(name)
+        with pytest.raises(ValueError, match="subject swap .* is not available for .* yet: .*SISO Optimize .* works"):
+            invert(model, tf.build_vae(name), tf.conditioning(name), torch.rand(1, 64, 64, 3))
+
+
+@pytest.mark.parametrize("name", EDITING)
+def test_family_inverts_with_renoise_and_edits_keeping_the_background(name, subject, feature_files):
+    """ReNoise (euler_ancestral with noise correction) inverts the photo (for the EPS families far
+    closer to its latent than plain DDIM inversion); an edit then runs from the inversion with
+    the background term, and the host stays unchanged."""
+    from test_editing import DDIM, edit, invert
+    model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
+    size = _size(name)
+    g = torch.Generator().manual_seed(5)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size),
+                                            mode="bilinear").permute(0, 2, 3, 1).contiguous()
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    renoise, reconstruction = invert(model, vae, positive, image, renoise_iterations=2, first_step_iterations=2,
+                                     average_start=1, average_end=3)
+    ddim, _ = invert(model, vae, positive, image, **DDIM)
+    assert renoise.flow == host.is_flow(model)
+    if not renoise.flow:
+        # noise correction makes every inverse step land exactly: float32 rounding only, far
+        # below what an inversion without it leaves on a random model
+        assert renoise.latent_error < 0.5 * ddim.latent_error, (renoise.latent_error, ddim.latent_error)
+    else:
+        # flow-matching families: on these random tiny models ReNoise is not (yet) shown to beat
+        # plain inversion (SD3: 0.158 against 0.150); both must run and stay finite. Open item.
+        assert np.isfinite(renoise.latent_error) and np.isfinite(ddim.latent_error)
+    before = _host_state(model)
+    lora, edited, _, report = edit(model, vae, positive, subject, feature_files, renoise, mask, max_iterations=2,
+                                   width=size, height=size)
+    assert edited.shape == (1, size, size, 3) and torch.isfinite(edited).all() and "2 iterations" in report
+    after = _host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
