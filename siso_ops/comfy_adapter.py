@@ -722,6 +722,12 @@ def lora_file(name: str) -> str:
     return _model_file("loras", name, "LoRA file", "a SISO LoRA saved by SISO Save LoRA")
 
 
+def _rows_overlap(a, b) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] == b[0] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
+
+
 def diffusers_lora_targets(model) -> tuple:
     """(prefix, {ComfyUI layer 'diffusion_model.<module>': [(diffusers module, rows or None)]}):
     where each of the model's layers lives in a diffusers pipeline, from ComfyUI's own key maps
@@ -742,9 +748,10 @@ def diffusers_lora_targets(model) -> tuple:
         comfy_key, rows, reorder = target[0], target[1], (target[2] if len(target) > 2 else None)
         if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
             places = targets.setdefault(comfy_key[:-len(".weight")], [])
-            # ComfyUI's maps also list other trainers' aliases of a module (e.g. LyCoris's
-            # ff.linear_in for ff.net.0.proj), after diffusers' own name: one LoRA per rows
-            if not any(rows == other_rows for _, other_rows, _ in places):
+            # ComfyUI's maps also list other layouts' names of a module after diffusers' own
+            # (LyCoris's ff.linear_in for ff.net.0.proj, Flux.2's to_qkv_mlp_proj for the whole
+            # of linear1): the first name wins for any rows already covered
+            if not any(_rows_overlap(rows, other) for _, other, _ in places):
                 places.append((prefix + diffusers_key[:-len(".weight")], rows, reorder))
     return prefix, targets
 
