@@ -146,6 +146,9 @@ class SISOOptimize(CheckedNode):
             progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
             raise
         report = result.describe()
+        plan = getattr(result, "memory", None)
+        if plan is not None:   # what the memory estimate said, and the low_memory it chose
+            report += f". {plan.describe()}"
         progress.finish(report)
         log.info("SISO: %s", report)
         curve = torch.from_numpy(loss_curve(result.history, result.best_iteration)).unsqueeze(0)

@@ -890,8 +890,6 @@ def keep_segmentation_models_while(node):
 # ComfyUI counts it, the weights a run keeps resident, and the forward passes of the model and of
 # the decoder on shape-only ("meta") copies, driven the way the training loop drives them.
 
-# The blocks DifferentiableDecoder checkpoints (kept in step with its constructor).
-DECODER_CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock")
 
 
 def device_memory(device) -> dict:
@@ -1033,23 +1031,50 @@ def _vae_math_attention(q, k, v):
 
 
 def prepare_decoder_probe(first_stage):
-    """On a shape-only copy of the VAE's first stage: its attention blocks use what ComfyUI
-    picked for them (slice attention, which keeps the full attention matrix for backward, where
-    PyTorch attention is off for VAEs, e.g. on CPUs; a fused kernel otherwise)."""
+    """On a shape-only copy of the VAE's first stage: its attention blocks (SD's AttnBlock,
+    Wan's, ...) use what ComfyUI picked for them: slice attention, which keeps the full attention
+    matrix for backward (where PyTorch attention is off for VAEs, e.g. on CPUs), or else PyTorch's
+    fused kernel (xformers keeps what it keeps)."""
     from comfy.ldm.modules.diffusionmodules import model as vae_model
     for block in first_stage.modules():
-        chosen = getattr(block, "optimized_attention", None)
-        if chosen is None or type(block).__name__ != "AttnBlock":
+        chosen = vars(block).get("optimized_attention")
+        if chosen is None:
             continue
-        block.optimized_attention = (_vae_math_attention if chosen in (vae_model.normal_attention,)
-                                     else vae_model.pytorch_attention)
+        if chosen in (vae_model.normal_attention, vae_model.slice_attention):
+            block.optimized_attention = _vae_math_attention
+        elif chosen is getattr(vae_model, "xformers_attention", None):
+            block.optimized_attention = vae_model.pytorch_attention
     return first_stage
+
+
+@contextlib.contextmanager
+def probe_environment():
+    """While a shape-only pass runs: ComfyUI's free-memory query answers for the meta device
+    (code that sizes its chunks by free memory, e.g. sub-quadratic attention, asks it; the answer
+    is "plenty", so the pass takes the unchunked path a roomy device takes). Real devices are
+    answered as before."""
+    management = comfy.model_management
+    original = management.get_free_memory
+
+    def free_memory(dev=None, torch_free_too=False):
+        if getattr(dev, "type", None) == "meta":
+            plenty = 1 << 50
+            return (plenty, plenty) if torch_free_too else plenty
+        return original(dev, torch_free_too)
+    management.get_free_memory = free_memory
+    try:
+        yield
+    finally:
+        management.get_free_memory = original
 
 
 def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """DifferentiableDecoder.__call__ on a shape-only copy."""
     latent = model.model.process_latent_out(model_latent)
-    return (first_stage.decode(latent.to(dtype)).float() + 1.0) / 2.0
+    pixels = first_stage.decode(latent.to(dtype))
+    if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
+        pixels = pixels[:, :, 0]
+    return (pixels.float() + 1.0) / 2.0
 
 
 def vae_first_stage(vae):

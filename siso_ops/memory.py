@@ -45,10 +45,12 @@ are already in RAM (the model, networks cached by an earlier run) are not asked 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -352,8 +354,12 @@ def _count_kept(run, modules, block_names, dtype: torch.dtype, device_type: str)
             if type(block).__name__ in block_names:
                 handles.append(block.register_forward_pre_hook(recorder.before_block, with_kwargs=True))
                 handles.append(block.register_forward_hook(recorder.after_block, with_kwargs=True))
+    import torch.fx.experimental._config as fx_config
     try:
-        with torch.inference_mode(False), torch.enable_grad(), _ShapeRun(dtype, device_type), \
+        # meta_nonzero_assume_all_nonzero: data-dependent indexing (a mixture of experts' routing)
+        # is counted as if every element were selected: an upper bound.
+        with torch.inference_mode(False), torch.enable_grad(), host.probe_environment(), \
+                fx_config.patch(meta_nonzero_assume_all_nonzero=True), _ShapeRun(dtype, device_type), \
                 torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
             run()
     finally:
@@ -363,22 +369,53 @@ def _count_kept(run, modules, block_names, dtype: torch.dtype, device_type: str)
 
 
 # ----------------------------------------------------------------------------- the parts
+# Counts already made, per model / VAE / network object (weakly: they go with it) and settings,
+# so a second run of the same workflow gets its estimate at once.
+_COUNTS = weakref.WeakKeyDictionary()
+
+
+def _remembered(owner, key, make):
+    try:
+        table = _COUNTS.setdefault(owner, {})
+    except TypeError:       # an object that cannot be weakly referenced: count every time
+        return make()
+    if key not in table:
+        table[key] = make()
+    return table[key]
+
+
+def _signature(tensors: dict) -> tuple:
+    return tuple(sorted(((k, tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, repr(v)))
+                        for k, v in tensors.items()))
+
+
 def denoiser_activations(model, positive, latent: torch.Tensor, device_type: str, dtype: torch.dtype, rank: int = 4,
                          alpha: float = 0.0, target: str = host.TARGETS[0]) -> ActivationCount:
     """One denoiser pass with gradients at the run's latent size, the LoRA on its layers."""
-    conds = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
-             for k, v in host.model_conditioning(model, positive, latent).items()}
-    base = host.prepare_denoiser_probe(meta_copy(model.model), model, rank, alpha, target)
-    # The latent entering a step with gradients does not require them (noise, or earlier steps run
-    # without): autograd records from the first LoRA layer on, as in the run.
-    x = torch.zeros(latent.shape, device="meta")
-    sigma = torch.ones(latent.shape[0], device="meta")
-    return _count_kept(lambda: host.probe_apply_model(base, x, sigma, conds), [base],
-                       host.checkpoint_block_classes(model), dtype, device_type)
+    real_conds = host.model_conditioning(model, positive, latent)
+
+    def count():
+        conds = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in real_conds.items()}
+        base = host.prepare_denoiser_probe(meta_copy(model.model), model, rank, alpha, target)
+        # The latent entering a step with gradients does not require them (noise, or earlier steps
+        # run without): autograd records from the first LoRA layer on, as in the run.
+        x = torch.zeros(latent.shape, device="meta")
+        sigma = torch.ones(latent.shape[0], device="meta")
+        return _count_kept(lambda: host.probe_apply_model(base, x, sigma, conds), [base],
+                           host.checkpoint_block_classes(model), dtype, device_type)
+    key = ("denoiser", tuple(latent.shape), device_type, dtype, int(rank), float(alpha), target, _signature(real_conds))
+    return _remembered(model.model, key, count)
 
 
 def decoder_activations(vae, model, latent: torch.Tensor, device_type: str, dtype: torch.dtype):
     """One pass of the private decoder copy; returns (count, the image's shape)."""
+    first_stage, _ = host.vae_first_stage(vae)
+    key = ("decoder", tuple(latent.shape), device_type, dtype, type(model.model.latent_format).__name__,
+           tuple(host.model_family(model).decoder_blocks))
+    return _remembered(first_stage, key, lambda: _decoder_activations(vae, model, latent, device_type, dtype))
+
+
+def _decoder_activations(vae, model, latent: torch.Tensor, device_type: str, dtype: torch.dtype):
     first_stage, encoder = host.vae_first_stage(vae)
     module = meta_copy(first_stage)
     for name, child in first_stage._modules.items():
@@ -396,8 +433,10 @@ def decoder_activations(vae, model, latent: torch.Tensor, device_type: str, dtyp
 
 def network_activations(network, image_shape, device_type: str, dtype: torch.dtype) -> ActivationCount:
     """One embedding of the decoded image (``network``: a FeatureNetwork on the meta device)."""
-    image = torch.zeros(image_shape, device="meta", requires_grad=True)
-    return _count_kept(lambda: network.embed(image), [network.module], NETWORK_BLOCKS, dtype, device_type)
+    def count():
+        image = torch.zeros(image_shape, device="meta", requires_grad=True)
+        return _count_kept(lambda: network.embed(image), [network.module], NETWORK_BLOCKS, dtype, device_type)
+    return _remembered(network.module, ("network", tuple(image_shape), device_type, dtype), count)
 
 
 def _shapes(path: str) -> dict:
@@ -420,11 +459,20 @@ def _depth(keys, pattern: str) -> int:
 def meta_network(kind: str, path: str | None, dtype: torch.dtype = torch.float32):
     """A shape-only FeatureNetwork of the architecture in ``path`` (widths and depths read from
     its tensor shapes), or of the published architecture when the file cannot be read."""
+    try:
+        stamp = (os.path.abspath(path), os.path.getmtime(path), os.path.getsize(path))
+    except (OSError, TypeError):
+        stamp = None
+    return _meta_network(kind, path if stamp else None, stamp, dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_network(kind: str, path: str | None, stamp, dtype: torch.dtype):
     from . import feature_networks as fn
     from .preprocess import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     import timm
     shapes = {}
-    if path and os.path.isfile(path):
+    if path:
         try:
             shapes = _shapes(path)
         except Exception as error:  # the loader reports the file's problem later, with its own message

@@ -315,3 +315,30 @@ def test_on_a_gpu_what_comfyui_holds_there_counts_as_available_and_nothing_is_in
     for part in ("denoiser", "decoder"):
         assert on_gpu.activations[part].kept < on_cpu.activations[part].kept, part
     assert on_gpu.weights["decoder copy"] * 2 == on_cpu.weights["decoder copy"]
+
+
+def _tiny_families():
+    import tiny_families
+    return list(tiny_families.FAMILIES)
+
+
+@pytest.mark.parametrize("family", _tiny_families())
+def test_the_estimate_is_made_for_every_model_family(family):
+    """The shape-only pass runs each family's own ComfyUI forward, so a family that it could not
+    run would silently lose its estimate (auto would then always recompute): every family SISO
+    supports gets one, with the published similarity networks, and checkpointing keeps less."""
+    import tiny_families as tf
+    model = tf.build_model(family)
+    try:
+        host.check_supported(model)
+    except ValueError:
+        pytest.skip(f"{family} is refused before any work on this ComfyUI")
+    vae, positive = tf.build_vae(family), tf.conditioning(family)
+    size = max(128, tf.MIN_SIZE.get(family, 64))
+    with torch.inference_mode():
+        estimate = memory.estimate_iteration(model, vae, positive, size, size, "cpu", torch.float32, networks=[
+            memory.NetworkUse("dino", None, None), memory.NetworkUse("ir", None, None)])
+    denoiser = estimate.activations["denoiser"]
+    assert 0 < denoiser.kept_checkpointed < denoiser.kept
+    assert estimate.activations["decoder"].kept >= 0 and estimate.activations["dino"].kept > 0
+    assert estimate.peak(True) < estimate.peak(False)
