@@ -87,7 +87,10 @@ def build_vae(latent_channels: int = 4, seed: int = 1):
         cfg = vae_config(latent_channels)
         module = AutoencoderKL(**cfg["params"])
         init_random(module, seed, std=0.05)
-        return comfy.sd.VAE(sd=module.state_dict(), config=cfg)
+        vae = comfy.sd.VAE(sd=module.state_dict(), config=cfg)
+        # what ComfyUI's detection sets for a VAE loaded from a file (the config path keeps 4)
+        vae.latent_channels = latent_channels
+        return vae
 
 
 def conditioning(family: str, seed: int = 0, tokens: int = 8):
