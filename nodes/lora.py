@@ -143,10 +143,9 @@ class LoadSISOLoRA(CheckedNode):
         with safetensors.safe_open(path, "pt") as f:
             header = f.metadata() or {}
         alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
-        history = []
         loss = float(header.get("siso.best_loss", "nan"))
         lora = SubjectLoRAData(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank),
                            model=host.describe_model(model), best_iteration=max(int(header.get("siso.best_iteration", 1)) - 1, 0),
                            iterations=int(header.get("siso.iterations", 0)), best_loss=loss,
-                           stop_reason=f"loaded from {lora_name}", history=history, **host.subject_lora_layouts(model))
+                           stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
         return io.NodeOutput(lora)

@@ -735,9 +735,10 @@ def diffusers_lora_targets(model) -> tuple:
     where ComfyUI fuses layers diffusers keeps apart (Flux's q, k, v); ``reorder``: ComfyUI's
     function between the two row orders where they differ (Flux's final modulation)."""
     config = model.model.model_config.unet_config
-    if type(model.model).__name__ == "Flux":
+    layout = model_family(model).diffusers
+    if layout == "flux":
         prefix, mapping = "transformer.", comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
-    elif "num_res_blocks" in config:
+    elif layout == "unet":
         prefix = "unet."
         mapping = {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
     else:

@@ -40,6 +40,7 @@ class Family:
     blocks: tuple | None = None
     in_place: bool = False
     decoder_blocks: tuple = KL_DECODER_BLOCKS
+    diffusers: str = ""       # the diffusers LoRA layout ComfyUI's key maps know: "unet", "flux" or none
     editing: str = ""         # why subject swap (ReNoise inversion) is refused; "" = supported
     optimise: str = ""        # steps / grad_steps while optimising
     stage2: str = ""          # stage-2 sampling
@@ -47,12 +48,12 @@ class Family:
 
 
 FAMILIES = (
-    Family("SD1.x / SD2.x (SD-Turbo)", ("BaseModel",), lora="attention", blocks=UNET_BLOCKS,
+    Family("SD1.x / SD2.x (SD-Turbo)", ("BaseModel",), lora="attention", blocks=UNET_BLOCKS, diffusers="unet",
            optimise="1 step, grad_steps 1 (turbo); 20-step models: 4 steps, grad_steps 3",
            stage2="4 steps, cfg 1.0 (turbo)", source="the paper (SD-Turbo-like SDXL-Turbo runs)"),
-    Family("SDXL (SDXL-Turbo)", ("SDXL",), lora="attention", blocks=UNET_BLOCKS,
+    Family("SDXL (SDXL-Turbo)", ("SDXL",), lora="attention", blocks=UNET_BLOCKS, diffusers="unet",
            optimise="1 step, grad_steps 1", stage2="4 steps, cfg 1.0", source="the paper"),
-    Family("Flux.1 (schnell, dev)", ("Flux",), in_place=True,
+    Family("Flux.1 (schnell, dev)", ("Flux",), in_place=True, diffusers="flux",
            optimise="1 step (schnell), grad_steps 1", stage2="4 steps (schnell), cfg 1.0", source="the paper (FLUX-schnell)"),
     Family("Flux.2 (dev, klein)", ("Flux2",), in_place=True,
            optimise="4 steps, grad_steps 1 (distilled klein); dev: 8 steps, grad_steps 2", stage2="klein: 4 steps, cfg 1.0; dev: 20+ steps",

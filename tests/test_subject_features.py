@@ -262,16 +262,20 @@ def test_diffusers_layout_of_an_sd15_lora_loads_in_diffusers_and_gives_comfyuis_
     assert (theirs - F.linear(x, module.base_layer.weight)).abs().max() > 1e-3   # the LoRA does act
 
 
+def _flux_with_mlp_ratio_4():
+    """diffusers' Flux has mlp ratio 4: a tiny ComfyUI Flux with the same (trainable tensors)."""
+    cls, config, kind = tiny.FAMILIES["flux_schnell"]
+    tiny.FAMILIES["flux_ratio4"] = (cls, dict(config, mlp_ratio=4.0), kind)
+    try:
+        return tiny.build_model("flux_ratio4", inference=False)
+    finally:
+        del tiny.FAMILIES["flux_ratio4"]
+
+
 def test_diffusers_layout_of_a_flux_lora_splits_the_fused_layers_and_loads_in_diffusers():
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    cls, config, kind = tiny.FAMILIES["flux_schnell"]
-    # diffusers' Flux has mlp ratio 4: a tiny ComfyUI Flux with the same
-    tiny.FAMILIES["flux_ratio4"] = (cls, dict(config, mlp_ratio=4.0), kind)
-    try:
-        model = tiny.build_model("flux_ratio4", inference=False)
-    finally:
-        del tiny.FAMILIES["flux_ratio4"]
+    model = _flux_with_mlp_ratio_4()
     transformer = diffusers.FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
@@ -302,12 +306,7 @@ def test_diffusers_layout_of_a_flux_lora_splits_the_fused_layers_and_loads_in_di
 
 def test_comfyui_reads_the_diffusers_layout_of_a_flux_lora_like_its_own():
     """ComfyUI's LoRA loader maps diffusers' Flux keys (transformer.*): both files give one weight."""
-    cls, config, kind = tiny.FAMILIES["flux_schnell"]
-    tiny.FAMILIES["flux_ratio4"] = (cls, dict(config, mlp_ratio=4.0), kind)
-    try:
-        model = tiny.build_model("flux_ratio4", inference=False)
-    finally:
-        del tiny.FAMILIES["flux_ratio4"]
+    model = _flux_with_mlp_ratio_4()
     tensors = _random_lora(model, rank=4, alpha=2.0)
     converted = lora_mod.to_diffusers(tensors, host.diffusers_lora_targets(model)[1])
     for key in ("diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight"):
