@@ -5,7 +5,7 @@ feature networks load only when SISO Optimize first runs.
 """
 from comfy_api.v0_0_2 import ComfyExtension
 
-from .siso_ops.comfy_adapter import register_model_folders
+from .siso_ops.host import register_model_folders
 
 WEB_DIRECTORY = "./web"
 

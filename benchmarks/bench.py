@@ -26,6 +26,23 @@ include the weights each configuration keeps on the device.
     python benchmarks/bench.py ... --estimate       # also SISO's memory estimate against each measured peak
     python benchmarks/bench.py --from-json a.json,b.json --write   # one table from saved runs
 
+Real DiT architectures (``--models zimage,flux2_klein --configs defaults``): Z-Image-Turbo (ComfyUI's
+Lumina 2 / NextDiT as its detection reads z_image_turbo_bf16.safetensors: dim 3840, 30 layers, 30
+heads, Qwen3-4B context 2560; 6.15 B parameters) with the Flux.1 16-channel VAE, and Flux.2 klein
+4B (hidden 3072, 5 double + 20 single blocks, 24 heads, context 7680 = three Qwen3-4B layers;
+3.88 B parameters; needs a ComfyUI that detects klein, e.g. 0.33: 0.3.75 hard-codes Flux.2 [dev]'s
+48 heads) with Flux.2's own 32-channel VAE (128 latent channels after its 2x2 patchify, 16x).
+ComfyUI's model detection picks the config from the published files' key names and shapes (given
+as meta tensors, no data); ComfyUI's classes build the model and both VAEs (random weights).
+Deviations, printed with the results: the diffusion weights stay in bfloat16 as the published
+files are (ComfyUI on a CPU would compute through its manual cast to float32 all the same, and
+the pack's default precision applies on top; in float32 Z-Image's weights alone are 24.6 GB); the
+text encoder (Qwen3-4B) is NOT built, since it runs once before the loop: the conditioning is
+random, of the exact shape and dtype ComfyUI's CLIP Text Encode gives for the prompt (token count
+from ComfyUI's own tokenizer and chat template for the model: Z-Image [1, 13, 2560] float32, klein
+padded to [1, 512, 7680] float32; ``pooled_output`` None and the ``attention_mask`` both give).
+No paper configuration for them (it trains a LoRA on the text encoder), no tiny version.
+
 On a CPU it runs at 256 px by default (512 px costs about 4x the time); on a GPU at 512 px.
 ``--write`` puts the table into BENCHMARKS.md (between this device's markers). `make bench` runs
 it with --write.
@@ -105,6 +122,113 @@ class Memory:
         return _status_mb("VmHWM")
 
 
+# ----------------------------------------------------------------------------- real DiT architectures
+# Z-Image-Turbo and Flux.2 klein 4B: ComfyUI's own model detection decides the architecture from
+# the keys and shapes of the published files (only the tensors detection reads are given, on the
+# meta device: no data); the model is then built by ComfyUI's classes with random weights.
+BIG_MODELS = {
+    "zimage": "Z-Image-Turbo (z_image_turbo_bf16.safetensors: NextDiT dim 3840, 30 layers, Qwen3-4B context 2560)",
+    "flux2_klein": "Flux.2 klein 4B (flux-2-klein-4b.safetensors: hidden 3072, 5 double + 20 single blocks, "
+                   "Qwen3-4B context 3 x 2560)",
+}
+
+
+def big_detected_config(model_name: str):
+    """(ComfyUI's model config object, its unet_config) as ComfyUI's detection builds them for the
+    published file: ``comfy.model_detection.model_config_from_unet`` on the file's keys and
+    shapes (meta tensors: only the keys detection reads, with the published shapes)."""
+    import torch
+    import comfy.model_detection
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    sd = {}
+    if model_name == "zimage":
+        # Z-Image-Turbo: 30 main layers, cap_embedder = RMSNorm(2560) + Linear(2560 -> 3840); the file has
+        # cap_pad_token / x_pad_token (so detection sets pad_tokens_multiple 32).
+        sd["cap_embedder.0.weight"] = meta(2560)
+        sd["cap_embedder.1.weight"] = meta(3840, 2560)
+        sd["cap_pad_token"] = meta(1, 3840)
+        sd["x_pad_token"] = meta(1, 3840)
+        for i in range(30):
+            sd[f"layers.{i}.attention.qkv.weight"] = meta(3 * 3840, 3840)
+            sd[f"layers.{i}.ffn_norm1.weight"] = meta(3840)   # 0.33 reads its spread (fp16 fitness; GPU only)
+        for i in range(2):
+            sd[f"noise_refiner.{i}.attention.k_norm.weight"] = meta(128)   # 0.33 requires it for Lumina 2
+    elif model_name == "flux2_klein":
+        # Flux.2 klein 4B: img_in 128 -> 3072, txt_in 7680 (3 Qwen3-4B layers x 2560) -> 3072, no
+        # guidance_in (distilled), no vector_in, 5 double and 20 single blocks.
+        sd["img_in.weight"] = meta(3072, 128)
+        sd["txt_in.weight"] = meta(3072, 7680)
+        sd["double_stream_modulation_img.lin.weight"] = meta(6 * 3072 * 2, 3072)
+        for i in range(5):
+            sd[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = meta(128)
+        for i in range(20):
+            sd[f"single_blocks.{i}.norm.key_norm.scale"] = meta(128)
+    else:
+        raise KeyError(model_name)
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+    if model_config is None:
+        raise SystemExit(f"this ComfyUI does not detect {BIG_MODELS[model_name]}")
+    if model_name == "flux2_klein" and model_config.unet_config.get("num_heads") != 24:
+        # ComfyUI 0.3.75 hard-codes Flux.2 [dev]'s 48 heads (head width 64 against RoPE axes of 128):
+        # klein needs a ComfyUI that derives the heads from the width (0.33 does).
+        raise SystemExit(f"this ComfyUI builds Flux.2 klein with {model_config.unet_config.get('num_heads')} heads "
+                         "(Flux.2 [dev]'s); klein needs ComfyUI >= 0.3.77 (e.g. SISO_COMFYUI_DIR=.cache/ComfyUI-0.33.0)")
+    return model_config
+
+
+def big_vae(model_name: str, fill_random):
+    """The family's VAE as comfy.sd.VAE detects it from the published file's state dict, random
+    weights: Z-Image uses the Flux.1 VAE (16 channels, no quant convs: AutoencodingEngine),
+    Flux.2 its own 32-channel VAE with quant convs and a batch-normalised 2x2-patchified latent
+    (128 channels, 16x)."""
+    import torch
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
+    z = 16 if model_name == "zimage" else 32
+    dd = {"double_z": True, "z_channels": z, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+          "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    with torch.inference_mode():
+        if model_name == "zimage":
+            module = AutoencodingEngine(
+                regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+                encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": dd},
+                decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": dd})
+        else:
+            module = AutoencoderKL(ddconfig=dict(dd, batch_norm_latent=True), embed_dim=z)
+        fill_random(module, 1)
+        sd = module.state_dict()
+        if model_name == "flux2_klein":
+            sd["bn.running_var"] = torch.ones_like(sd["bn.running_var"])
+        vae = comfy.sd.VAE(sd=sd)
+        del module, sd
+    return vae
+
+
+def big_conditioning(model_name: str, seed: int = 2):
+    """CONDITIONING of the shape and dtype ComfyUI's CLIP Text Encode gives for PROMPT with the
+    model's real text encoder (Qwen3-4B), with random values: the token count comes from
+    ComfyUI's own tokenizer for the model (its chat template and padding); the text encoder is
+    not built (it runs once before the loop, never inside it)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    if model_name == "zimage":
+        import comfy.text_encoders.z_image as te
+        tokens = te.ZImageTokenizer().tokenize_with_weights(PROMPT)["qwen3_4b"]
+        width = 2560                      # Qwen3-4B hidden state, layer -2
+    else:
+        import comfy.text_encoders.flux as te
+        tokens = te.KleinTokenizer().tokenize_with_weights(PROMPT)["qwen3_4b"]
+        width = 3 * 2560                  # Qwen3-4B layers 9, 18, 27 side by side
+    ids = [t[0] for section in tokens for t in section]
+    mask = torch.tensor([[0 if i == 151643 else 1 for i in ids]], dtype=torch.long)   # 151643: Qwen's pad
+    cross = torch.randn(1, len(ids), width, generator=g)
+    info = {"tokens": len(ids), "real_tokens": int(mask.sum()), "shape": list(cross.shape), "dtype": "float32",
+            "extras": ["pooled_output (None)", "attention_mask"]}
+    return [[cross, {"pooled_output": None, "attention_mask": mask}]], info
+
+
 # ----------------------------------------------------------------------------- the child process
 def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
           paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
@@ -119,7 +243,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
     from conftest import siso
 
     host, gen, opt, fn, pre, editing, lora_mod, subject_mod, renoise = (siso(f"siso_ops.{m}") for m in (
-        "comfy_adapter", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
+        "host", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
         "renoise"))
     device = host.compute_device()
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
@@ -139,16 +263,36 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                     p.zero_()
                 elif p.ndim <= 1:
                     p.fill_(1.0)
+                elif p.dtype == torch.bfloat16 and p.device.type == "cpu":
+                    # billions of bfloat16 weights: drawn in place, in their own dtype, one
+                    # parameter at a time (no float32 copy of the model)
+                    p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5, generator=g)
                 else:
                     p.copy_(torch.randn(p.shape, generator=g, device=where) / max(p[0].numel(), 1) ** 0.5)
         return module
 
     # --- the diffusion model, as ComfyUI's checkpoint loader would load it
-    family = {"sd_turbo": "sd2_eps", "sdxl_turbo": "sdxl"}[model_name] if tiny_models else model_name
-    config_cls, unet_config, model_type = {**tiny.FAMILIES, **tiny.FULL_SIZE}[family]
+    big = model_name in BIG_MODELS
+    if big and (paper or tiny_models):
+        print(json.dumps({"aborted": f"{model_name}: the pack's defaults (and their variants) at full size only: the "
+                                     "paper configuration trains a LoRA on the text encoder, which is not built here, "
+                                     "and there is no tiny version"}), flush=True)
+        return
     with torch.inference_mode():
-        model_config = config_cls(dict(unet_config))
-        if paper:
+        if big:
+            model_config, model_type = big_detected_config(model_name), None
+        else:
+            family = {"sd_turbo": "sd2_eps", "sdxl_turbo": "sdxl"}[model_name] if tiny_models else model_name
+            config_cls, unet_config, model_type = {**tiny.FAMILIES, **tiny.FULL_SIZE}[family]
+            model_config = config_cls(dict(unet_config))
+        if big:
+            # DEVIATION: the weights stay in bfloat16, as the published files are (in float32 Z-Image's
+            # 6.2 B parameters are 24.6 GB, more than this machine has); the compute dtype is what
+            # ComfyUI picks for bfloat16 weights on this device (its manual cast) and the pack's
+            # default precision (autocast) on top.
+            dtype = torch.bfloat16
+            manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
+        elif paper:
             dtype, manual_cast = torch.float32, None
         else:   # the published turbo checkpoints are float16 files
             dtype = comfy.model_management.unet_dtype(device, 10**9, model_config.supported_inference_dtypes,
@@ -165,38 +309,47 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
 
     # --- the VAE (the SD/SDXL VAE architecture) and the text encoder(s)
     from comfy.ldm.models.autoencoder import AutoencoderKL
-    vae_cfg = tiny.vae_config(4) if tiny_models else {"params": {"embed_dim": 4, "ddconfig": {
-        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
-    with torch.inference_mode():
-        module = fill_random(AutoencoderKL(**vae_cfg["params"]), 1)
-        vae = comfy.sd.VAE(sd=module.state_dict(), config=vae_cfg)
-        del module
+    if big:
+        # the family's own VAE; no text encoder: conditioning of the real shape, random values
+        vae = big_vae(model_name, fill_random)
+        positive, cond_info = big_conditioning(model_name)
+        te_params = 0
+        print(f"# {model_name}: {BIG_MODELS[model_name]}; {unet_params / 1e6:.0f} M parameters in {dtype}, ComfyUI "
+              f"manual cast {manual_cast}; VAE latent {vae.latent_channels} channels, {vae.downscale_ratio}x; text "
+              f"encoder not built: random conditioning {cond_info}", file=sys.stderr, flush=True)
+    else:
+        vae_cfg = tiny.vae_config(4) if tiny_models else {"params": {"embed_dim": 4, "ddconfig": {
+            "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
+        with torch.inference_mode():
+            module = fill_random(AutoencoderKL(**vae_cfg["params"]), 1)
+            vae = comfy.sd.VAE(sd=module.state_dict(), config=vae_cfg)
+            del module
 
-    import comfy.sdxl_clip
-    import comfy.text_encoders.sd2_clip as sd2_clip
-    te_options = ({f"{name}_model_config": {"num_hidden_layers": 3} for name in ("clip_h", "clip_l", "clip_g")}
-                  if tiny_models else {})
-    te_device = device if paper else torch.device("cpu")
-    with torch.inference_mode(paper is False):
-        if model_name == "sdxl_turbo":
-            text_encoder = comfy.sdxl_clip.SDXLClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
-            tokenizer = comfy.sdxl_clip.SDXLTokenizer()
-        else:
-            text_encoder = sd2_clip.SD2ClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
-            tokenizer = sd2_clip.SD2Tokenizer()
-        fill_random(text_encoder, 2)
-        text_encoder.requires_grad_(False)
-    tokens = tokenizer.tokenize_with_weights(PROMPT)
-    te_params = sum(p.numel() for p in text_encoder.parameters())
+        import comfy.sdxl_clip
+        import comfy.text_encoders.sd2_clip as sd2_clip
+        te_options = ({f"{name}_model_config": {"num_hidden_layers": 3} for name in ("clip_h", "clip_l", "clip_g")}
+                      if tiny_models else {})
+        te_device = device if paper else torch.device("cpu")
+        with torch.inference_mode(paper is False):
+            if model_name == "sdxl_turbo":
+                text_encoder = comfy.sdxl_clip.SDXLClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
+                tokenizer = comfy.sdxl_clip.SDXLTokenizer()
+            else:
+                text_encoder = sd2_clip.SD2ClipModel(device=te_device, dtype=torch.float32, model_options=te_options)
+                tokenizer = sd2_clip.SD2Tokenizer()
+            fill_random(text_encoder, 2)
+            text_encoder.requires_grad_(False)
+        tokens = tokenizer.tokenize_with_weights(PROMPT)
+        te_params = sum(p.numel() for p in text_encoder.parameters())
 
-    def encode():
-        cond, pooled = text_encoder.encode_token_weights(tokens)[:2]
-        return cond, pooled
+        def encode():
+            cond, pooled = text_encoder.encode_token_weights(tokens)[:2]
+            return cond, pooled
 
-    with torch.inference_mode():
-        cond, pooled = encode()
-        positive = [[cond.detach().cpu(), {"pooled_output": pooled.detach().cpu()} if model_name == "sdxl_turbo" else {}]]
+        with torch.inference_mode():
+            cond, pooled = encode()
+            positive = [[cond.detach().cpu(), {"pooled_output": pooled.detach().cpu()} if model_name == "sdxl_turbo" else {}]]
 
     # --- the similarity networks
     compute_dtype = siso("siso_ops.precision").compute_dtype(
@@ -292,6 +445,10 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
            "unet_dtype": str(dtype).replace("torch.", ""), "compute_dtype": str(compute_dtype).replace("torch.", ""),
            "unet_params_m": unet_params / 1e6, "text_encoder_params_m": te_params / 1e6,
            "feature_params_m": feature_params / 1e6, "resident_mb": weights_mb, "paths": {}}
+    if big:
+        out.update(architecture=BIG_MODELS[model_name], manual_cast=str(manual_cast).replace("torch.", ""),
+                   text_encoder="not built: random conditioning of the real encoder's shape", conditioning=cond_info,
+                   vae_latent_channels=vae.latent_channels)
     out["low_memory"] = settings_for(1, 1).gradient_checkpointing      # True, False or "auto"
     for path in paths:
         inversion = None
@@ -563,11 +720,21 @@ def summarise(results: list, args, device: str) -> str:
         if stop:
             extra = (f"; start to early stop: {stop['wall_s']:.1f} s over {stop['iterations']} iterations "
                      f"({stop['stop_reason']})")
-        lines.append(f"- {r['model']} {r['config']}: UNet {r['unet_params_m']:.0f} M parameters in {r['unet_dtype']}, "
+        if "architecture" in r:   # a real DiT architecture with bfloat16 weights, no text encoder
+            cond = r["conditioning"]
+            what = (f"{r['architecture']}: diffusion model {r['unet_params_m']:.0f} M parameters in {r['unet_dtype']} "
+                    f"(ComfyUI's manual cast to {r['manual_cast']}), ")
+            te = (f"text encoder not built (random conditioning {cond['shape']} {cond['dtype']}: {cond['tokens']} tokens "
+                  f"as ComfyUI's tokenizer gives \"{PROMPT}\", {cond['real_tokens']} of them not padding, with an "
+                  "attention mask)")
+        else:
+            what = f"UNet {r['unet_params_m']:.0f} M parameters in {r['unet_dtype']}, "
+            te = f"text encoder(s) {r['text_encoder_params_m']:.0f} M"
+        lines.append(f"- {r['model']} {r['config']}: {what}"
                      f"compute {r['compute_dtype']}, gradient checkpointing "
                      f"{'on' if r.get('gradient_checkpointing', r.get('low_memory')) else 'off'}"
-                     f"{' (auto)' if r.get('low_memory') == 'auto' else ''}, text encoder(s) "
-                     f"{r['text_encoder_params_m']:.0f} M, similarity networks {r['feature_params_m']:.0f} M; "
+                     f"{' (auto)' if r.get('low_memory') == 'auto' else ''}, {te}, similarity networks "
+                     f"{r['feature_params_m']:.0f} M; "
                      f"{r['resident_mb'] / 1024:.2f} GiB resident before the loop{extra}")
     return "\n".join(lines + sorted(set(notes)))
 
@@ -642,7 +809,9 @@ def main(argv=None):
     parser.add_argument("--size", type=int)
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--models", default="sd_turbo,sdxl_turbo")
+    parser.add_argument("--models", default="sd_turbo,sdxl_turbo",
+                        help="sd_turbo, sdxl_turbo (UNets, float16 files), zimage, flux2_klein (real DiT architectures, "
+                             "bfloat16 weights, no text encoder; --configs defaults or its variants)")
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"paper, defaults and variants of the defaults: {', '.join(VARIANTS)}")
     parser.add_argument("--paths", default=",".join(PATHS), help="generation, editing or both")

@@ -22,7 +22,7 @@ import torch
 import tiny
 from conftest import siso
 size, iterations, checkpointing = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-host, fn, sim = siso("siso_ops.comfy_adapter"), siso("siso_ops.feature_networks"), siso("siso_ops.similarity")
+host, fn, sim = siso("siso_ops.host"), siso("siso_ops.feature_networks"), siso("siso_ops.similarity")
 pre = siso("siso_ops.preprocess")
 import timm
 from comfy.ldm.models.autoencoder import AutoencoderKL

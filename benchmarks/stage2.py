@@ -18,7 +18,7 @@ import nodes as comfy_nodes  # noqa: E402
 import tiny  # noqa: E402
 from conftest import siso  # noqa: E402
 
-host, lora_mod = siso("siso_ops.comfy_adapter"), siso("siso_ops.lora")
+host, lora_mod = siso("siso_ops.host"), siso("siso_ops.lora")
 
 
 def random_siso_lora(model, rank=4, seed=0):

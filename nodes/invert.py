@@ -3,7 +3,7 @@ import logging
 import comfy.utils
 from comfy_api.v0_0_2 import io
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 from ..siso_ops.editing import InversionSettings, check_photo, invert_photo
 from ..siso_ops.renoise import ReNoiseSettings
 from .checks import CheckedNode, checked

@@ -5,7 +5,7 @@ import re
 import safetensors.torch
 from comfy_api.v0_0_2 import io
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 from ..siso_ops.lora import LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, lora_layers, to_diffusers
 from ..siso_ops.weights import read_checkpoint
 from .checks import CheckedNode, checked, file_choice

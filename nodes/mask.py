@@ -3,7 +3,7 @@ import logging
 import comfy.utils
 from comfy_api.v0_0_2 import io
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 from ..siso_ops.masks import KEEP_RULES, NOTHING_FOUND, caption_for
 from ..siso_ops.segmentation import BERT_FOLDER, BERT_SOURCE, MaskSettings
 from .checks import CheckedNode, checked, file_choice

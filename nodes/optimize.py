@@ -3,7 +3,7 @@ import logging
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS

@@ -9,7 +9,7 @@ import comfy.utils
 from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 
 EVENT = "siso.progress"
 

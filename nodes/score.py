@@ -3,7 +3,7 @@ from comfy_api.v0_0_2 import io
 
 import comfy.utils
 
-from ..siso_ops import comfy_adapter as host
+from ..siso_ops import host
 from ..siso_ops.generation import networks
 from ..siso_ops.precision import PRECISIONS, compute_dtype
 from ..siso_ops.score import score_images

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import comfy_adapter as host
+from . import host
 from .renoise import ReNoiseSettings, invert, reconstruct
 
 

@@ -1,6 +1,6 @@
 """The ONE table of what is specific to each image model family SISO trains on, and the rules
 that find a family's LoRA layers and repeated blocks from the module structure (torch only; the
-ComfyUI side reads the table in comfy_adapter).
+ComfyUI side, siso_ops/host, reads the table).
 
 Everything not in this table is the same for every family: the LoRA acts through ComfyUI's own
 layers (any model built from ``comfy.ops``), sampling goes through ComfyUI's sampler with the

@@ -1,6 +1,6 @@
 """SISO subject-driven generation: optimise a LoRA on the host model until its image from a
 fixed seed matches the subject photo. The node calls ``optimize_subject``; everything
-ComfyUI-specific goes through ``comfy_adapter``."""
+ComfyUI-specific goes through ``host``."""
 from __future__ import annotations
 
 import ctypes
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import comfy_adapter as host
+from . import host
 from . import memory
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir

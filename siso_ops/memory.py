@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import comfy_adapter as host
+from . import host
 
 log = logging.getLogger("siso")
 

@@ -10,7 +10,7 @@ import tiny
 from conftest import siso
 
 fn = siso("siso_ops.feature_networks")
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 Interrupted = comfy.model_management.InterruptProcessingException
 
 

@@ -47,7 +47,7 @@ def invert(model, vae, positive, image, **overrides):
 def edit(model, vae, positive, subject, feature_files, inversion, mask, **overrides):
     args = dict(dino_weights=feature_files[0], ir_weights=feature_files[1], seed=0, width=512, height=512, steps=1,
                 grad_steps=1, scheduler="simple", max_iterations=8, learning_rate=1e-2, lora_rank=4, lora_alpha=0.0,
-                lora_target=siso("siso_ops.comfy_adapter").TARGETS[0], dino_weight=1.0, ir_weight=1.0,
+                lora_target=siso("siso_ops.host").TARGETS[0], dino_weight=1.0, ir_weight=1.0,
                 early_stop_percent=3.0, early_stop_patience=100, background_weight=10.0,
                 precision="fp32")   # the method's bounds; bfloat16 is tested in test_generation
     args.update(overrides)
@@ -146,7 +146,7 @@ def test_every_model_family_inverts_and_edits(family, subject, feature_files):
 def test_mismatched_editing_inputs_are_refused_before_any_work(sd15, subject, feature_files, monkeypatch):
     model, vae, positive, _ = sd15
     inversion, _ = invert(model, vae, positive, photo(), renoise_iterations=0, first_step_iterations=0)
-    monkeypatch.setattr(siso("siso_ops.comfy_adapter"), "TrainableModel",
+    monkeypatch.setattr(siso("siso_ops.host"), "TrainableModel",
                         lambda *a, **k: pytest.fail("work started despite bad inputs"))
     cases = [
         (dict(mask=torch.zeros(1, 32, 32)), "mask is 32x32 but the inverted photo is 72x64"),

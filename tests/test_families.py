@@ -16,7 +16,7 @@ import nodes as comfy_nodes
 import tiny_families as tf
 from conftest import siso
 
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 families = siso("siso_ops.families")

@@ -20,7 +20,7 @@ import nodes as comfy_nodes
 import tiny
 from conftest import siso
 
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 subject_mod = siso("siso_ops.subject")

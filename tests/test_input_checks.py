@@ -15,7 +15,7 @@ checks = siso("nodes.checks")
 optim = siso("siso_ops.optimize")
 editing = siso("siso_ops.editing")
 subject_mod = siso("siso_ops.subject")
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 PACK = pack_node_ids()
 

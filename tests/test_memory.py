@@ -12,7 +12,7 @@ import torch
 import tiny
 from conftest import siso
 
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 memory = siso("siso_ops.memory")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")

@@ -32,6 +32,22 @@ def test_no_exact_pins_on_the_hosts_shared_libraries():
     assert "torch" not in requirement_names((REPO / "requirements.txt").read_text().splitlines())
 
 
+def test_only_the_host_package_touches_comfyui_internals():
+    """The method (siso_ops/) is plain torch; ComfyUI's internals are reached through siso_ops/host
+    only, so a change in ComfyUI is a change in one package."""
+    import ast
+    offenders = []
+    for path in sorted((REPO / "siso_ops").rglob("*.py")):
+        if "host" in path.relative_to(REPO / "siso_ops").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("comfy", "comfy_api", "folder_paths")]
+    assert (REPO / "siso_ops" / "host" / "__init__.py").is_file()
+    assert offenders == []
+
+
 def test_loading_the_pack_imports_no_heavy_library():
     """ComfyUI's start-up stays fast: timm, groundingdino, segment_anything, cv2 and kornia load
     when a node first runs (the time itself is measured by `make bench`, not here)."""

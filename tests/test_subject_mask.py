@@ -33,7 +33,7 @@ from conftest import COMFYUI, REPO, siso
 
 seg = siso("siso_ops.segmentation")
 M = siso("siso_ops.masks")
-host = siso("siso_ops.comfy_adapter")
+host = siso("siso_ops.host")
 WeightFileError = siso("siso_ops.feature_networks").WeightFileError
 SubjectMask = siso("nodes.mask").SubjectMask
 FAST_DETECTOR = (128, 256)

@@ -385,7 +385,7 @@ def decode_gradients(vae, model, latent: torch.Tensor) -> dict:
     process_latent_out: the model's ``process_latent_out`` (latent formats with per-channel
     mean/std tensors made under inference mode cannot enter autograd: Wan21);
     first_stage_copy: a deep copy of ``first_stage_model`` (and of the latent format) decoding
-    directly, as siso_ops.comfy_adapter.DifferentiableDecoder does."""
+    directly, as siso_ops.host.DifferentiableDecoder does."""
     import copy
     res = {}
 
@@ -494,7 +494,7 @@ def training_check(name: str, size: int = 64) -> dict:
         def cloning(orig, module):
             return lambda x, *a, **kw: orig(x.clone(), *a, **kw)
 
-        def checkpointing_cloned(orig, block):  # as siso_ops.comfy_adapter._checkpointed(clone_inputs=True)
+        def checkpointing_cloned(orig, block):  # as siso_ops.host.training._checkpointed(clone_inputs=True)
             def fwd(*a, **kw):
                 a = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in a)
                 kw = {k: (t.clone() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}

@@ -1,0 +1,40 @@
+"""The pack's ComfyUI side, the only code that knows ComfyUI's internals (0.3.75 and 0.33; where
+they differ it checks for the feature, never the version string: the training flag, dynamic VRAM
+patchers).
+
+It turns the host's MODEL / VAE / CONDITIONING into what the SISO loop needs: a trainable LoRA on
+a *clone* of the model, a denoiser over sigma driven through ComfyUI's own guider, a sigma
+schedule, and a differentiable decoder. The host's objects are never mutated.
+
+    folders              model folders and file lookup (similarity networks, LoRAs, SAM, Grounding DINO)
+    models               family checks (the table in ../families.py), VAE / LoRA fit, LoRA layers and key layouts
+    training             the trainable clone, its layer forwards, checkpointing, training mode
+    sampling             sigma schedules, stock noise, the guider-driven loop
+    decoding             stock encode / decode, empty latents, the differentiable decoder copy
+    segmentation_models  SubjectMask's models and their cache
+    memory_probe         what the memory estimate (../memory.py) measures on shape-only copies
+
+Callers use ``from siso_ops import host`` and ``host.<name>``; the names below are the interface.
+"""
+from .folders import (  # noqa: F401
+    WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices,
+    EXPECTED_FILES, weight_file_path, lora_folder, lora_choices, lora_file, sam_model_choices,
+    grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for)
+from .models import (  # noqa: F401
+    SUPPORTED_SAMPLING, TARGETS, describe_model, ARCHITECTURES, model_architecture, subject_lora_layouts,
+    check_lora_fits, model_family, check_supported, check_editing, check_vae, is_dit, compute_device,
+    throw_if_interrupted, is_flow, latent_channels, lora_target_names, checkpoint_block_classes,
+    diffusers_lora_targets, apply_lora, is_dynamic)
+from .training import (  # noqa: F401
+    training_clone, TrainableModel, free_cached_memory, make_room_for_training, training_mode,
+    _unload_everything_from)
+from .sampling import (  # noqa: F401
+    SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
+from .decoding import (  # noqa: F401
+    encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
+from .segmentation_models import (  # noqa: F401
+    segmentation_runtime, subject_masks, keep_segmentation_models_while)
+from .memory_probe import (  # noqa: F401
+    device_memory, memory_reserve, model_weight_bytes, model_weights_in_ram, decoder_weight_bytes,
+    lora_parameter_count, model_conditioning, prepare_denoiser_probe, probe_apply_model, prepare_decoder_probe,
+    probe_environment, probe_decode, vae_first_stage)

@@ -1,0 +1,104 @@
+"""The VAE side: stock encode and decode (as VAEEncode / VAEDecode), the latent a stock empty-latent
+node makes for the model, size checks at the VAE's scale, and the differentiable decoder: a
+private, unclamped copy of the VAE's decoder (the host VAE is untouched)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import comfy.sample
+
+from .models import model_family, throw_if_interrupted
+from .training import _checkpointed
+
+
+def encode_photo(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Stock VAE encode of a BHWC photo (sizes already checked: no silent crop), in inference mode
+    as ComfyUI's VAEEncode runs it (a VAE loaded outside it cannot decode inside it on a GPU)."""
+    with torch.inference_mode():
+        return vae.encode(pixels[..., :3]).detach().float().clone().cpu()
+
+
+
+def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
+    """Stock VAE decode of a model-space latent, BHWC in [0, 1]."""
+    with torch.inference_mode():
+        latent = model.model.process_latent_out(model_latent.detach().float().clone())
+        return vae.decode(latent).detach().float().clone().cpu()
+
+
+
+def latent_scale(vae) -> int:
+    """Pixels per latent cell of the VAE: 8 (SD, SDXL, Flux.1, SD3, Qwen-Image...), 16 (Flux.2),
+    32 (HunyuanImage 2.1), 1 (pixel-space models)."""
+    return int(vae.spacial_compression_encode()) if vae is not None else 8
+
+
+
+def check_size(vae, width: int, height: int):
+    scale = latent_scale(vae)
+    for name, value in (("width", width), ("height", height)):
+        if value % scale:
+            raise ValueError(f"{name} {value} is not a multiple of {scale}: this model's VAE works on {scale}-pixel "
+                             f"blocks; use {value - value % scale} or {value - value % scale + scale}")
+
+
+
+def empty_latent(model, width: int, height: int, vae=None) -> torch.Tensor:
+    """The zeros a stock EmptyLatentImage-like node gives this model: its latent channels and
+    dimensions (one frame for the Wan-latent image models), at the VAE's scale."""
+    latent_format = model.model.latent_format
+    scale = latent_scale(vae)
+    frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
+    latent = torch.zeros((1, 4) + frames + (height // scale, width // scale))
+    return comfy.sample.fix_empty_latent_channels(model, latent)
+
+
+
+class DifferentiableDecoder:
+    """A private copy of the VAE decoder: model latents -> unclamped RGB in [0, 1] range, BCHW.
+
+    ``VAE.decode`` clamps (zero gradients), may tile and moves data off the device; the host
+    VAE's weights are inference tensors, so we decode with our own copy. The latent format is
+    copied too: some keep their statistics as inference tensors (Wan 2.1's, for Qwen-Image)."""
+
+    def __init__(self, vae, model, device, dtype=torch.float32, checkpointing: bool = False):
+        first_stage = vae.first_stage_model
+        encoder = getattr(first_stage, "encoder", None)
+        memo = {id(encoder): None} if encoder is not None else {}
+        self.module = copy.deepcopy(first_stage, memo)  # the encoder is not needed to decode
+        self.module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if checkpointing:
+            # Our private copy, so its blocks may be rewrapped: each ResNet / attention block
+            # keeps only its input for backward and recomputes the rest (KL autoencoders; not
+            # where decoding keeps state across blocks, see families.py).
+            blocks = model_family(model).decoder_blocks
+            for block in self.module.modules():
+                if type(block).__name__ in blocks:
+                    block.forward = _checkpointed(block.forward)
+        # Cancel within one block's work: ComfyUI's stock layers check its interrupt flag, other
+        # layer classes and the work between layers need not, so every block of the copy checks
+        # it before it runs. Blocks are found from the structure, so this holds for every VAE
+        # ComfyUI builds (SD's 4-channel, Flux's 16-channel, ...).
+        from ..feature_networks import check_before_blocks
+        self.interrupt_hooks = check_before_blocks(self.module, throw_if_interrupted)
+        self.model = model.model
+        self.latent_format = copy.copy(model.model.latent_format)
+        for name, value in vars(self.latent_format).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self.latent_format, name, value.detach().clone())
+        self.dtype = dtype
+
+    def __call__(self, model_latent: torch.Tensor) -> torch.Tensor:
+        latent = self.latent_format.process_out(model_latent)
+        pixels = self.module.decode(latent.to(self.dtype))
+        if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
+            pixels = pixels[:, :, 0]
+        return (pixels.float() + 1.0) / 2.0
+
+    def release(self):
+        for handle in self.interrupt_hooks:
+            handle.remove()
+        self.interrupt_hooks = []
+        self.module = None

@@ -1,0 +1,126 @@
+"""Where the pack finds files, in ComfyUI's model folders: the similarity networks
+(models/siso), LoRAs (models/loras), and SubjectMask's models (the community's models/sams and
+models/grounding-dino, with the local BERT folder). Every "not found" names the folder to use."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from .. import segmentation
+from ..feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
+
+
+WEIGHTS_FOLDER = "siso"
+
+
+
+SAM_FOLDER = "sams"                   # the community's folders for SubjectMask's models
+
+
+
+GROUNDING_DINO_FOLDER = "grounding-dino"
+
+
+
+def _register_folder(name: str):
+    """models/<name>, added after any entries extra_model_paths.yaml already made."""
+    default = os.path.join(folder_paths.models_dir, name)
+    known = folder_paths.folder_names_and_paths.get(name)
+    if known is None or default not in known[0]:
+        folder_paths.add_model_folder_path(name, default)
+    paths, extensions = folder_paths.folder_names_and_paths[name]
+    folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+
+def register_model_folders():
+    """models/siso (similarity networks), models/sams and models/grounding-dino (SubjectMask)."""
+    for name in (WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER):
+        _register_folder(name)
+
+
+
+def weight_file_choices() -> list:
+    return folder_paths.get_filename_list(WEIGHTS_FOLDER)
+
+
+
+EXPECTED_FILES = {
+    "dino": ("DINOv2 ViT-L/14", "dinov2_vitl14.safetensors (or dinov2_vitl14_pretrain.pth)", DINO_SOURCE),
+    "ir": ("IR ViT-H/14 + fc1", "ir_features.pth (or ir_features.safetensors)", IR_SOURCE),
+}
+
+
+
+def weight_file_path(kind: str, name: str) -> str:
+    what, expected, source = EXPECTED_FILES[kind]
+    folders = folder_paths.get_folder_paths(WEIGHTS_FOLDER)
+    path = folder_paths.get_full_path(WEIGHTS_FOLDER, name) if name else None
+    if path is None:
+        raise WeightFileError(
+            f"{what} weights '{name}' not found. Put {expected} into one of the '{WEIGHTS_FOLDER}' "
+            f"model folders {folders} (or add a '{WEIGHTS_FOLDER}:' entry to extra_model_paths.yaml) "
+            f"and refresh. Source: {source}.")
+    return path
+
+
+
+def lora_folder() -> str:
+    return folder_paths.get_folder_paths("loras")[0]
+
+
+
+def lora_choices() -> list:
+    return folder_paths.get_filename_list("loras")
+
+
+
+def lora_file(name: str) -> str:
+    return _model_file("loras", name, "LoRA file", "a SISO LoRA saved by SISO Save LoRA")
+
+
+
+def _model_file(folder: str, name: str, what: str, expected: str) -> str:
+    path = folder_paths.get_full_path(folder, name) if name else None
+    if path is None:
+        raise WeightFileError(
+            f"{what} '{name}' not found. Put {expected} into one of the '{folder}' model folders "
+            f"{folder_paths.get_folder_paths(folder)} (or add a '{folder}:' entry to extra_model_paths.yaml) "
+            "and refresh.")
+    return path
+
+
+
+def sam_model_choices() -> list:
+    return folder_paths.get_filename_list(SAM_FOLDER)
+
+
+
+def grounding_dino_choices() -> list:
+    # The BERT folder's weights sit inside a grounding-dino folder; they are no detector.
+    return [name for name in folder_paths.get_filename_list(GROUNDING_DINO_FOLDER)
+            if segmentation.BERT_FOLDER not in name.replace("\\", "/").split("/")[:-1]]
+
+
+
+def sam_model_path(name: str) -> str:
+    return _model_file(SAM_FOLDER, name, "SAM checkpoint", segmentation.SAM_SOURCE)
+
+
+
+def grounding_dino_path(name: str) -> str:
+    return _model_file(GROUNDING_DINO_FOLDER, name, "Grounding DINO checkpoint", segmentation.GROUNDING_DINO_SOURCE)
+
+
+
+def bert_folder_for(checkpoint_path: str) -> str:
+    """The 'bert-base-uncased' folder beside the checkpoint, else in any grounding-dino folder,
+    else models/bert-base-uncased (where other segmentation packs keep it)."""
+    places = [os.path.dirname(checkpoint_path)] + folder_paths.get_folder_paths(GROUNDING_DINO_FOLDER) + [folder_paths.models_dir]
+    candidates = list(dict.fromkeys(os.path.join(place, segmentation.BERT_FOLDER) for place in places))
+    for folder in candidates:
+        if os.path.isdir(folder):
+            segmentation.check_bert_folder(folder)
+            return folder
+    raise WeightFileError(segmentation.missing_bert_message(candidates))

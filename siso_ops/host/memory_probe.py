@@ -1,0 +1,221 @@
+"""What siso_ops/memory.py needs from ComfyUI: the device's free memory as ComfyUI counts it, the
+weights a run keeps resident, and the forward passes of the model and of the decoder on
+shape-only ("meta") copies, driven the way the training loop drives them."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+
+from .models import is_dynamic, lora_target_names, model_family
+from .sampling import _detach_copy
+from .training import _CloneInput, _pytorch_attention, _training_op
+
+
+def device_memory(device) -> dict:
+    """Bytes on ``device``: ``free`` now (ComfyUI's get_free_memory: on a CPU the RAM the system
+    can still give, psutil's ``available``), ``unloadable``: what unloading the models ComfyUI holds
+    there frees (make_room_for_training unloads them all from a GPU before training; on a CPU it
+    unloads nothing), and ``total``."""
+    device = torch.device(device)
+    management = comfy.model_management
+    free = int(management.get_free_memory(device))
+    unloadable = 0
+    if device.type != "cpu":
+        for loaded in list(management.current_loaded_models):
+            if torch.device(loaded.device) == device:
+                unloadable += int(loaded.model_loaded_memory())
+    return {"free": free, "unloadable": unloadable, "total": int(management.get_total_memory(device))}
+
+
+
+def memory_reserve(device) -> int:
+    """What ComfyUI keeps free beyond a load's own estimate (``minimum_inference_memory``)."""
+    return int(comfy.model_management.minimum_inference_memory())
+
+
+
+def model_weight_bytes(model) -> int:
+    """The diffusion model's weights as ComfyUI sizes its load (state dict bytes)."""
+    return int(model.model_size())
+
+
+
+def model_weights_in_ram(model) -> bool:
+    """Whether the model's weights already live in this process's RAM, shared by the training
+    clone (a regular patcher on a CPU); a dynamic VRAM patcher's clone reloads them."""
+    if is_dynamic(model):
+        return False
+    first = next(model.model.diffusion_model.parameters(), None)
+    return first is not None and first.device.type == "cpu"
+
+
+
+def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
+    """DifferentiableDecoder's private copy: the first stage without its encoder, in ``dtype``."""
+    first_stage = vae.first_stage_model
+    encoder = getattr(first_stage, "encoder", None)
+    skip = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(p.numel() * size for p in first_stage.parameters() if id(p) not in skip)
+
+
+
+def lora_parameter_count(model, rank: int, target: str) -> int:
+    """Parameters of the LoRA TrainableModel would add (same layer choice)."""
+    targets = lora_target_names(model, target)
+    count = 0
+    for name, module in model.model.diffusion_model.named_modules():
+        if name in targets:
+            count += int(rank) * (module.weight.shape[0] + module.weight.shape[1])
+    return count
+
+
+
+def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
+    """The keyword tensors ComfyUI's guider hands ``apply_model`` for this prompt and latent
+    (cross-attention context, SDXL's size vector, Flux's guidance, ...), on the CPU."""
+    import comfy.sampler_helpers
+    conds = comfy.sampler_helpers.convert_cond(_detach_copy(positive))
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, latent, torch.device("cpu"),
+                                              "positive", latent_image=latent, seed=0)
+    out = {}
+    for key, cond in conds[0]["model_conds"].items():
+        out[key] = cond.process_cond(batch_size=latent.shape[0], area=None, device=torch.device("cpu")).cond
+    return out
+
+
+
+class _ProbeLoRA(torch.nn.Module):
+    """LoRADelta.on_input on shapes: the same operations, so autograd keeps the same tensors
+    (a LoRA layer keeps its input for the LoRA's gradient, which a frozen layer does not)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, scale: float):
+        super().__init__()
+        self.down = torch.nn.Parameter(torch.empty(rank, in_features, device="meta"))
+        self.up = torch.nn.Parameter(torch.empty(out_features, rank, device="meta"))
+        self.scale = scale
+
+    def on_input(self, x):
+        out = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return out if self.scale == 1.0 else out * self.scale
+
+
+
+class _ProbeForward:
+    """A stock layer's forward on a shape-only copy, as _TrainingForward computes it: the weight
+    itself, or a copy in the input's dtype where ComfyUI would cast (manual cast), the LoRA on
+    the input side, the input copied where the training forward copies it."""
+
+    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False):
+        self.module, self.op, self.cast, self.lora, self.clone_input = module, op, cast, lora, clone_input
+
+    def __call__(self, x):
+        weight, bias = self.module.weight, getattr(self.module, "bias", None)
+        if self.cast and weight is not None:
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        if self.clone_input:
+            x = x.clone()
+        out = self.op(self.module, x, weight, bias)
+        return out if self.lora is None else out + self.lora.on_input(x)
+
+
+
+def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
+    """On a shape-only copy ``base`` of ``model.model``: every stock layer computes as
+    TrainableModel's training forward does, with the LoRA on the same layers (ComfyUI's cast
+    machinery is not run on shapes)."""
+    targets = lora_target_names(model, target)
+    in_place = model_family(model).in_place
+    for name, module in list(base.diffusion_model.named_modules()):
+        dit_norm = in_place and isinstance(module, torch.nn.LayerNorm)
+        lora = None
+        if name in targets:
+            lora = _ProbeLoRA(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank) / int(rank))
+            module.siso_probe_lora = lora      # a child, so its parameters count as weights, not activations
+        op = _training_op(module)
+        if op is not None:
+            cast = bool(getattr(module, "comfy_cast_weights", False))
+            module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm)
+        elif dit_norm:
+            module.forward = _CloneInput(module.forward)
+    return base
+
+
+
+def probe_apply_model(base, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
+    """``apply_model`` as the guider calls it, with the training clone's attention."""
+    options = {"optimized_attention_override": _pytorch_attention}
+    return base.apply_model(x, sigma, transformer_options=options, **conds)
+
+
+
+def _vae_math_attention(q, k, v):
+    # What ComfyUI's slice_attention keeps for backward, at any slice count: the whole softmax.
+    b, c, h, w = q.shape
+    q = q.reshape(b, c, -1).permute(0, 2, 1)
+    k = k.reshape(b, c, -1)
+    v = v.reshape(b, c, -1)
+    weights = torch.nn.functional.softmax(torch.bmm(q, k) * (int(c) ** -0.5), dim=2).permute(0, 2, 1)
+    return torch.bmm(v, weights).reshape(b, c, h, w)
+
+
+
+def prepare_decoder_probe(first_stage):
+    """On a shape-only copy of the VAE's first stage: its attention blocks (SD's AttnBlock,
+    Wan's, ...) use what ComfyUI picked for them: slice attention, which keeps the full attention
+    matrix for backward (where PyTorch attention is off for VAEs, e.g. on CPUs), or else PyTorch's
+    fused kernel (xformers keeps what it keeps)."""
+    from comfy.ldm.modules.diffusionmodules import model as vae_model
+    for block in first_stage.modules():
+        chosen = vars(block).get("optimized_attention")
+        if chosen is None:
+            continue
+        if chosen in (vae_model.normal_attention, vae_model.slice_attention):
+            block.optimized_attention = _vae_math_attention
+        elif chosen is getattr(vae_model, "xformers_attention", None):
+            block.optimized_attention = vae_model.pytorch_attention
+    return first_stage
+
+
+
+@contextlib.contextmanager
+def probe_environment():
+    """While a shape-only pass runs: ComfyUI's free-memory query answers for the meta device
+    (code that sizes its chunks by free memory, e.g. sub-quadratic attention, asks it; the answer
+    is "plenty", so the pass takes the unchunked path a roomy device takes). Real devices are
+    answered as before."""
+    management = comfy.model_management
+    original = management.get_free_memory
+
+    def free_memory(dev=None, torch_free_too=False):
+        if getattr(dev, "type", None) == "meta":
+            plenty = 1 << 50
+            return (plenty, plenty) if torch_free_too else plenty
+        return original(dev, torch_free_too)
+    management.get_free_memory = free_memory
+    try:
+        yield
+    finally:
+        management.get_free_memory = original
+
+
+
+def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """DifferentiableDecoder.__call__ on a shape-only copy."""
+    latent = model.model.process_latent_out(model_latent)
+    pixels = first_stage.decode(latent.to(dtype))
+    if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
+        pixels = pixels[:, :, 0]
+    return (pixels.float() + 1.0) / 2.0
+
+
+
+def vae_first_stage(vae):
+    """(first stage module, its encoder or None): the decoder copy leaves the encoder out."""
+    first_stage = vae.first_stage_model
+    return first_stage, getattr(first_stage, "encoder", None)

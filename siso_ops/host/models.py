@@ -1,0 +1,233 @@
+"""What SISO asks of a MODEL before any work: its family (the row of families.py), whether it
+can be trained or inverted, whether a VAE or a LoRA file fits it, which of its layers get a LoRA,
+and the LoRA key layouts (ComfyUI's, diffusers') of its layers."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+import comfy.utils
+
+from .. import families
+from ..lora import lora_layers
+
+
+SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST)
+
+
+
+TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
+
+
+
+def describe_model(model) -> str:
+    base = model.model
+    sampling = type(model.get_model_object("model_sampling")).__name__
+    return f"{type(base).__name__} ({type(base.model_config).__name__}, {sampling})"
+
+
+
+# ComfyUI's model configs in modelspec's architecture words (what LoRA files name their base)
+ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2", "SD21UnclipL": "stable-diffusion-v2",
+                 "SDXL": "stable-diffusion-xl-v1-base", "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
+                 "Flux": "flux-1-dev", "FluxSchnell": "flux-1-schnell"}
+
+
+
+def model_architecture(model) -> str:
+    config = type(model.model.model_config).__name__
+    return ARCHITECTURES.get(config, config.lower())
+
+
+
+def subject_lora_layouts(model) -> dict:
+    """What a SISO_LORA records of its model so SISO Save LoRA can write other layouts."""
+    try:
+        targets = diffusers_lora_targets(model)[1]
+    except ValueError:
+        targets = None
+    return {"architecture": model_architecture(model), "diffusers_targets": targets}
+
+
+
+def check_lora_fits(model, tensors: dict, name: str):
+    """A ComfyUI-layout LoRA file against the MODEL: every layer exists with these shapes."""
+    weights = model.model.state_dict()
+    layers = lora_layers(tensors)
+    if not layers:
+        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in tensors) else "unknown"
+        raise ValueError(f"{name} holds no ComfyUI-layout LoRA layers (*.lora_up.weight / *.lora_down.weight); its "
+                         f"layout is {kind}. SISO Load LoRA reads files saved by SISO Save LoRA in the comfyui format.")
+    wrong = [base for base, (up, down, _) in layers.items()
+             if tuple(weights.get(f"{base}.weight", torch.empty(0)).shape[:2]) != (up.shape[0], down.shape[1])]
+    if wrong:
+        raise ValueError(f"{name} does not fit {describe_model(model)}: {len(wrong)} of its {len(layers)} layers are "
+                         f"missing or shaped differently in this model (first: {wrong[0]}). It was made for another "
+                         "model: load the checkpoint it was trained on.")
+    ranks = sorted({down.shape[0] for _, down, _ in layers.values()})
+    if len(ranks) != 1:
+        raise ValueError(f"{name} mixes LoRA ranks {ranks}: it is not a SISO LoRA")
+    return ranks[0]
+
+
+
+def model_family(model) -> families.Family:
+    """The MODEL's row of the family table; raises before any work when SISO cannot train it."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(model, "get_model_object"):
+        raise TypeError(f"expected a ComfyUI MODEL, got {type(model).__name__}")
+    name = type(base).__name__
+    family = families.family_of(name)
+    supported = "; ".join(f.name for f in families.FAMILIES)
+    if family is None:
+        if name in families.REFUSED:
+            raise ValueError(f"SISO cannot optimise {describe_model(model)}: {families.REFUSED[name]}. "
+                             f"Supported: {supported}.")
+        dimensions = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2)
+        kind = {1: "audio", 3: "video or 3D"}.get(dimensions, "image")
+        raise ValueError(f"SISO optimises image models; {describe_model(model)} is "
+                         + (f"a {kind} model" if kind != "image" else "an image model it has no tested path for")
+                         + f". Supported: {supported}.")
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, SUPPORTED_SAMPLING):
+        raise ValueError(f"SISO cannot optimise {describe_model(model)}: its sampling "
+                         f"({type(sampling).__name__}) is not EPS, V-prediction or flow (CONST).")
+    return family
+
+
+
+def check_supported(model):
+    """Raise before any work when the MODEL has no differentiable path we know."""
+    model_family(model)
+
+
+
+def check_editing(model):
+    """Raise before any work when subject swap (ReNoise inversion) is not available for the MODEL."""
+    family = model_family(model)
+    if family.editing:
+        raise ValueError(f"subject swap (SISO ReNoise Invert) is not available for {family.name} yet: "
+                         f"{family.editing}. Generating with SISO Optimize (no inversion connected) works.")
+
+
+
+def check_vae(vae, model):
+    """Raise before any work when the VAE makes latents of another shape than the model's (a VAE
+    of another family: e.g. Flux's 16-channel VAE with an SD1.5 model), which would otherwise
+    fail after the first denoiser pass with a convolution shape error."""
+    check_supported(model)
+    if not hasattr(vae, "first_stage_model"):
+        raise TypeError(f"expected a ComfyUI VAE, got {type(vae).__name__}")
+    # The decoder's first convolution is what the latents really meet (ComfyUI's own
+    # latent_channels attribute keeps its default 4 when a VAE is built from a config).
+    conv_in = getattr(getattr(vae.first_stage_model, "decoder", None), "conv_in", None)
+    candidates = {int(c) for c in (getattr(conv_in, "in_channels", None), getattr(vae, "latent_channels", None))
+                  if c is not None}
+    # Flux.2's VAE decodes 32 channels after unpatchifying the model's 128: either count may match
+    vae_channels = getattr(conv_in, "in_channels", None) or getattr(vae, "latent_channels", None)
+    model_channels = latent_channels(model)
+    if candidates and model_channels not in candidates:
+        raise ValueError(
+            f"the VAE makes {vae_channels}-channel latents but {describe_model(model)} works on {model_channels} "
+            "channels: the VAE belongs to another model family. Connect the VAE of this checkpoint (its "
+            "CheckpointLoader's VAE output) or the VAE file made for this model.")
+
+
+
+def is_dit(model) -> bool:
+    return model_family(model).lora == "blocks"
+
+
+
+def compute_device():
+    return comfy.model_management.get_torch_device()
+
+
+
+def throw_if_interrupted():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+
+def is_flow(model) -> bool:
+    return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+
+
+
+def latent_channels(model) -> int:
+    return int(model.model.latent_format.latent_channels)
+
+
+
+def lora_target_names(model, target: str = None) -> set:
+    """The denoiser's layers (names under diffusion_model) that get a LoRA: the family's rule
+    (families.py), or every linear layer; only layers ComfyUI can patch (its own ops)."""
+    diffusion = model.model.diffusion_model
+    names = families.lora_layers(diffusion, model_family(model), all_linear=target == TARGETS[1])
+    modules = dict(diffusion.named_modules())
+    return {name for name in names if hasattr(modules[name], "weight_function")}
+
+
+
+def checkpoint_block_classes(model) -> set:
+    """Class names of the denoiser's blocks that gradient checkpointing recomputes (the family's:
+    UNet ResNet and transformer blocks, a DiT's repeated blocks), for the memory estimate."""
+    diffusion = model.model.diffusion_model
+    names = families.checkpointed_blocks(diffusion, model_family(model))
+    modules = dict(diffusion.named_modules())
+    return {type(modules[name]).__name__ for name in names}
+
+
+
+def _rows_overlap(a, b) -> bool:
+    if a is None or b is None:
+        return True
+    return a[0] == b[0] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
+
+
+
+def diffusers_lora_targets(model) -> tuple:
+    """(prefix, {ComfyUI layer 'diffusion_model.<module>': [(diffusers module, rows or None)]}):
+    where each of the model's layers lives in a diffusers pipeline, from ComfyUI's own key maps
+    (the ones its LoRA loader uses to read diffusers files). ``rows`` = (dim, start, length)
+    where ComfyUI fuses layers diffusers keeps apart (Flux's q, k, v); ``reorder``: ComfyUI's
+    function between the two row orders where they differ (Flux's final modulation)."""
+    config = model.model.model_config.unet_config
+    layout = model_family(model).diffusers
+    if layout == "flux":
+        prefix, mapping = "transformer.", comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
+    elif layout == "unet":
+        prefix = "unet."
+        mapping = {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
+    else:
+        raise ValueError(f"no diffusers LoRA layout is known for {describe_model(model)}: save in the comfyui format")
+    targets = {}
+    for diffusers_key, target in mapping.items():
+        target = target if isinstance(target, tuple) else (target, None)
+        comfy_key, rows, reorder = target[0], target[1], (target[2] if len(target) > 2 else None)
+        if diffusers_key.endswith(".weight") and comfy_key.endswith(".weight"):
+            places = targets.setdefault(comfy_key[:-len(".weight")], [])
+            # ComfyUI's maps also list other layouts' names of a module after diffusers' own
+            # (LyCoris's ff.linear_in for ff.net.0.proj, Flux.2's to_qkv_mlp_proj for the whole
+            # of linear1): the first name wins for any rows already covered
+            if not any(_rows_overlap(rows, other) for _, other, _ in places):
+                places.append((prefix + diffusers_key[:-len(".weight")], rows, reorder))
+    return prefix, targets
+
+
+
+def apply_lora(model, lora_tensors: dict, strength: float):
+    """The stock LoRA path (same as LoraLoaderModelOnly): a patched clone of the MODEL."""
+    if strength == 0:
+        return model
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
+    return patched
+
+
+
+def is_dynamic(model) -> bool:
+    """ComfyUI's dynamic VRAM patcher (``ModelPatcherDynamic``, the default on NVIDIA GPUs in
+    ComfyUI 0.12 and later; absent from 0.3.75) streams weights on demand."""
+    return bool(getattr(model, "is_dynamic", lambda: False)())
