@@ -68,21 +68,25 @@ class PhotoInversion:
                 f"{self.model}, latent error {self.latent_error:.4f}, pixel error {self.reconstruction_error:.4f})")
 
 
-def check_photo(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE (BHWC) -> the one photo; refuses batches and sizes the VAE would silently crop."""
+def check_photo(image: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """IMAGE (BHWC) -> the one photo; refuses batches and sizes the VAE would silently crop.
+    ``scale``: the VAE's pixels per latent cell (8; 16 for Flux.2, 32 for HunyuanImage 2.1)."""
     if image.ndim != 4 or image.shape[-1] not in (3, 4):
         raise ValueError(f"the photo must be an IMAGE (batch, height, width, RGB); got shape {tuple(image.shape)}")
     if image.shape[0] != 1:
         raise ValueError(f"the photo input holds a batch of {image.shape[0]} images; ReNoise inverts ONE photo. "
                          "Pick one with an 'ImageFromBatch' node (length 1).")
     h, w = image.shape[1:3]
-    if h < 64 or w < 64:
-        raise ValueError(f"the photo is {w}x{h}; both sides must be at least 64 pixels (and multiples of 8: the VAE "
-                         "works on 8-pixel blocks). Scale it up first, e.g. 'ImageScale' to "
-                         f"{max(64, w + (-w) % 8)}x{max(64, h + (-h) % 8)} or larger.")
-    if h % 8 or w % 8:
-        raise ValueError(f"the photo is {w}x{h}; both sides must be multiples of 8 (the VAE works on 8-pixel blocks). "
-                         f"Crop or scale it first, e.g. 'ImageCrop' to {w - w % 8}x{h - h % 8}.")
+    least = max(64, scale)
+    up = (lambda v: max(least, v + (-v) % scale))
+    if h < least or w < least:
+        raise ValueError(f"the photo is {w}x{h}; both sides must be at least {least} pixels (and multiples of {scale}: "
+                         f"the VAE works on {scale}-pixel blocks). Scale it up first, e.g. 'ImageScale' to "
+                         f"{up(w)}x{up(h)} or larger.")
+    if h % scale or w % scale:
+        raise ValueError(f"the photo is {w}x{h}; both sides must be multiples of {scale} (the VAE works on "
+                         f"{scale}-pixel blocks). Crop or scale it first, e.g. 'ImageCrop' to "
+                         f"{w - w % scale}x{h - h % scale}.")
     return image[..., :3]
 
 
@@ -91,7 +95,7 @@ def invert_photo(model, vae, image: torch.Tensor, positive, settings: InversionS
     denoised by the unchanged model, decoded by the stock VAE."""
     settings.check()
     host.check_editing(model)
-    photo = check_photo(image)
+    photo = check_photo(image, host.latent_scale(vae))
     flow = host.is_flow(model)
     # Inference mode, as ComfyUI runs a stock KSampler: the host model is only read here (ReNoise's
     # noise regularisation enables grad for its own terms).

@@ -70,7 +70,7 @@ FAMILIES = (
            stage2="Z-Image-Turbo: 8 steps, cfg 1.0; Lumina 2: 30 steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("Qwen-Image", ("QwenImage",), decoder_blocks=(),
-           editing="ReNoise's noise regularisation works on 4-D latents; Qwen-Image's are 5-D (one video frame)", optimise="4 steps with a Lightning LoRA, grad_steps 1",
+           optimise="4 steps with a Lightning LoRA, grad_steps 1",
            stage2="Lightning: 4-8 steps, cfg 1.0; base: 50 steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("HiDream", ("HiDream",), optimise="Fast: 16 steps, grad_steps 2", stage2="Fast: 16 steps, cfg 1.0; Full: 50 steps, cfg 5",
@@ -78,8 +78,10 @@ FAMILIES = (
     Family("AuraFlow", ("AuraFlow",), optimise="8 steps, grad_steps 2", stage2="25+ steps, cfg 3.5",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("HunyuanImage 2.1", ("HunyuanImage21",), in_place=True, decoder_blocks=(),
-           editing="its inversion goes NaN on the tiny test model; not yet traced",
            optimise="distilled: 8 steps, grad_steps 1", stage2="distilled: 8 steps, cfg 1.0; base: 50 steps, cfg 3.5",
+           source="the model authors' sampling advice; SISO steps not measured"),
+    Family("Cosmos Predict2 (text to image)", ("CosmosPredict2",), decoder_blocks=(),
+           optimise="8 steps, grad_steps 2", stage2="35 steps, cfg 7",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("PixArt (Alpha, Sigma)", ("PixArt",), optimise="LCM / DMD variants: 1-4 steps, grad_steps 1",
            stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured"),
@@ -88,8 +90,6 @@ FAMILIES = (
 # Image families ComfyUI loads that SISO refuses, and why (video, audio and 3D models are
 # refused by their latent shape with the model class named).
 REFUSED = {
-    "CosmosPredict2": "its attention calls a fused rotary kernel without a backward pass on ComfyUI 0.33, so the "
-                      "LoRA cannot be trained through it",
     "StableCascade_C": "a two-model cascade (stage C then B); SISO trains one denoiser whose output a VAE decodes",
     "StableCascade_B": "a two-model cascade (stage C then B); SISO trains one denoiser whose output a VAE decodes",
 }
@@ -168,3 +168,8 @@ def supported_models_markdown() -> str:
         rows.append(f"| refused | {name} | {reason} | | | | | |")
     rows.append("| refused | video, audio and 3D models | SISO optimises images: refused before any work, naming the model class | | | | | |")
     return "\n".join(rows)
+
+
+def settings_note() -> str:
+    """The recommended settings per family as plain lines, for the two-stage workflow's note."""
+    return "\n".join(f"- {f.name}: optimise {f.optimise}; stage 2 {f.stage2} ({f.source})" for f in FAMILIES)

@@ -16,6 +16,14 @@ Where this differs from the authors' code, on purpose:
   freshly noised latent, which saves one model evaluation per step.
 - auto-correlation shifts are drawn from 1..size/2: a shift of 0 (possible in the authors'
   code) measures the variance, not a correlation, and would shrink the noise.
+- the step that lands on the clean latent (sigma_next = 0, the first one inverted) is not
+  regularised. Its denoising must give the photo's latent back, and there is no noise left
+  after it whose statistics the regulariser would keep Gaussian: a nudged prediction only moves
+  the inverted latent off the fixed point. Measured on the tiny random-weight models of the
+  tests (mean |denoise(invert(z)) - z|, default settings, 4 steps at strength 0.75): SD3
+  0.157 -> 0.031, Z-Image 0.163 -> 0.124, PixArt-alpha 0.072 -> 0.0045, SD1.5 0.237 -> 0.194
+  (plain DDIM inversion: 0.150, 0.297, 0.509, 1.355); regularising it made ReNoise worse than
+  DDIM on the flow-matching models.
 """
 from __future__ import annotations
 
@@ -41,10 +49,18 @@ def patch_kl(eps: torch.Tensor, patch: int = 4) -> torch.Tensor:
     return kl.abs().sum()
 
 
+# Auto-correlation needs at least this many pixels a side: over fewer values the estimate is
+# mostly noise, and its gradient (which scales with 1 / pixels) made predictions diverge to NaN
+# on small latents (a 64 px photo is 4 x 4 latent pixels at Flux.2's 16x, 2 x 2 at HunyuanImage's 32x).
+AUTO_CORRELATION_MIN_SIDE = 8
+
+
 def auto_correlation(eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Squared mean correlation of each channel with a randomly shifted copy of itself, summed
-    over a pyramid of 2x average-pooled versions (down to 8 px)."""
+    over a pyramid of 2x average-pooled versions (down to 8 px; nothing below 8 px)."""
     total = eps.sum() * 0.0
+    if min(eps.shape[-2:]) < AUTO_CORRELATION_MIN_SIDE:
+        return total
     for channel in range(eps.shape[1]):
         level = eps[:, channel:channel + 1]
         while True:
@@ -67,13 +83,20 @@ def _gradient(loss_fn, eps):
 
 def regularise_noise(eps: torch.Tensor, kl_weight: float, ac_weight: float, passes: int, rolls: int,
                      generator: torch.Generator) -> torch.Tensor:
+    """Gradient steps of both regularisers on ``eps``, B x C x H x W, or B x C x T x H x W (the
+    one-frame video latents of Qwen-Image: frames are treated as more channels)."""
+    shape = eps.shape
+    if eps.ndim == 5:
+        eps = eps.reshape(shape[0], shape[1] * shape[2], *shape[3:])
     for _ in range(passes):
         if kl_weight > 0:
             eps = eps - kl_weight * _gradient(patch_kl, eps).clamp(-100.0, 100.0)
         if ac_weight > 0:
             for _ in range(rolls):
-                eps = eps - ac_weight / rolls * _gradient(lambda v: auto_correlation(v, generator), eps)
-    return eps.detach()
+                # clipped as the KL gradient is: one step may not move a value by more than 100 x weight
+                grad = _gradient(lambda v: auto_correlation(v, generator), eps).clamp(-100.0, 100.0)
+                eps = eps - ac_weight / rolls * grad
+    return eps.detach().reshape(shape)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -162,11 +185,12 @@ def invert(denoise, clean: torch.Tensor, sigmas: torch.Tensor, settings: ReNoise
             if settings.average and start <= j < end:
                 averaged += 1
                 average = eps if average is None else average + (eps - average) / averaged
-            if j >= (start if settings.average else 1):
+            if j >= (start if settings.average else 1) and not first:
                 eps = regularise(eps)
             estimate = inverse_step(target, eps, sigma, sigma_next, noise, settings.ancestral, flow)
         if average is not None:
-            estimate = inverse_step(target, regularise(average), sigma, sigma_next, noise, settings.ancestral, flow)
+            estimate = inverse_step(target, average if first else regularise(average), sigma, sigma_next, noise,
+                                    settings.ancestral, flow)
         if noises is not None and settings.noise_correction:
             _, _, c = step_coefficients(sigma, sigma_next, True, flow)
             if c > 0:

@@ -21,7 +21,7 @@ gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 families = siso("siso_ops.families")
 
-SUPPORTED = [name for name in tf.FAMILIES if name != "cosmos_predict2"]
+SUPPORTED = list(tf.FAMILIES)
 
 
 def _size(name):
@@ -62,6 +62,11 @@ def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(nam
         lora, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
                                                feature_networks=tiny_networks, on_iteration=lambda r: images.append(r.image))
     assert result.iterations == 3 and all(np.isfinite(h["loss"]) for h in result.history)
+    # the similarity loss (random feature networks) goes down: the LoRA's gradient is the loss's
+    losses = [h["loss"] for h in result.history]
+    assert min(losses[1:]) < losses[0], losses
+    # gradients reached the LoRA and nothing else: no weight of the host model has a .grad
+    assert all(p.grad is None for p in model.model.parameters())
     # iteration 0 (the LoRA is zero) is what ComfyUI's stock KSampler + VAEDecode make of the same
     # seed: the same float32 model run by the same sampler; only VAEDecode's clamp to [0, 1] and
     # the order of float operations in the private decoder copy differ
@@ -104,13 +109,38 @@ def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, 
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
 
 
+def _tiny_wan21_video_model():
+    """A tiny Wan 2.1 text-to-video MODEL (ComfyUI's WAN21_T2V config): a video model."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    with torch.inference_mode():
+        config = sm.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16,
+                                   dim=32, ffn_dim=64, freq_dim=16, text_dim=48, out_dim=16, num_heads=2, num_layers=1,
+                                   dtype=torch.float32))
+        config.set_inference_dtype(torch.float32, None)
+        return comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"),
+                                                offload_device=torch.device("cpu"))
+
+
 def test_a_refused_image_family_and_a_video_model_are_named_before_any_work(subject, tiny_networks, monkeypatch):
+    """A model class the table refuses is refused with the table's reason, a video model with its
+    class named, both before the similarity networks load. (No image family is refused today but
+    Stable Cascade, whose two-stage model is not built here: a Cosmos model stands in for a
+    refused class, with the row taken out of the table.)"""
     loaded = []
     monkeypatch.setattr(gen.networks, "get", lambda *a, **k: loaded.append(a))
     settings = gen.GenerationSettings(width=64, height=64)
+    monkeypatch.setattr(families, "FAMILIES", tuple(f for f in families.FAMILIES if "CosmosPredict2" not in f.model_classes))
+    monkeypatch.setitem(families.REFUSED, "CosmosPredict2", "a reason given in the table")
     cosmos = tf.build_model("cosmos_predict2")
-    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise CosmosPredict2 .*fused rotary"):
+    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise CosmosPredict2 .*: a reason given "
+                                                                 "in the table. Supported: "):
         gen.optimize_subject(cosmos, tf.build_vae("cosmos_predict2"), tf.conditioning("cosmos_predict2"), subject,
+                             "d", "i", settings)
+    video = _tiny_wan21_video_model()
+    with torch.inference_mode(), pytest.raises(ValueError, match="SISO optimises image models; WAN21 .* is a video or "
+                                                                 "3D model. Supported: "):
+        gen.optimize_subject(video, tf.build_vae("qwen_image"), tf.conditioning("cosmos_predict2"), subject,
                              "d", "i", settings)
     assert not loaded
 
@@ -130,25 +160,30 @@ def test_the_readme_shows_the_family_table_as_generated():
     assert shown == families.supported_models_markdown(), "README's table is stale: paste supported_models_markdown()"
 
 
-EDITING = [name for name in SUPPORTED if name not in ("qwen_image", "hunyuan_image21")]
+EDITING = SUPPORTED
 
 
-def test_subject_swap_is_refused_where_the_table_says_so_before_any_work():
+def test_subject_swap_is_refused_where_the_table_says_so_before_any_work(monkeypatch):
+    """Every family of the table inverts today; a row with a reason set (how a family whose
+    inversion cannot work would be listed) is refused by SISO ReNoise Invert before any work."""
+    import dataclasses
     from test_editing import invert
-    for name in ("qwen_image", "hunyuan_image21"):
-        model = tf.build_model(name)
-        with pytest.raises(ValueError, match="subject swap .* is not available for .* yet: .*SISO Optimize .* works"):
-            invert(model, tf.build_vae(name), tf.conditioning(name), torch.rand(1, 64, 64, 3))
+    row = dataclasses.replace(families.family_of("QwenImage"), editing="a reason given in the table")
+    monkeypatch.setattr(families, "FAMILIES", tuple(row if f.name == row.name else f for f in families.FAMILIES))
+    model = tf.build_model("qwen_image")
+    monkeypatch.setattr(host, "encode_photo", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="subject swap .* is not available for Qwen-Image yet: a reason given in the "
+                                         "table. .*SISO Optimize .* works"):
+        invert(model, tf.build_vae("qwen_image"), tf.conditioning("qwen_image"), torch.rand(1, 64, 64, 3))
 
 
 @pytest.mark.parametrize("name", EDITING)
 def test_family_inverts_with_renoise_and_edits_keeping_the_background(name, subject, feature_files):
-    """ReNoise (euler_ancestral with noise correction) inverts the photo (for the EPS families far
-    closer to its latent than plain DDIM inversion); an edit then runs from the inversion with
-    the background term, and the host stays unchanged."""
-    from test_editing import DDIM, edit, invert
+    """ReNoise inverts the photo closer to its latent than plain DDIM inversion; an edit then runs
+    from the inversion with the background term and keeps the background; the host stays unchanged."""
+    from test_editing import DDIM, background_error, edit, invert
     model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
-    size = _size(name)
+    size = max(_size(name), 64)
     g = torch.Generator().manual_seed(5)
     image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(size, size),
                                             mode="bilinear").permute(0, 2, 3, 1).contiguous()
@@ -158,17 +193,48 @@ def test_family_inverts_with_renoise_and_edits_keeping_the_background(name, subj
                                      average_start=1, average_end=3)
     ddim, _ = invert(model, vae, positive, image, **DDIM)
     assert renoise.flow == host.is_flow(model)
-    if not renoise.flow:
-        # noise correction makes every inverse step land exactly: float32 rounding only, far
-        # below what an inversion without it leaves on a random model
-        assert renoise.latent_error < 0.5 * ddim.latent_error, (renoise.latent_error, ddim.latent_error)
-    else:
-        # flow-matching families: on these random tiny models ReNoise is not (yet) shown to beat
-        # plain inversion (SD3: 0.158 against 0.150); both must run and stay finite. Open item.
-        assert np.isfinite(renoise.latent_error) and np.isfinite(ddim.latent_error)
+    # Mean |denoise(invert(z)) - z|. The noisy steps land exactly (noise correction); what is left
+    # is the first step's fixed point, which 3 ReNoise predictions approach and DDIM's one does not.
+    # Measured ratios ReNoise / DDIM on these tiny models: 0.015 (PixArt, EPS) to 0.63 (Flux.2);
+    # 0.8 leaves room for other CPUs' rounding while a ReNoise no better than DDIM fails.
+    bound = 0.5 if not renoise.flow else 0.8
+    assert renoise.latent_error < bound * ddim.latent_error, (renoise.latent_error, ddim.latent_error)
     before = _host_state(model)
+    # the paper's editing learning rate (3e-4): at the 1e-2 of test_editing's longer runs, AdamW's
+    # first full-size step moved PixArt's background before the term could hold it (two iterations)
     lora, edited, _, report = edit(model, vae, positive, subject, feature_files, renoise, mask, max_iterations=2,
-                                   width=size, height=size)
+                                   width=size, height=size, learning_rate=3e-4)
     assert edited.shape == (1, size, size, 3) and torch.isfinite(edited).all() and "2 iterations" in report
+    # the background term only pulls toward the photo: the edit's background is no further from it
+    # than the reconstruction's (the zero-LoRA image), as in test_editing's bound (which also shows
+    # the drift without the term, on SD1.5)
+    start, kept = background_error(reconstruction, image, mask), background_error(edited, image, mask)
+    print(f"\n{name}: latent error ReNoise {renoise.latent_error:.4f}, DDIM {ddim.latent_error:.4f}; "
+          f"background MSE reconstruction {start:.4f}, edited {kept:.4f}")
+    assert kept <= 1.01 * start, (kept, start)
     after = _host_state(model)
     assert all(torch.equal(before[k], after[k]) for k in after)
+
+
+def test_training_mode_gives_differentiable_rope_and_puts_comfy_kitchen_back():
+    """ComfyUI 0.33's Cosmos Predict2 calls comfy_kitchen's fused RMSNorm + RoPE operator, which has
+    no backward: inside SISO's training block ``comfy.quant_ops.ck`` answers with the eager
+    plain-torch functions; outside it is ComfyUI's own object again. 0.3.75 has no comfy_kitchen."""
+    import sys
+    quant_ops = sys.modules.get("comfy.quant_ops")
+    before = getattr(quant_ops, "ck", None)
+    with host.training_mode():
+        inside = getattr(quant_ops, "ck", None)
+    assert getattr(quant_ops, "ck", None) is before
+    if before is None:
+        assert inside is None
+        return
+    from comfy_kitchen.backends.eager import rope
+    assert inside is not before and inside.rms_rope_split_half is rope.rms_rope_split_half
+    assert inside.quantize_per_tensor_fp8 is before.quantize_per_tensor_fp8    # everything else is ComfyUI's
+    q = torch.randn(1, 4, 2, 8, requires_grad=True)
+    freqs = torch.randn(1, 4, 1, 4, 2, 2)
+    with host.training_mode():
+        out, _ = quant_ops.ck.rms_rope_split_half(q, q.detach(), freqs, torch.ones(8), torch.ones(8), 1e-6)
+        out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -231,7 +231,7 @@ def test_an_unsupported_model_is_refused_before_any_work(sd15, subject, feature_
     with torch.inference_mode():
         odd = model.clone()
         odd.add_object_patch("model_sampling", RFlowSampling(model.model.model_config))
-    with pytest.raises(ValueError, match="SISO cannot optimise BaseModel .*RFlowSampling.*is not EPS, V-prediction or flow"):
+    with pytest.raises(ValueError, match="SISO cannot optimise BaseModel .*RFlowSampling.*is not EPS, V-prediction, flow"):
         run_node(odd, vae, positive, subject, feature_files)
     with pytest.raises(TypeError, match="expected a ComfyUI MODEL"):
         run_node(vae, vae, positive, subject, feature_files)

@@ -11,8 +11,22 @@ the committed files, so a workflow can never drift from the nodes it uses."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import pathlib
+import sys
 import uuid
 from dataclasses import dataclass, field
+
+
+def _families():
+    """siso_ops/families.py on its own (torch only), so `make workflows` needs no ComfyUI for it."""
+    name = "siso_families_for_workflows"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "siso_ops" / "families.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -218,7 +232,10 @@ TWO_STAGE = Workflow(
           "Stage 1 (top): SISO Optimize learns a small LoRA on the loaded model from the simple prompt (\"a photo of a dog\") "
           "until the 1-step image looks like your subject. Watch the progress preview; Cancel stops within one iteration.\n"
           "Stage 2 (bottom): SISO Apply LoRA + a stock KSampler (4 steps, cfg 1.0 for turbo) render the subject with any prompt.\n"
-          "SISO Save LoRA writes models/loras/<name>.safetensors so LoraLoader can reuse it later."),
+          "SISO Save LoRA writes models/loras/<name>.safetensors so LoraLoader can reuse it later.\n\n"
+          "The settings above are SD-Turbo's / SDXL-Turbo's. Per model family (steps and grad_steps of SISO Optimize, "
+          "steps and cfg of the stage-2 KSampler), the pack's advice and where it comes from:\n"
+          + _families().settings_note()),
     nodes=[
         *subject_lora_nodes("Simple prompt (stage 1)"),
         Node(6, "ApplySISOLoRA", (420, 1040), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
@@ -238,6 +255,7 @@ TWO_STAGE = Workflow(
             ("Stage 2: generate with any prompt", -60, 1000, 1760, 580, "#8A8")],
     test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 3}, 9: {"width": 64, "height": 64},
                     13: {"name": "siso_test_lora", "overwrite": True}},
+    note_size=(1100, 560),
 )
 
 WORKFLOWS = [TWO_STAGE]

@@ -20,20 +20,19 @@ def encode_photo(vae, pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels[..., :3]).detach().float().clone().cpu()
 
 
-
 def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
     """Stock VAE decode of a model-space latent, BHWC in [0, 1]."""
     with torch.inference_mode():
         latent = model.model.process_latent_out(model_latent.detach().float().clone())
-        return vae.decode(latent).detach().float().clone().cpu()
-
+        images = vae.decode(latent)
+        # a video VAE (Qwen-Image's Wan 2.1) gives B x T x H x W x C: frames as images, as VAEDecode does
+        return images.reshape(-1, *images.shape[-3:]).detach().float().clone().cpu()
 
 
 def latent_scale(vae) -> int:
     """Pixels per latent cell of the VAE: 8 (SD, SDXL, Flux.1, SD3, Qwen-Image...), 16 (Flux.2),
     32 (HunyuanImage 2.1), 1 (pixel-space models)."""
     return int(vae.spacial_compression_encode()) if vae is not None else 8
-
 
 
 def check_size(vae, width: int, height: int):
@@ -44,7 +43,6 @@ def check_size(vae, width: int, height: int):
                              f"blocks; use {value - value % scale} or {value - value % scale + scale}")
 
 
-
 def empty_latent(model, width: int, height: int, vae=None) -> torch.Tensor:
     """The zeros a stock EmptyLatentImage-like node gives this model: its latent channels and
     dimensions (one frame for the Wan-latent image models), at the VAE's scale."""
@@ -53,7 +51,6 @@ def empty_latent(model, width: int, height: int, vae=None) -> torch.Tensor:
     frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()
     latent = torch.zeros((1, 4) + frames + (height // scale, width // scale))
     return comfy.sample.fix_empty_latent_channels(model, latent)
-
 
 
 class DifferentiableDecoder:

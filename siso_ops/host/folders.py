@@ -14,13 +14,10 @@ from ..feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
 WEIGHTS_FOLDER = "siso"
 
 
-
 SAM_FOLDER = "sams"                   # the community's folders for SubjectMask's models
 
 
-
 GROUNDING_DINO_FOLDER = "grounding-dino"
-
 
 
 def _register_folder(name: str):
@@ -33,24 +30,20 @@ def _register_folder(name: str):
     folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
 
 
-
 def register_model_folders():
     """models/siso (similarity networks), models/sams and models/grounding-dino (SubjectMask)."""
     for name in (WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER):
         _register_folder(name)
 
 
-
 def weight_file_choices() -> list:
     return folder_paths.get_filename_list(WEIGHTS_FOLDER)
-
 
 
 EXPECTED_FILES = {
     "dino": ("DINOv2 ViT-L/14", "dinov2_vitl14.safetensors (or dinov2_vitl14_pretrain.pth)", DINO_SOURCE),
     "ir": ("IR ViT-H/14 + fc1", "ir_features.pth (or ir_features.safetensors)", IR_SOURCE),
 }
-
 
 
 def weight_file_path(kind: str, name: str) -> str:
@@ -65,20 +58,16 @@ def weight_file_path(kind: str, name: str) -> str:
     return path
 
 
-
 def lora_folder() -> str:
     return folder_paths.get_folder_paths("loras")[0]
-
 
 
 def lora_choices() -> list:
     return folder_paths.get_filename_list("loras")
 
 
-
 def lora_file(name: str) -> str:
     return _model_file("loras", name, "LoRA file", "a SISO LoRA saved by SISO Save LoRA")
-
 
 
 def _model_file(folder: str, name: str, what: str, expected: str) -> str:
@@ -91,10 +80,8 @@ def _model_file(folder: str, name: str, what: str, expected: str) -> str:
     return path
 
 
-
 def sam_model_choices() -> list:
     return folder_paths.get_filename_list(SAM_FOLDER)
-
 
 
 def grounding_dino_choices() -> list:
@@ -103,15 +90,12 @@ def grounding_dino_choices() -> list:
             if segmentation.BERT_FOLDER not in name.replace("\\", "/").split("/")[:-1]]
 
 
-
 def sam_model_path(name: str) -> str:
     return _model_file(SAM_FOLDER, name, "SAM checkpoint", segmentation.SAM_SOURCE)
 
 
-
 def grounding_dino_path(name: str) -> str:
     return _model_file(GROUNDING_DINO_FOLDER, name, "Grounding DINO checkpoint", segmentation.GROUNDING_DINO_SOURCE)
-
 
 
 def bert_folder_for(checkpoint_path: str) -> str:

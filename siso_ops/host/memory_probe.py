@@ -31,17 +31,14 @@ def device_memory(device) -> dict:
     return {"free": free, "unloadable": unloadable, "total": int(management.get_total_memory(device))}
 
 
-
 def memory_reserve(device) -> int:
     """What ComfyUI keeps free beyond a load's own estimate (``minimum_inference_memory``)."""
     return int(comfy.model_management.minimum_inference_memory())
 
 
-
 def model_weight_bytes(model) -> int:
     """The diffusion model's weights as ComfyUI sizes its load (state dict bytes)."""
     return int(model.model_size())
-
 
 
 def model_weights_in_ram(model) -> bool:
@@ -53,7 +50,6 @@ def model_weights_in_ram(model) -> bool:
     return first is not None and first.device.type == "cpu"
 
 
-
 def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
     """DifferentiableDecoder's private copy: the first stage without its encoder, in ``dtype``."""
     first_stage = vae.first_stage_model
@@ -61,7 +57,6 @@ def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
     skip = {id(p) for p in encoder.parameters()} if encoder is not None else set()
     size = torch.empty(0, dtype=dtype).element_size()
     return sum(p.numel() * size for p in first_stage.parameters() if id(p) not in skip)
-
 
 
 def lora_parameter_count(model, rank: int, target: str) -> int:
@@ -72,7 +67,6 @@ def lora_parameter_count(model, rank: int, target: str) -> int:
         if name in targets:
             count += int(rank) * (module.weight.shape[0] + module.weight.shape[1])
     return count
-
 
 
 def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
@@ -88,7 +82,6 @@ def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
     return out
 
 
-
 class _ProbeLoRA(torch.nn.Module):
     """LoRADelta.on_input on shapes: the same operations, so autograd keeps the same tensors
     (a LoRA layer keeps its input for the LoRA's gradient, which a frozen layer does not)."""
@@ -102,7 +95,6 @@ class _ProbeLoRA(torch.nn.Module):
     def on_input(self, x):
         out = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
         return out if self.scale == 1.0 else out * self.scale
-
 
 
 class _ProbeForward:
@@ -122,7 +114,6 @@ class _ProbeForward:
             x = x.clone()
         out = self.op(self.module, x, weight, bias)
         return out if self.lora is None else out + self.lora.on_input(x)
-
 
 
 def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
@@ -146,12 +137,10 @@ def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
     return base
 
 
-
 def probe_apply_model(base, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
     """``apply_model`` as the guider calls it, with the training clone's attention."""
     options = {"optimized_attention_override": _pytorch_attention}
     return base.apply_model(x, sigma, transformer_options=options, **conds)
-
 
 
 def _vae_math_attention(q, k, v):
@@ -162,7 +151,6 @@ def _vae_math_attention(q, k, v):
     v = v.reshape(b, c, -1)
     weights = torch.nn.functional.softmax(torch.bmm(q, k) * (int(c) ** -0.5), dim=2).permute(0, 2, 1)
     return torch.bmm(v, weights).reshape(b, c, h, w)
-
 
 
 def prepare_decoder_probe(first_stage):
@@ -180,7 +168,6 @@ def prepare_decoder_probe(first_stage):
         elif chosen is getattr(vae_model, "xformers_attention", None):
             block.optimized_attention = vae_model.pytorch_attention
     return first_stage
-
 
 
 @contextlib.contextmanager
@@ -204,7 +191,6 @@ def probe_environment():
         management.get_free_memory = original
 
 
-
 def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """DifferentiableDecoder.__call__ on a shape-only copy."""
     latent = model.model.process_latent_out(model_latent)
@@ -212,7 +198,6 @@ def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dt
     if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
         pixels = pixels[:, :, 0]
     return (pixels.float() + 1.0) / 2.0
-
 
 
 def vae_first_stage(vae):

@@ -14,12 +14,15 @@ from .. import families
 from ..lora import lora_layers
 
 
-SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST)
-
+# How a model's noisy latent is written, in k-diffusion's terms: x = D + sigma * eps (EPS, V-prediction,
+# and Cosmos' rectified flow, whose x ComfyUI keeps in that space and rescales only at the model's
+# input) or x = (1 - sigma) * D + sigma * eps (CONST, the flow-matching models). The sampler
+# (siso_ops/sampler.py) knows these two.
+SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTION, comfy.model_sampling.CONST,
+                      comfy.model_sampling.COSMOS_RFLOW)
 
 
 TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
-
 
 
 def describe_model(model) -> str:
@@ -28,18 +31,15 @@ def describe_model(model) -> str:
     return f"{type(base).__name__} ({type(base.model_config).__name__}, {sampling})"
 
 
-
 # ComfyUI's model configs in modelspec's architecture words (what LoRA files name their base)
 ARCHITECTURES = {"SD15": "stable-diffusion-v1", "SD20": "stable-diffusion-v2", "SD21UnclipL": "stable-diffusion-v2",
                  "SDXL": "stable-diffusion-xl-v1-base", "SDXLRefiner": "stable-diffusion-xl-v1-refiner",
                  "Flux": "flux-1-dev", "FluxSchnell": "flux-1-schnell"}
 
 
-
 def model_architecture(model) -> str:
     config = type(model.model.model_config).__name__
     return ARCHITECTURES.get(config, config.lower())
-
 
 
 def subject_lora_layouts(model) -> dict:
@@ -49,7 +49,6 @@ def subject_lora_layouts(model) -> dict:
     except ValueError:
         targets = None
     return {"architecture": model_architecture(model), "diffusers_targets": targets}
-
 
 
 def check_lora_fits(model, tensors: dict, name: str):
@@ -72,7 +71,6 @@ def check_lora_fits(model, tensors: dict, name: str):
     return ranks[0]
 
 
-
 def model_family(model) -> families.Family:
     """The MODEL's row of the family table; raises before any work when SISO cannot train it."""
     base = getattr(model, "model", None)
@@ -93,15 +91,13 @@ def model_family(model) -> families.Family:
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, SUPPORTED_SAMPLING):
         raise ValueError(f"SISO cannot optimise {describe_model(model)}: its sampling "
-                         f"({type(sampling).__name__}) is not EPS, V-prediction or flow (CONST).")
+                         f"({type(sampling).__name__}) is not EPS, V-prediction, flow (CONST) or Cosmos' RFlow.")
     return family
-
 
 
 def check_supported(model):
     """Raise before any work when the MODEL has no differentiable path we know."""
     model_family(model)
-
 
 
 def check_editing(model):
@@ -110,7 +106,6 @@ def check_editing(model):
     if family.editing:
         raise ValueError(f"subject swap (SISO ReNoise Invert) is not available for {family.name} yet: "
                          f"{family.editing}. Generating with SISO Optimize (no inversion connected) works.")
-
 
 
 def check_vae(vae, model):
@@ -135,30 +130,24 @@ def check_vae(vae, model):
             "CheckpointLoader's VAE output) or the VAE file made for this model.")
 
 
-
 def is_dit(model) -> bool:
     return model_family(model).lora == "blocks"
-
 
 
 def compute_device():
     return comfy.model_management.get_torch_device()
 
 
-
 def throw_if_interrupted():
     comfy.model_management.throw_exception_if_processing_interrupted()
-
 
 
 def is_flow(model) -> bool:
     return isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
 
 
-
 def latent_channels(model) -> int:
     return int(model.model.latent_format.latent_channels)
-
 
 
 def lora_target_names(model, target: str = None) -> set:
@@ -170,7 +159,6 @@ def lora_target_names(model, target: str = None) -> set:
     return {name for name in names if hasattr(modules[name], "weight_function")}
 
 
-
 def checkpoint_block_classes(model) -> set:
     """Class names of the denoiser's blocks that gradient checkpointing recomputes (the family's:
     UNet ResNet and transformer blocks, a DiT's repeated blocks), for the memory estimate."""
@@ -180,12 +168,10 @@ def checkpoint_block_classes(model) -> set:
     return {type(modules[name]).__name__ for name in names}
 
 
-
 def _rows_overlap(a, b) -> bool:
     if a is None or b is None:
         return True
     return a[0] == b[0] and a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
-
 
 
 def diffusers_lora_targets(model) -> tuple:
@@ -217,14 +203,12 @@ def diffusers_lora_targets(model) -> tuple:
     return prefix, targets
 
 
-
 def apply_lora(model, lora_tensors: dict, strength: float):
     """The stock LoRA path (same as LoraLoaderModelOnly): a patched clone of the MODEL."""
     if strength == 0:
         return model
     patched, _ = comfy.sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
     return patched
-
 
 
 def is_dynamic(model) -> bool:

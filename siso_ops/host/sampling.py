@@ -14,7 +14,6 @@ from .training import TrainableModel
 SCHEDULERS = tuple(comfy.samplers.SCHEDULER_NAMES)
 
 
-
 def _detach_copy(obj):
     """Normal (non-inference) copies of every tensor in a conditioning structure."""
     if isinstance(obj, torch.Tensor):
@@ -28,7 +27,6 @@ def _detach_copy(obj):
     return obj
 
 
-
 def sigma_schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler '{scheduler}', choose one of {SCHEDULERS}")
@@ -36,11 +34,9 @@ def sigma_schedule(model, scheduler: str, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(sampling, scheduler, steps).float()
 
 
-
 def seed_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
     # The exact noise a stock KSampler draws for this seed, so iteration 0 matches it.
     return comfy.sample.prepare_noise(latent, seed)
-
 
 
 class _LoopSampler(comfy.samplers.Sampler):
@@ -66,7 +62,6 @@ class _LoopSampler(comfy.samplers.Sampler):
         start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         self.result = self.body(denoise, start, sigmas, latent_image)
         return latent_image
-
 
 
 def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, seed: int,

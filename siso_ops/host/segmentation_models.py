@@ -20,7 +20,6 @@ def segmentation_runtime() -> "segmentation.Runtime":
         check_interrupt=throw_if_interrupted)
 
 
-
 def subject_masks(images, settings, sam_model: str, grounding_dino_model: str, on_step=None):
     """Resolve the files, load (or reuse) the models, make one mask per image."""
     settings.check()
@@ -29,7 +28,6 @@ def subject_masks(images, settings, sam_model: str, grounding_dino_model: str, o
     sam_path = sam_model_path(sam_model)
     detector, sam = segmentation.cached_models(dino_path, bert_folder, sam_path)
     return segmentation.subject_masks(images, settings, detector, sam, segmentation_runtime(), on_step)
-
 
 
 def keep_segmentation_models_while(node):

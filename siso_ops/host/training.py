@@ -30,7 +30,6 @@ def _detached(weight):
     return weight.detach()
 
 
-
 def _trainable_view(tensor):
     """``tensor`` as a normal tensor autograd may save for backward, without copying it and
     without an autograd link to the host's parameter (no gradient may land on the user's weights).
@@ -48,25 +47,20 @@ def _trainable_view(tensor):
         tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
-
 def _linear(module, x, weight, bias):
     return torch.nn.functional.linear(x, weight, bias)
-
 
 
 def _conv(module, x, weight, bias):
     return module._conv_forward(x, weight, bias)
 
 
-
 def _group_norm(module, x, weight, bias):
     return torch.nn.functional.group_norm(x, module.num_groups, weight, bias, module.eps)
 
 
-
 def _layer_norm(module, x, weight, bias):
     return torch.nn.functional.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-
 
 
 # ComfyUI's own layer classes (comfy.ops' disable_weight_init and manual_cast families) that the
@@ -76,15 +70,12 @@ _TRAINING_OPS = {"Linear": _linear, "Conv1d": _conv, "Conv2d": _conv, "Conv3d": 
                  "LayerNorm": _layer_norm}
 
 
-
 _STOCK_LAYERS = {getattr(getattr(comfy.ops, family), name): op
                  for family in ("disable_weight_init", "manual_cast") for name, op in _TRAINING_OPS.items()}
 
 
-
 def _training_op(module):
     return _STOCK_LAYERS.get(type(module))
-
 
 
 class _TrainingForward:
@@ -122,7 +113,6 @@ class _TrainingForward:
         return out
 
 
-
 class _CloneInput:
     """Calls a layer on a copy of its input (see _TrainingForward's ``clone_input``)."""
 
@@ -133,10 +123,8 @@ class _CloneInput:
         return self.forward(x.clone(), *args, **kwargs)
 
 
-
 def _pytorch_attention(func, *args, **kwargs):
     return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
-
 
 
 def _attention_for_training(model_options: dict):
@@ -149,7 +137,6 @@ def _attention_for_training(model_options: dict):
     options = model_options.setdefault("transformer_options", {})
     if attention.optimized_attention in chunked and "optimized_attention_override" not in options:
         options["optimized_attention_override"] = _pytorch_attention
-
 
 
 def _checkpointed(forward, clone_inputs: bool = False):
@@ -173,7 +160,6 @@ def _checkpointed(forward, clone_inputs: bool = False):
     return run
 
 
-
 def _unload_loaded(which):
     """Unload (weights unpatched, off the device) every model ComfyUI holds loaded whose patcher
     satisfies ``which``."""
@@ -181,7 +167,6 @@ def _unload_loaded(which):
         if which(loaded.model):
             loaded.model_unload()
             comfy.model_management.current_loaded_models.remove(loaded)
-
 
 
 def training_clone(model):
@@ -202,7 +187,6 @@ def training_clone(model):
     if is_dynamic(clone):
         raise RuntimeError("ComfyUI returned a dynamic clone where a regular one was asked for")
     return clone
-
 
 
 class TrainableModel:
@@ -349,10 +333,8 @@ class TrainableModel:
                 del module.forward
 
 
-
 def free_cached_memory():
     comfy.model_management.soft_empty_cache()
-
 
 
 def make_room_for_training(device) -> int:
@@ -373,11 +355,50 @@ def make_room_for_training(device) -> int:
     return unloaded
 
 
-
 def _unload_everything_from(device) -> int:
     # ComfyUI's free_memory unloads models until the request fits; no request fits this one.
     return len(comfy.model_management.free_memory(1e30, device))
 
+
+class _KitchenWithDifferentiableRope:
+    """comfy_kitchen as ComfyUI's model code reaches it (``comfy.quant_ops.ck``), except that the
+    fused RMSNorm + RoPE functions are its eager backend's plain-torch ones. The package's own
+    entry points call custom operators that have no autograd formula (ComfyUI 0.33's Cosmos
+    Predict2 attention calls ``ck.rms_rope_split_half``), so no gradient could reach the LoRA
+    layers before them. The eager functions compute the same thing (on a CPU the operator runs
+    them itself), and a backward pass goes through them."""
+
+    NAMES = ("rms_rope", "rms_rope1", "rms_rope_split_half", "rms_rope_split_half1", "apply_rope", "apply_rope1",
+             "apply_rope_split_half", "apply_rope_split_half1")
+
+    def __init__(self, kitchen, eager):
+        self._kitchen = kitchen
+        for name in self.NAMES:
+            if hasattr(eager, name):
+                setattr(self, name, getattr(eager, name))
+
+    def __getattr__(self, name):
+        return getattr(self._kitchen, name)
+
+
+@contextlib.contextmanager
+def _differentiable_kitchen():
+    """While SISO's loop runs: comfy.quant_ops.ck with differentiable RoPE (see above), put back after."""
+    import sys
+    quant_ops = sys.modules.get("comfy.quant_ops")
+    kitchen = getattr(quant_ops, "ck", None)
+    try:
+        from comfy_kitchen.backends.eager import rope as eager
+    except ImportError:      # ComfyUI 0.3.75 ships no comfy_kitchen; its model code is plain torch
+        eager = None
+    if kitchen is None or eager is None or isinstance(kitchen, _KitchenWithDifferentiableRope):
+        yield
+        return
+    quant_ops.ck = _KitchenWithDifferentiableRope(kitchen, eager)
+    try:
+        yield
+    finally:
+        quant_ops.ck = kitchen
 
 
 @contextlib.contextmanager
@@ -389,11 +410,13 @@ def training_mode():
     differentiable paths (e.g. Flux's RoPE in plain torch instead of comfy-kitchen's
     ``apply_rope``, which has no autograd formula). It is set for this block only and put back
     as it was, so sampling outside SISO's loop runs exactly as before. ComfyUI 0.3.75 has no
-    such flag (its paths are all differentiable) and is left alone."""
+    such flag (its paths are all differentiable) and is left alone. Model code that calls
+    comfy_kitchen's fused RoPE whatever the flag (0.33's Cosmos Predict2) gets the plain-torch
+    version for the block too (_differentiable_kitchen)."""
     management = comfy.model_management
     has_flag = hasattr(management, "in_training")
     saved = management.in_training if has_flag else None
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _differentiable_kitchen():
         if has_flag:
             management.in_training = True
         try:
