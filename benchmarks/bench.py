@@ -456,7 +456,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             with torch.inference_mode():
                 inversion, _ = editing.invert_photo(model, vae, photo, positive, editing.InversionSettings(
                     renoise=renoise.ReNoiseSettings().ddim()))
-        stamps = []
+        stamps, cpu_stamps = [], []
         memory.reset()
         start_mb = memory.current_mb()
         before = time.perf_counter()
@@ -464,10 +464,14 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             _, _, result = gen.optimize_subject(
                 model, vae, positive, subject, None, None, settings_for(iterations + 2, iterations + 2),
                 feature_networks=(dino, ir), inversion=inversion, mask=mask if inversion is not None else None,
-                on_iteration=lambda r: stamps.append(time.perf_counter()))
+                on_iteration=lambda r: (stamps.append(time.perf_counter()), cpu_stamps.append(time.process_time())))
         seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]    # the first step warms up
+        # CPU seconds the process got per timed iteration (all its threads) and the load average:
+        # on a shared machine, wall time grows when other processes take the cores
+        cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][1:]
         entry = {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mb": memory.peak_mb(),
-                 "start_mb": start_mb, "first_iteration_s": stamps[0] - before,
+                 "start_mb": start_mb, "first_iteration_s": stamps[0] - before, "cpu_seconds": cpu_seconds,
+                 "load_average": os.getloadavg(), "threads": torch.get_num_threads(),
                  "losses": [h["loss"] for h in result.history]}
         plan = getattr(result, "memory", None)
         if plan is not None:

@@ -40,7 +40,8 @@ class Family:
     blocks: tuple | None = None
     in_place: bool = False
     decoder_blocks: tuple = KL_DECODER_BLOCKS
-    diffusers: str = ""       # the diffusers LoRA layout ComfyUI's key maps know: "unet", "flux" or none
+    diffusers: str = ""       # the diffusers LoRA layout ComfyUI's key maps know: "unet", "flux", "mmdit", "pixart",
+                              # "auraflow", or none
     editing: str = ""         # why subject swap (ReNoise inversion) is refused; "" = supported
     optimise: str = ""        # steps / grad_steps while optimising
     stage2: str = ""          # stage-2 sampling
@@ -63,7 +64,7 @@ FAMILIES = (
     Family("Chroma Radiance (pixel space)", ("ChromaRadiance",), in_place=True, decoder_blocks=(),
            optimise="8 steps, grad_steps 2", stage2="26+ steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured"),
-    Family("SD3 / SD3.5 (MMDiT)", ("SD3",), optimise="4 steps, grad_steps 1 (3.5 Large Turbo)",
+    Family("SD3 / SD3.5 (MMDiT)", ("SD3",), diffusers="mmdit", optimise="4 steps, grad_steps 1 (3.5 Large Turbo)",
            stage2="Large Turbo: 4 steps, cfg 1.0; others: 28 steps, cfg 4.5",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("Z-Image / Lumina 2 (NextDiT)", ("Lumina2",), optimise="Z-Image-Turbo: 8 steps, grad_steps 1",
@@ -75,7 +76,7 @@ FAMILIES = (
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("HiDream", ("HiDream",), optimise="Fast: 16 steps, grad_steps 2", stage2="Fast: 16 steps, cfg 1.0; Full: 50 steps, cfg 5",
            source="the model authors' sampling advice; SISO steps not measured"),
-    Family("AuraFlow", ("AuraFlow",), optimise="8 steps, grad_steps 2", stage2="25+ steps, cfg 3.5",
+    Family("AuraFlow", ("AuraFlow",), diffusers="auraflow", optimise="8 steps, grad_steps 2", stage2="25+ steps, cfg 3.5",
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("HunyuanImage 2.1", ("HunyuanImage21",), in_place=True, decoder_blocks=(),
            optimise="distilled: 8 steps, grad_steps 1", stage2="distilled: 8 steps, cfg 1.0; base: 50 steps, cfg 3.5",
@@ -83,7 +84,7 @@ FAMILIES = (
     Family("Cosmos Predict2 (text to image)", ("CosmosPredict2",), decoder_blocks=(),
            optimise="8 steps, grad_steps 2", stage2="35 steps, cfg 7",
            source="the model authors' sampling advice; SISO steps not measured"),
-    Family("PixArt (Alpha, Sigma)", ("PixArt",), optimise="LCM / DMD variants: 1-4 steps, grad_steps 1",
+    Family("PixArt (Alpha, Sigma)", ("PixArt",), diffusers="pixart", optimise="LCM / DMD variants: 1-4 steps, grad_steps 1",
            stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured"),
 )
 

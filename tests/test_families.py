@@ -90,23 +90,41 @@ def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(nam
     assert len(patches) == len(ups), f"ComfyUI's loader mapped {len(patches)} of {len(ups)} layers"
 
 
-@pytest.mark.parametrize("name", ["flux2", "qwen_image", "zimage"])
+@pytest.mark.parametrize("name", SUPPORTED)
 def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, tiny_networks):
     """low_memory on recomputes the family's blocks (and the decoder's where it may) in backward:
-    the same losses as without, up to float32 reassociation."""
+    the same losses as without, up to float32 reassociation. Two iterations: the second one's loss
+    depends on the first one's backward through the recomputed blocks."""
     model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
+    size = _size(name)
     runs = []
     for checkpointing in (False, True):
-        settings = gen.GenerationSettings(width=64, height=64, seed=1, precision="fp32",
+        settings = gen.GenerationSettings(width=size, height=size, seed=1, precision="fp32",
                                           gradient_checkpointing=checkpointing,
-                                          optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
+                                          optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=5e-2,
                                                                                   early_stop_patience=10))
         with torch.inference_mode():
             runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
                                              feature_networks=tiny_networks)[2].history)
     # recomputation repeats the same float32 operations: equal to rounding of the loss's magnitude
+    assert len(runs[0]) == len(runs[1]) == 2
     for a, b in zip(*runs):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_family_memory_estimate_runs_and_checkpointing_lowers_it(name):
+    """low_memory = auto decides from a shape-only pass of the family's denoiser and decoder (memory.py).
+    It must run for every family (a failure would fall back to checkpointing without an estimate),
+    and recomputing blocks must keep fewer activations than keeping them."""
+    memory = siso("siso_ops.memory")
+    model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
+    size = _size(name)
+    with torch.inference_mode():
+        estimate = memory.estimate_iteration(model, vae, positive, size, size, "cpu", torch.float32)
+    denoiser = estimate.activations["denoiser"]
+    assert estimate.peak(False) > estimate.peak(True) > estimate.weight_bytes > 0
+    assert denoiser.peak(True, 1.0) < denoiser.peak(False, 1.0)
 
 
 def _tiny_wan21_video_model():

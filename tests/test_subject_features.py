@@ -312,3 +312,25 @@ def test_comfyui_reads_the_diffusers_layout_of_a_flux_lora_like_its_own():
     for key in ("diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight"):
         torch.testing.assert_close(_comfy_patched_weight(model, converted, key), _comfy_patched_weight(model, tensors, key),
                                    rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["sd3", "pixart_alpha", "auraflow"])
+def test_diffusers_layout_of_a_new_family_is_read_by_comfyui_like_its_own(name):
+    """SD3, PixArt and AuraFlow: the diffusers names come from ComfyUI's own key maps (mmdit_, pixart_,
+    auraflow_to_diffusers), fused attention layers split by rows. Every LoRA layer gets a name, and
+    ComfyUI's stock LoRA loader reads the diffusers file back to the same patched weight of every
+    layer as the comfyui file (float32; the split rows are copies and alpha / rank is one factor, so
+    only the product's rounding differs)."""
+    import tiny_families as tf
+    model = tf.build_model(name, inference=False)
+    tensors = _random_lora(model, rank=4, alpha=2.0)
+    prefix, targets = host.diffusers_lora_targets(model)
+    converted = lora_mod.to_diffusers(tensors, targets)
+    assert prefix == "transformer." and converted and all(k.startswith(prefix) for k in converted)
+    layers = [k[: -len(".lora_up.weight")] for k in tensors if k.endswith(".lora_up.weight")]
+    assert layers and all(layer in targets for layer in layers), [layer for layer in layers if layer not in targets][:3]
+    for layer in layers:
+        key = f"{layer}.weight"
+        ours, theirs = _comfy_patched_weight(model, tensors, key), _comfy_patched_weight(model, converted, key)
+        assert not torch.equal(ours, model.model.get_parameter(key)), key       # the LoRA does act
+        torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=1e-7)

@@ -182,8 +182,11 @@ def diffusers_lora_targets(model) -> tuple:
     function between the two row orders where they differ (Flux's final modulation)."""
     config = model.model.model_config.unet_config
     layout = model_family(model).diffusers
-    if layout == "flux":
-        prefix, mapping = "transformer.", comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
+    transformer_maps = {"flux": "flux_to_diffusers", "mmdit": "mmdit_to_diffusers", "pixart": "pixart_to_diffusers",
+                        "auraflow": "auraflow_to_diffusers"}
+    if layout in transformer_maps:
+        to_diffusers = getattr(comfy.utils, transformer_maps[layout])
+        prefix, mapping = "transformer.", to_diffusers(config, output_prefix="diffusion_model.")
     elif layout == "unet":
         prefix = "unet."
         mapping = {k: f"diffusion_model.{v}" for k, v in comfy.utils.unet_to_diffusers(config).items()}
