@@ -225,8 +225,15 @@ def test_an_unsupported_model_is_refused_before_any_work(sd15, subject, feature_
     model, vae, positive, _ = sd15
     import comfy.model_sampling
 
-    class RFlowSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.COSMOS_RFLOW):
-        pass  # a prediction type the differentiable sampler does not know
+    class OddPrediction:   # a prediction type the differentiable sampler does not know (x0 directly)
+        def calculate_input(self, sigma, noise):
+            return noise
+
+        def calculate_denoised(self, sigma, model_output, model_input):
+            return model_output
+
+    class RFlowSampling(comfy.model_sampling.ModelSamplingDiscrete, OddPrediction):
+        pass
 
     with torch.inference_mode():
         odd = model.clone()
