@@ -168,6 +168,8 @@ def supported_models_markdown() -> str:
     for name, reason in REFUSED.items():
         rows.append(f"| refused | {name} | {reason} | | | | | |")
     rows.append("| refused | video, audio and 3D models | SISO optimises images: refused before any work, naming the model class | | | | | |")
+    rows.append("| refused | any other image model class (e.g. HunyuanDiT, Kandinsky 5, OmniGen 2) | no tiny "
+                "test model pins its path yet: refused before any work, naming the class and the supported families | | | | | |")
     return "\n".join(rows)
 
 
