@@ -4,6 +4,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
+from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS
@@ -58,7 +59,7 @@ class SISOOptimize(CheckedNode):
                 "the squared error outside the mask, so the background stays. Size, steps and sampler come from the "
                 "inversion; use the same prompt as the inversion and learning rate 3e-4 (paper)."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to personalise: SD1.x/SD2.x (SD-Turbo), SDXL (SDXL-Turbo), Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image/Lumina 2, Qwen-Image, HiDream, AuraFlow, HunyuanImage 2.1, PixArt (see the README's table)."),
+                io.Model.Input("model", tooltip="The diffusion model to personalise: " + "; ".join(f.name for f in FAMILIES) + " (see the README's table)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
                 io.Conditioning.Input("positive", tooltip="The SIMPLE prompt, e.g. 'a photo of a dog' (better prompt adherence later)."),
                 Subject.Input("subject", tooltip="From SISO Load Subject."),

@@ -111,7 +111,16 @@ def _storage_key(tensor: torch.Tensor):
     return tensor.untyped_storage()._cdata
 
 
-class _FusedAttention(torch.autograd.Function):
+class _ShapeOnly(torch.autograd.Function):
+    """An operation counted on shapes: its forward keeps what the real kernel keeps; it is never
+    differentiated."""
+
+    @staticmethod
+    def backward(ctx, *grads):  # pragma: no cover - shapes only, never differentiated
+        raise RuntimeError("a memory probe is not differentiated")
+
+
+class _FusedAttention(_ShapeOnly):
     """scaled_dot_product_attention on shapes: keeps what the fused kernels keep (flash and
     memory-efficient on CUDA, flash on CPU): q, k, v, the output and the float32 log-sum-exp."""
 
@@ -122,12 +131,8 @@ class _FusedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
-        raise RuntimeError("a memory probe is not differentiated")
 
-
-class _Normalization(torch.autograd.Function):
+class _Normalization(_ShapeOnly):
     """group_norm / layer_norm on shapes: keeps what their kernels keep (the input, and the mean
     and reciprocal deviation per group or row). PyTorch's own meta versions are Python
     decompositions, seconds for a full-size UNet; this is the same count at no cost."""
@@ -139,12 +144,8 @@ class _Normalization(torch.autograd.Function):
         ctx.save_for_backward(x, mean, rstd)
         return torch.empty_like(x)
 
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
-        raise RuntimeError("a memory probe is not differentiated")
 
-
-class _KeepsInput(torch.autograd.Function):
+class _KeepsInput(_ShapeOnly):
     """An elementwise operation whose backward needs its input (GELU, SiLU), on shapes."""
 
     @staticmethod
@@ -152,21 +153,13 @@ class _KeepsInput(torch.autograd.Function):
         ctx.save_for_backward(x)
         return torch.empty_like(x)
 
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
-        raise RuntimeError("a memory probe is not differentiated")
 
-
-class _Resized(torch.autograd.Function):
+class _Resized(_ShapeOnly):
     """A bicubic / bilinear resize on shapes: its backward needs only the sizes, keeps nothing."""
 
     @staticmethod
     def forward(ctx, x, size):
         return x.new_empty(tuple(x.shape[:2]) + tuple(size))
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - shapes only, never differentiated
-        raise RuntimeError("a memory probe is not differentiated")
 
 
 def _linear(input, weight, bias=None):

@@ -22,7 +22,7 @@ from .folders import (  # noqa: F401
     grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for)
 from .models import (  # noqa: F401
     SUPPORTED_SAMPLING, TARGETS, describe_model, ARCHITECTURES, model_architecture, subject_lora_layouts,
-    check_lora_fits, model_family, check_supported, check_editing, check_vae, is_dit, compute_device,
+    check_lora_fits, model_family, check_supported, check_editing, check_vae, compute_device,
     throw_if_interrupted, is_flow, latent_channels, lora_target_names, checkpoint_block_classes,
     diffusers_lora_targets, apply_lora, is_dynamic)
 from .training import (  # noqa: F401

@@ -130,10 +130,6 @@ def check_vae(vae, model):
             "CheckpointLoader's VAE output) or the VAE file made for this model.")
 
 
-def is_dit(model) -> bool:
-    return model_family(model).lora == "blocks"
-
-
 def compute_device():
     return comfy.model_management.get_torch_device()
 
