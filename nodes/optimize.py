@@ -150,6 +150,8 @@ class SISOOptimize(CheckedNode):
         plan = getattr(result, "memory", None)
         if plan is not None:   # what the memory estimate said, and the low_memory it chose
             report += f". {plan.describe()}"
+        if getattr(result, "loading", None):   # whether ComfyUI held the whole model or streamed it
+            report += f". Model {result.loading}"
         progress.finish(report)
         log.info("SISO: %s", report)
         curve = torch.from_numpy(loss_curve(result.history, result.best_iteration)).unsqueeze(0)

@@ -109,6 +109,18 @@ _MODULATION = re.compile(r"(^|\.)(mod[A-Z0-9]*|\w+_mod|\w*modulation\w*|\w*ada_?
 _ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
 
 
+def is_linear_map(module: torch.nn.Module) -> bool:
+    """Whether ``module`` acts as a linear map ``x W^T + b`` with a ``[out, in]`` weight: a
+    ``torch.nn.Linear``, or a layer of ComfyUI's quantised ops (MixedPrecisionOps.Linear subclasses
+    ``torch.nn.Module``) or of another pack (ComfyUI-GGUF) that says so by its ``in_features`` /
+    ``out_features``. Its weight may be stored quantised; ``.shape`` is the logical shape."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (module.out_features, module.in_features))
+
+
 def repeated_blocks(root: torch.nn.Module) -> list:
     """(qualified name, module) of every child of the ModuleLists under ``root``: a DiT's
     transformer blocks, whatever the family calls them."""
@@ -116,7 +128,7 @@ def repeated_blocks(root: torch.nn.Module) -> list:
     for name, module in root.named_modules():
         if isinstance(module, torch.nn.ModuleList):
             for index, child in enumerate(module):
-                if any(isinstance(m, torch.nn.Linear) for m in child.modules()):
+                if any(is_linear_map(m) for m in child.modules()):
                     out.append((f"{name}.{index}", child))
     # a ModuleList nested in a block (e.g. an MLP's layers) is part of that block, not a block
     names = [n for n, _ in out]
@@ -124,8 +136,8 @@ def repeated_blocks(root: torch.nn.Module) -> list:
 
 
 def lora_layers(root: torch.nn.Module, family: Family, all_linear: bool = False) -> set:
-    """Qualified names of the Linear layers of ``root`` (the denoiser) that get a LoRA."""
-    linear = {name for name, m in root.named_modules() if isinstance(m, torch.nn.Linear)}
+    """Qualified names of the linear-map layers of ``root`` (the denoiser) that get a LoRA."""
+    linear = {name for name, m in root.named_modules() if is_linear_map(m)}
     if all_linear:
         return linear
     if family.lora == "attention":
@@ -141,7 +153,7 @@ def lora_layers(root: torch.nn.Module, family: Family, all_linear: bool = False)
     chosen = set()
     for block_name, block in repeated_blocks(root):
         for name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear) and not _MODULATION.search(name):
+            if is_linear_map(module) and not _MODULATION.search(name):
                 chosen.add(f"{block_name}.{name}")
     return chosen
 

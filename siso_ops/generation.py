@@ -201,9 +201,15 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                     noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
                     flow = inversion.flow
 
+                first = []
+
                 def generate():
                     with autocast(start.device, dtype):
-                        return decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
+                        image = decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
+                    if not first:    # before any step: every LoRA layer is on the model's path
+                        trainable.check_lora_reached()
+                        first.append(True)
+                    return image
 
                 def scored(image):
                     with autocast(image.device, dtype):
@@ -213,6 +219,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
 
             result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
             result.memory = memory_plan     # the estimate and the low_memory choice, for the report
+            result.loading = trainable.loading   # fully loaded, or streamed per layer by ComfyUI
             lora = SubjectLoRA(
                 tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
                 model=host.describe_model(model), best_iteration=result.best_iteration,

@@ -398,8 +398,8 @@ def test_the_training_forward_follows_comfyui_casts_and_patches(sd15):
     """The training clone's layers compute what ComfyUI's own layers compute, also when ComfyUI
     loads the clone partially (lowvram: weights cast per call, the user's own LoRA applied on the
     fly by ComfyUI's patch functions): the same output and LoRA gradients as a full load, and no
-    gradient ever lands on the host's weights. A layer class of another pack (as GGUF's) keeps its
-    own forward and gets the LoRA as a weight wrapper."""
+    gradient ever lands on the host's weights. A layer class of another pack (as GGUF's) computes
+    with its own forward, its gradient taken through its own cast path, the LoRA on its input side."""
     model, _, positive, _ = sd15
     foreign_name, foreign = next((n, m) for n, m in model.model.diffusion_model.named_modules() if n.endswith("attn2.to_k"))
     stock_class = type(foreign)
@@ -447,7 +447,9 @@ def _forward_full_and_partial(model, positive, foreign_key):
                 trainable.patcher.patch_model(torch.device("cpu"), lowvram_model_memory=lowvram)
                 trainable.check_loaded()
                 foreign = trainable.lora_layers[foreign_key]
-                assert "forward" not in vars(foreign) and trainable.deltas[foreign_key] in foreign.weight_function
+                # its own forward, through the training forward that adds the LoRA on the input side
+                forward = vars(foreign)["forward"]
+                assert forward.op is None and forward.kind == "linear" and forward.lora is trainable.deltas[foreign_key]
                 base = trainable.patcher.model
                 cast = [m for m in base.diffusion_model.modules() if getattr(m, "comfy_cast_weights", False)]
                 on_the_fly = [f for m in cast for f in m.weight_function if isinstance(f, comfy.model_patcher.LowVramPatch)]

@@ -71,7 +71,8 @@ def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor
     needs no gradient into the model (inversion), which is then used exactly as KSampler uses it."""
     trainable = model if isinstance(model, TrainableModel) else None
     if trainable is not None:
-        trainable.unload_host_copies()
+        trainable.loading = trainable.load()
+        trainable.check_lora_path()
     guider = comfy.samplers.CFGGuider(model if trainable is None else trainable.patcher)
     guider.set_conds(_detach_copy(positive), [])
     guider.set_cfg(1.0)

@@ -78,37 +78,139 @@ def _training_op(module):
     return _STOCK_LAYERS.get(type(module))
 
 
+def _stored_as_is(module, x) -> bool:
+    """Whether ComfyUI's cast path would hand this layer's weight out as stored: a plain tensor in
+    the input's dtype and on its device, no wrapper, no scale. Then a zero-copy view of it is what
+    the layer computes with; any other layout (fp8 storage, a scaled or quantised weight, a GGUF
+    tensor, weights streamed from RAM in lowvram mode, patches applied on the fly) is dequantised
+    or cast by the layer itself, and backward must not keep that full-precision copy."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if module.weight_function or module.bias_function or getattr(module, "scale_weight", None) is not None:
+        return False
+    for tensor in (weight, bias):
+        if tensor is not None and (type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.dtype != x.dtype
+                                   or tensor.device != x.device):
+            return False
+    return True
+
+
+def _quantized_tensor_class():
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:      # a ComfyUI without mixed-precision quantisation
+        return ()
+    return QuantizedTensor
+
+
+def dequantised_weight(module, like: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as it computes with it, in ``like``'s dtype and on its device, taken
+    from the layer's own cast path: ComfyUI-GGUF's ``cast_bias_weight`` method (dequantises and
+    applies its patches), else ComfyUI's (casts, streams lowvram weights, applies on-the-fly
+    patches), then the layer's ``convert_weight`` where it has one (ComfyUI's hook for "the real
+    weight": 0.3.75's scaled fp8 multiplies its ``scale_weight``, MixedPrecisionOps dequantises),
+    and any QuantizedTensor dequantised."""
+    if callable(getattr(type(module), "cast_bias_weight", None)):
+        weight = module.cast_bias_weight(like)[0]
+    else:
+        weight = comfy.ops.cast_bias_weight(module, like)[0]
+    quantized = _quantized_tensor_class()
+    if quantized and isinstance(weight, quantized):
+        weight = weight.dequantize()
+    convert = getattr(module, "convert_weight", None)
+    if callable(convert):
+        weight = convert(weight)
+    if quantized and isinstance(weight, quantized):
+        weight = weight.dequantize()
+    return weight.to(device=like.device, dtype=like.dtype)
+
+
+def _stock_forward(module, x, *args, **kwargs):
+    """The layer's own forward (its class's), past the clone's object patch of ``forward``."""
+    return type(module).forward(module, x, *args, **kwargs)
+
+
+_CONV_INPUT_GRADIENTS = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+
+
+class _ThroughOwnCast(torch.autograd.Function):
+    """A frozen linear or convolution layer computed by its own forward (whatever it does with
+    its weight: fp8 matrix multiply, a QuantizedTensor, GGUF dequantisation, a scale), so the
+    training clone's output is the stock sampler's. Its gradient to the input is that of the
+    linear map it computes, with the weight dequantised again from the layer's own cast path
+    in backward, as ComfyUI's QuantLinearFunc does: nothing full-precision is kept between the
+    forward and the backward pass, only the quantised weight the model holds anyway."""
+
+    @staticmethod
+    def forward(ctx, x, module, kind):
+        ctx.module, ctx.kind, ctx.input_shape = module, kind, tuple(x.shape)
+        return _stock_forward(module, x.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        module = ctx.module
+        weight = dequantised_weight(module, grad)
+        if ctx.kind == "linear":
+            return torch.matmul(grad, weight), None, None
+        input_gradient = _CONV_INPUT_GRADIENTS[weight.dim() - 2]
+        return (input_gradient(ctx.input_shape, weight, grad, module.stride, module.padding, module.dilation,
+                               module.groups), None, None)
+
+
+def layer_kind(module) -> str | None:
+    """'linear' or 'conv' for a layer the training forward can take through its own cast path
+    (_ThroughOwnCast), None for any other."""
+    if not hasattr(module, "weight_function") or getattr(module, "weight", None) is None:
+        return None
+    if families.is_linear_map(module):
+        return "linear"
+    if (isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
+        return "conv"
+    return None
+
+
 class _TrainingForward:
     """The forward of one of the clone's layers while it trains, installed as an object patch.
 
-    It does what ComfyUI's layer does (its cast path whenever ComfyUI would cast: lowvram
-    offload, manual cast, patches applied on the fly), except that the weight is read through
-    a zero-copy view autograd can save, instead of a full copy of every weight at every call,
-    and a LoRA adds its low-rank product on the input side: ``W x + s * up (down x)``. That is
-    the same function as ComfyUI's merged ``(W + s * up @ down) x``, but backward needs no
-    full-size weight gradient and the forward pass no merged weight, and in bfloat16 small LoRA
-    updates are not rounded away against the weight. ``clone_input``: the layer reads a copy of
-    its input (ComfyUI's DiT blocks add into a LayerNorm's input in place after it was saved)."""
+    Where ComfyUI would use the stored weight as it is, the layer computes with a zero-copy view
+    of it that autograd can save (no copy of any weight at any call). Every other linear or
+    convolution layer (fp8 storage, scaled fp8, ComfyUI's quantised layers, GGUF, lowvram
+    streaming, on-the-fly patches) runs its own forward and takes its gradient through its own
+    cast path (_ThroughOwnCast): iteration 0 computes in the precision the stock sampler uses,
+    and backward holds no full-precision copy of a quantised weight. A LoRA adds its low-rank
+    product on the input side in the layer's output units: ``layer(x) + s * up (down x)``. That
+    is the function ComfyUI's merged ``(W + s * up @ down) x`` computes, but it needs no merged
+    weight and no full-size weight gradient, and neither bfloat16 nor fp8 storage rounds a small
+    update away. ``clone_input``: the layer reads a copy of its input (ComfyUI's DiT blocks add
+    into a LayerNorm's input in place after it was saved). ``calls``: how many times the LoRA
+    was applied (the check that it is on the model's path)."""
 
-    def __init__(self, module, op, lora=None, clone_input: bool = False):
+    def __init__(self, module, op, lora=None, clone_input: bool = False, kind: str | None = None):
         self.module = module
         self.op = op
         self.lora = lora
         self.clone_input = clone_input
+        self.kind = kind
+        self.calls = 0
 
     def __call__(self, x):
         module = self.module
         comfy.ops.run_every_op()     # ComfyUI's Cancel check, as its own layers make it
-        if module.weight is None:
-            weight = bias = None
-        elif module.comfy_cast_weights or module.weight_function or module.bias_function:
-            weight, bias = comfy.ops.cast_bias_weight(module, x)
-        else:
-            weight, bias = module.weight, module.bias
         if self.clone_input:
             x = x.clone()
-        out = self.op(module, x, _trainable_view(weight), _trainable_view(bias))
+        if self.kind is not None and (self.op is None or not _stored_as_is(module, x)):
+            out = _ThroughOwnCast.apply(x, module, self.kind)
+        else:
+            if module.weight is None:
+                weight = bias = None
+            elif module.comfy_cast_weights or module.weight_function or module.bias_function:
+                weight, bias = comfy.ops.cast_bias_weight(module, x)
+            else:
+                weight, bias = module.weight, module.bias
+            out = self.op(module, x, _trainable_view(weight), _trainable_view(bias))
         if self.lora is not None:
+            self.calls += 1
             out = out + self.lora.on_input(x)
         return out
 
@@ -203,6 +305,7 @@ class TrainableModel:
         self.patcher = training_clone(model)
         self.deltas = {}
         self.lora_layers = {}     # weight key -> the layer its delta acts on
+        self.training_forwards = {}   # weight key -> the _TrainingForward that applies its delta
         self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
@@ -214,6 +317,7 @@ class TrainableModel:
             full = f"diffusion_model.{name}"
             dit_norm = family.in_place and isinstance(module, torch.nn.LayerNorm)
             op = _training_op(module)
+            kind = layer_kind(module)
             key = f"{full}.weight"
             delta = None
             if name in targets:
@@ -221,17 +325,18 @@ class TrainableModel:
                                   device=device, generator=generator)
                 self.deltas[key] = delta
                 self.lora_layers[key] = module
-            if op is not None:
+            if op is not None or kind is not None:
                 # An object patch of the clone: applied while it is loaded, undone in unload().
-                self._patch_forward(full, module, _TrainingForward(module, op, delta, clone_input=dit_norm))
+                forward = _TrainingForward(module, op, delta, clone_input=dit_norm, kind=kind)
+                self._patch_forward(full, module, forward)
+                if delta is not None:
+                    self.training_forwards[key] = forward
                 continue
             if hasattr(module, "weight_function"):
-                # Another pack's layer class: its own forward, with a detached copy of each weight
-                # and the LoRA added to the weight (ComfyUI's weight-wrapper mechanism).
+                # Another layer class that is no linear map (a norm of another pack): its own
+                # forward, with a detached copy of each weight (ComfyUI's weight-wrapper mechanism).
                 if getattr(module, "weight", None) is not None:
                     self.patcher.add_weight_wrapper(key, _detached)
-                    if delta is not None:
-                        self.patcher.add_weight_wrapper(key, delta)
                 if getattr(module, "bias", None) is not None:
                     self.patcher.add_weight_wrapper(f"{full}.bias", _detached)
             else:
@@ -304,18 +409,77 @@ class TrainableModel:
 
     def check_loaded(self):
         """Raise if ComfyUI loaded the clone without the LoRA wired into its layers."""
-        for key, delta in self.deltas.items():
-            layer = self.lora_layers[key]
-            forward = vars(layer).get("forward")
-            if not ((isinstance(forward, _TrainingForward) and forward.lora is delta)
-                    or any(f is delta for f in layer.weight_function)):
+        for key, forward in self.training_forwards.items():
+            if vars(self.lora_layers[key]).get("forward") is not forward:
                 raise RuntimeError("ComfyUI loaded the model without SISO's LoRA layers; nothing would be learned. "
                                    "Free the model cache (Manager: 'Free model and node cache') and run again.")
 
+    def load(self, memory_required: int = 0) -> str:
+        """Load the clone as ComfyUI's samplers load a model: under inference mode (ComfyUI's
+        quantised tensors are re-wrapped when moved outside it, which would change the host's
+        weights they share), with ComfyUI deciding from the free memory whether the weights fit
+        or are streamed per layer (lowvram). Returns how it loaded, for the report."""
+        self.unload_host_copies()
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([self.patcher], memory_required=int(memory_required))
+        loaded, total = self.patcher.loaded_size(), self.patcher.model_size()
+        if total and loaded < total:
+            return (f"partially loaded by ComfyUI ({loaded / 2**30:.2f} of {total / 2**30:.2f} GiB on the device, "
+                    "the rest streamed per layer in every pass)")
+        return "fully loaded"
+
+    def check_lora_path(self):
+        """Before the loop, on the loaded clone: every LoRA layer, called as the model calls it,
+        gives the stock layer's output with its LoRA at zero, and adds exactly the LoRA's product
+        when it is not. A layer whose class computes past ``forward`` or a LoRA added in the wrong
+        units (a scaled fp8 weight) is caught here, naming the layer, not after minutes of work."""
+        self.check_loaded()
+        generator = torch.Generator().manual_seed(0)
+        dtype = _compute_dtype(self.patcher)
+        with torch.no_grad():
+            for key, delta in self.deltas.items():
+                layer = self.lora_layers[key]
+                x = torch.randn(2, delta.down.shape[1], generator=generator).to(delta.down.device, dtype)
+                stock = _stock_forward(layer, x)
+                saved_up = delta.up.detach().clone()
+                forward = self.training_forwards[key]
+                calls = forward.calls
+                try:
+                    delta.up.zero_()
+                    zero = layer(x)
+                    delta.up.copy_(torch.randn(delta.up.shape, generator=generator).to(delta.up) * 0.1)
+                    moved = layer(x) - zero
+                    expected = delta.on_input(x)
+                finally:
+                    delta.up.copy_(saved_up)
+                    forward.calls = calls
+                # the same layer computation twice; in half precision the LoRA's sum rounds at the
+                # output's magnitude (2**-7 relative for bfloat16 over |zero| + |expected|)
+                tolerance = 1e-4 if dtype == torch.float32 else 2 ** -6
+                scale = float(zero.abs().max() + expected.abs().max())
+                if not torch.equal(zero, stock) and float((zero - stock).abs().max()) > tolerance * scale:
+                    raise RuntimeError(f"SISO's training forward of {key[:-len('.weight')]} ({type(layer).__name__}) does "
+                                       "not give the stock layer's output: this layer class cannot be trained by SISO.")
+                if float((moved - expected).abs().max()) > tolerance * max(scale, 1e-12) or not bool(expected.abs().max() > 0):
+                    raise RuntimeError(f"the LoRA of {key[:-len('.weight')]} ({type(layer).__name__}) does not change the "
+                                       "layer's output as it should: this layer class cannot be trained by SISO.")
+
+    def check_lora_reached(self):
+        """After the first forward pass: every LoRA was applied on the way to the image (a layer
+        the model reaches past its ``forward``, e.g. by reading ``.weight`` itself, is not)."""
+        missed = [key[:-len(".weight")] for key, forward in self.training_forwards.items() if forward.calls == 0]
+        if missed:
+            raise RuntimeError(f"{len(missed)} of SISO's {len(self.deltas)} LoRA layers are never called by "
+                               f"{describe_model(self.host)} (first: {missed[0]}): the model computes those layers "
+                               "another way, so nothing could be learned there. Use lora_target 'attention' or report "
+                               "the model class.")
+
     def unload(self):
-        """Detach the clone from the shared modules (weights, wrappers and object patches)."""
-        _unload_loaded(lambda patcher: patcher is self.patcher)
-        self.patcher.detach(unpatch_all=True)
+        """Detach the clone from the shared modules (weights, wrappers and object patches), in
+        inference mode as ComfyUI's own unloads run (see load)."""
+        with torch.inference_mode():
+            _unload_loaded(lambda patcher: patcher is self.patcher)
+            self.patcher.detach(unpatch_all=True)
         self.patcher.weight_wrapper_patches = {}
         self.patcher.object_patches = {}
         # ComfyUI leaves weight wrappers on the shared modules after a full-load unpatch (the
@@ -331,6 +495,14 @@ class TrainableModel:
             # instance attribute; drop it so the module is exactly as it was.
             if getattr(vars(module).get("forward"), "__self__", None) is module:
                 del module.forward
+
+
+def _compute_dtype(patcher) -> torch.dtype:
+    """The dtype the model's layers compute in: ComfyUI's manual-cast dtype where the weights are
+    stored in another (fp8, GGUF, quantised), else the weights' own."""
+    base = patcher.model
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
 def free_cached_memory():
