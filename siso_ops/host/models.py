@@ -202,11 +202,60 @@ def diffusers_lora_targets(model) -> tuple:
     return prefix, targets
 
 
+def stored_quantised(module) -> bool:
+    """Whether a layer's weight is stored in a form a merged LoRA would be rounded into: fp8 or
+    int8 storage, a scale beside it, ComfyUI's QuantizedTensor or a GGUF tensor."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return True
+    return weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
+        getattr(module, "scale_weight", None) is not None
+
+
+class LoRAOnTheFly:
+    """A layer's forward plus a LoRA on its input side, ``layer(x) + s * up (down x)``: the
+    function SISO trained, in the layer's output units, without merging ``s * up @ down`` into a
+    quantised weight (fp8 storage would round most of a small update away). ``previous``: the
+    forward it wraps (another LoRA applied this way before), else the layer's own."""
+
+    def __init__(self, module, up: torch.Tensor, down: torch.Tensor, scale: float, previous=None):
+        self.module, self.scale, self.previous = module, float(scale), previous
+        self.up, self.down = up.detach().float(), down.detach().float()
+
+    def __call__(self, x, *args, **kwargs):
+        # the layer gets a copy, as in training: some layers write into their input (0.3.75's
+        # fp8_linear clamps it in place), and the LoRA must see what the layer was given
+        layer_input = x.clone()
+        out = self.previous(layer_input, *args, **kwargs) if self.previous is not None else \
+            type(self.module).forward(self.module, layer_input, *args, **kwargs)
+        if self.up.device != x.device:
+            self.up, self.down = self.up.to(x.device), self.down.to(x.device)
+        hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
+        return out + torch.nn.functional.linear(hidden, self.up.to(x.dtype)) * self.scale
+
+
 def apply_lora(model, lora_tensors: dict, strength: float):
-    """The stock LoRA path (same as LoraLoaderModelOnly): a patched clone of the MODEL."""
+    """A patched clone of the MODEL. Layers stored as plain floats take the stock LoRA path (the
+    same as LoraLoaderModelOnly: merged into the weights); layers stored quantised (fp8, scaled,
+    ComfyUI's quantised layers, GGUF) get the LoRA on the fly (LoRAOnTheFly), so the stock
+    sampler computes what SISO optimised."""
     if strength == 0:
         return model
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora_tensors, strength, 0)
+    modules = dict(model.model.named_modules())
+    layers = lora_layers(lora_tensors)
+    on_the_fly = {base for base in layers if base in modules and stored_quantised(modules[base])}
+    merged = {k: v for k, v in lora_tensors.items() if not any(k.startswith(base + ".") for base in on_the_fly)}
+    if len(on_the_fly) < len(layers):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, merged, strength, 0)
+    else:
+        patched = model.clone()
+    for base in sorted(on_the_fly):
+        up, down, alpha = layers[base]
+        key = f"{base}.forward"
+        patched.add_object_patch(key, LoRAOnTheFly(modules[base], up, down, alpha / down.shape[0] * strength,
+                                                   patched.object_patches.get(key)))
     return patched
 
 

@@ -143,7 +143,11 @@ class _ThroughOwnCast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, kind):
         ctx.module, ctx.kind, ctx.input_shape = module, kind, tuple(x.shape)
-        return _stock_forward(module, x.detach())
+        # a copy: some layers write into their input (0.3.75's fp8_linear clamps it in place),
+        # which autograd may have saved for another layer's backward
+        out = _stock_forward(module, x.detach().clone())
+        # a view made here could not be written in place later (Flux adds into its blocks' inputs)
+        return out.clone() if out._base is not None else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -419,8 +423,8 @@ class TrainableModel:
         quantised tensors are re-wrapped when moved outside it, which would change the host's
         weights they share), with ComfyUI deciding from the free memory whether the weights fit
         or are streamed per layer (lowvram). Returns how it loaded, for the report."""
-        self.unload_host_copies()
         with torch.inference_mode():
+            self.unload_host_copies()
             comfy.model_management.load_models_gpu([self.patcher], memory_required=int(memory_required))
         loaded, total = self.patcher.loaded_size(), self.patcher.model_size()
         if total and loaded < total:
