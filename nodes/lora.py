@@ -65,6 +65,11 @@ def lora_file_path(name: str) -> str:
     return path
 
 
+def existing_file(path: str) -> str:
+    return (f"'{os.path.basename(path)}' already exists in {os.path.dirname(path)} and overwrite is false: "
+            "choose another name or set overwrite to true")
+
+
 class SaveSISOLoRA(CheckedNode):
     @classmethod
     def define_schema(cls):
@@ -88,12 +93,14 @@ class SaveSISOLoRA(CheckedNode):
         )
 
     @classmethod
-    def check_values(cls, name=None, **values):
+    def check_values(cls, name=None, overwrite=None, **values):
         if isinstance(name, str):
             try:
-                lora_file_path(name)
+                path = lora_file_path(name)
             except ValueError as error:
                 return f"name: {error}"
+            if overwrite is False and os.path.exists(path):
+                return f"name: {existing_file(path)}"
         return None
 
     @classmethod
@@ -101,7 +108,7 @@ class SaveSISOLoRA(CheckedNode):
     def execute(cls, subject_lora, name, overwrite, format="comfyui"):
         path = lora_file_path(name)
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists: choose another name or set overwrite to true")
+            raise FileExistsError(existing_file(path))
         if format == "diffusers":
             if subject_lora.diffusers_targets is None:
                 raise ValueError(f"no diffusers layout is known for {subject_lora.model}: save in the comfyui format")

@@ -72,6 +72,10 @@ class Case:
     # the node must detect and segment before it can know (SubjectMask's grow): it may report
     # progress; the refusal still comes before the expensive editing run
     needs_work: bool = False
+    about: str = ""           # the input a queue-time refusal is reported under (default: the first changed)
+
+    def input_about(self) -> str:
+        return self.about or next(iter(self.inputs), None) or self.expect.split()[0].rstrip(":")
 
 
 def linked(class_type: str, value, field_name: str, target: str):
@@ -80,6 +84,26 @@ def linked(class_type: str, value, field_name: str, target: str):
     def edit(prompt, server):
         prompt["900"] = {"class_type": class_type, "inputs": {"value": value}}
         prompt[node_of(prompt, target)]["inputs"][field_name] = ["900", 0]
+    return edit
+
+
+def computed(value_a: str, value_b: str, field_name: str, target: str):
+    """Feed ``field_name`` from stock StringConcatenate: a value computed when the prompt runs, so
+    only the node's own check at execute can see it."""
+    def edit(prompt, server):
+        prompt["901"] = {"class_type": "StringConcatenate", "inputs": {"string_a": value_a, "string_b": value_b,
+                                                                       "delimiter": ""}}
+        prompt[node_of(prompt, target)]["inputs"][field_name] = ["901", 0]
+    return edit
+
+
+def existing_lora(name: str):
+    """A file of that name in the loras folder already."""
+    def edit(prompt, server):
+        folder = server.base / "models" / "loras"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.safetensors").write_bytes(b"an earlier LoRA")
+        prompt[node_of(prompt, "SaveSISOLoRA")]["inputs"].update(name=name, overwrite=False)
     return edit
 
 
@@ -138,6 +162,14 @@ CASES = [
     Case("lora name leaves folder", two_stage, "SaveSISOLoRA", {"name": "../escape"}, "LoRA name '../escape' is not allowed"),
     Case("lora name 300 letters", two_stage, "SaveSISOLoRA", {"name": "x" * 300}, "is too long: 300 bytes in UTF-8, at most 200"),
     Case("lora name CON", two_stage, "SaveSISOLoRA", {"name": "CON"}, "is a device name on Windows"),
+    Case("lora format unknown", two_stage, "SaveSISOLoRA", {"format": "ckpt"}, "format: 'ckpt' is not one of its choices"),
+    # ComfyUI casts a BOOLEAN with bool(): "false" and "yes" would both mean true and replace the file
+    Case("overwrite 'false' text", two_stage, "SaveSISOLoRA", {"overwrite": "false"},
+         "overwrite must be true or false (a JSON boolean), got 'false' (str)"),
+    Case("overwrite 'yes' text", two_stage, "SaveSISOLoRA", {"overwrite": "yes"}, "overwrite must be true or false"),
+    Case("overwrite 1", two_stage, "SaveSISOLoRA", {"overwrite": 1}, "overwrite must be true or false (a JSON boolean), got 1 (int)"),
+    Case("lora name exists, overwrite false", two_stage, "SaveSISOLoRA",
+         expect="'earlier.safetensors' already exists in", edit=existing_lora("earlier"), about="name"),
     Case("renoise steps 100000", swap, "ReNoiseInvert", {"steps": 100000}, "steps = 100000 is above its maximum 100"),
     Case("renoise strength 0", swap, "ReNoiseInvert", {"strength": 0.0}, "strength = 0 is below its minimum 0.01"),
     Case("renoise sampler unknown", swap, "ReNoiseInvert", {"sampler": "dpmpp_2m"}, "sampler: 'dpmpp_2m' is not one of its choices"),
@@ -148,17 +180,25 @@ CASES = [
     Case("mask grow_pixels -100000", swap, "SubjectMask", {"grow_pixels": -100000}, "grow_pixels = -100000 is below its minimum -512"),
     Case("mask sam file missing", swap, "SubjectMask", {"sam_model": "missing.pth"}, "sam_model: SAM checkpoint 'missing.pth' not found"),
     Case("mask text empty", swap, "SubjectMask", {"text": "  "}, "text: the text is empty"),
-    # ---- values that arrive through links: ComfyUI validates none; the node refuses them at its start
+    # ---- values that arrive through links: ComfyUI validates none. A stock Primitive's value is a
+    # constant: the pack checks it at queue time, before SISO Optimize runs
     Case("linked learning_rate 1e9", two_stage, "SISOOptimize", expect="learning_rate = 1000000000 is above its maximum 0.1",
-         at="run", edit=linked("PrimitiveFloat", 1e9, "learning_rate", "SISOOptimize")),
+         edit=linked("PrimitiveFloat", 1e9, "learning_rate", "SISOOptimize")),
     Case("linked width 16384", two_stage, "SISOOptimize", expect="width = 16384 is above its maximum 2048",
-         at="run", edit=linked("PrimitiveInt", 16384, "width", "SISOOptimize")),
+         edit=linked("PrimitiveInt", 16384, "width", "SISOOptimize")),
     Case("linked dino_weight NaN", two_stage, "SISOOptimize", expect="dino_weight is nan, not a number",
-         at="run", edit=linked("PrimitiveFloat", NAN, "dino_weight", "SISOOptimize")),
+         edit=linked("PrimitiveFloat", NAN, "dino_weight", "SISOOptimize")),
     Case("linked apply strength NaN", two_stage, "ApplySISOLoRA", expect="strength is nan, not a number",
-         at="run", edit=linked("PrimitiveFloat", NAN, "strength", "ApplySISOLoRA")),
-    Case("linked lora name too long", two_stage, "SaveSISOLoRA", expect="is too long: 400 bytes",
-         at="run", edit=linked("PrimitiveString", "ü" * 200, "name", "SaveSISOLoRA")),
+         edit=linked("PrimitiveFloat", NAN, "strength", "ApplySISOLoRA")),
+    Case("linked lora name too long", two_stage, "SaveSISOLoRA", expect="is too long: 400 bytes", about="name",
+         edit=linked("PrimitiveString", "ü" * 200, "name", "SaveSISOLoRA")),
+    Case("linked lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed", about="name",
+         edit=linked("PrimitiveString", "../escape", "name", "SaveSISOLoRA")),
+    Case("linked overwrite 'false' text", two_stage, "SaveSISOLoRA", expect="overwrite must be true or false", about="overwrite",
+         edit=linked("PrimitiveString", "false", "overwrite", "SaveSISOLoRA")),
+    # ... a value computed while the prompt runs: the node refuses it at its start
+    Case("computed lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed",
+         at="run", edit=computed("../", "escape", "name", "SaveSISOLoRA")),
     # ---- images and masks
     Case("subject photo 1x1", two_stage, "LoadSubject", expect="the subject photo is 1x1 pixels; SISO needs at least 32",
          at="run", edit=load_image("one_pixel.png", 1, 1, "3")),
@@ -193,6 +233,10 @@ def test_bad_input_is_refused_with_a_message_naming_it(case, server):
         assert errors.get("class_type") == case.node, body
         details = " | ".join(f"{e.get('message')}: {e.get('details')}" for e in errors["errors"])
         assert case.expect in details, f"{case.id}: {details}"
+        # one refusal, once, under the input it is about (not repeated under every input)
+        assert len(errors["errors"]) == 1, f"{case.id}: reported {len(errors['errors'])} times: {details}"
+        about = errors["errors"][0].get("extra_info", {}).get("input_name")
+        assert about == case.input_about(), f"{case.id}: reported under {about!r}: {details}"
     else:
         client_id = uuid.uuid4().hex
         listener = WebSocketListener(server.port, client_id)
