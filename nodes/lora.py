@@ -1,4 +1,5 @@
 import datetime
+import math
 import os
 import re
 
@@ -6,7 +7,8 @@ import safetensors.torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
-from ..siso_ops.lora import LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, lora_layers, to_diffusers
+from ..siso_ops.lora import (LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, header_number, lora_layers,
+                             to_diffusers)
 from ..siso_ops.weights import read_checkpoint
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
@@ -150,9 +152,10 @@ class LoadSISOLoRA(CheckedNode):
         with safetensors.safe_open(path, "pt") as f:
             header = f.metadata() or {}
         alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
-        loss = float(header.get("siso.best_loss", "nan"))
+        best = header_number(header, "siso.best_iteration", int, 1, lora_name)
+        iterations = header_number(header, "siso.iterations", int, 0, lora_name)
+        loss = header_number(header, "siso.best_loss", float, math.nan, lora_name)
         lora = SubjectLoRAData(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank),
-                           model=host.describe_model(model), best_iteration=max(int(header.get("siso.best_iteration", 1)) - 1, 0),
-                           iterations=int(header.get("siso.iterations", 0)), best_loss=loss,
-                           stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
+                               model=host.describe_model(model), best_iteration=max(best - 1, 0), iterations=iterations,
+                               best_loss=loss, stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
         return io.NodeOutput(lora)

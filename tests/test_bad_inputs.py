@@ -37,6 +37,14 @@ def swap_drawn() -> dict:
     return json.loads((WORKFLOWS / "siso_subject_swap_drawn_mask_api.json").read_text())
 
 
+def warm_start() -> dict:
+    """The two-stage workflow going on from a saved LoRA: SISO Load LoRA -> initial_lora."""
+    prompt = two_stage()
+    prompt["50"] = {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": "siso_test_lora.safetensors"}}
+    prompt[node_of(prompt, "SISOOptimize")]["inputs"]["initial_lora"] = ["50", 0]
+    return prompt
+
+
 def node_of(prompt: dict, class_type: str) -> str:
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
@@ -105,6 +113,85 @@ def existing_lora(name: str):
         (folder / f"{name}.safetensors").write_bytes(b"an earlier LoRA")
         prompt[node_of(prompt, "SaveSISOLoRA")]["inputs"].update(name=name, overwrite=False)
     return edit
+
+
+def _tiny_layers(server) -> tuple:
+    """(a linear layer, a 3x3 convolution) of the server's tiny SD1.5: LoRA base name and weight shape."""
+    import safetensors
+    with safetensors.safe_open(str(server.base / "models" / "checkpoints" / "siso_tiny_sd15.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.diffusion_model.")}
+    linear = next(k for k, s in shapes.items() if k.endswith(".attn1.to_q.weight"))
+    conv = next(k for k, s in shapes.items() if k.endswith(".weight") and len(s) == 4 and s[2:] == (3, 3))
+    return tuple((k[len("model."):-len(".weight")], shapes[k]) for k in (linear, conv))
+
+
+def lora_file(name: str, change, header: dict | None = None):
+    """SISO Load LoRA of the warm-start workflow reads ``name``: a rank-4 LoRA of two linear layers of
+    the tiny model (small values, as SISO makes them), with ``change(tensors, layers)`` applied."""
+    def edit(prompt, server):
+        import safetensors.torch
+        import torch
+        (linear, shape), conv = _tiny_layers(server)
+        g = torch.Generator().manual_seed(0)
+        tensors = {f"{linear}.lora_up.weight": torch.randn(shape[0], 4, generator=g) * 0.01,
+                   f"{linear}.lora_down.weight": torch.randn(4, shape[1], generator=g) * 0.1,
+                   f"{linear}.alpha": torch.tensor(4.0)}
+        change(tensors, (linear, shape), conv)
+        folder = server.base / "models" / "loras"
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"siso.best_iteration": "2", "siso.iterations": "3", "siso.best_loss": "-0.5", **(header or {})}
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+        prompt[node_of(prompt, "LoadSISOLoRA")]["inputs"]["lora_name"] = name
+    return edit
+
+
+def _rank_8_up(t, linear, conv):
+    t[f"{linear[0]}.lora_up.weight"] = t[f"{linear[0]}.lora_up.weight"].repeat(1, 2)
+
+
+def _linear_on_conv(t, linear, conv):
+    (base, shape) = conv
+    t.update({f"{base}.lora_up.weight": t[f"{linear[0]}.lora_up.weight"][:1].repeat(shape[0], 1),
+              f"{base}.lora_down.weight": t[f"{linear[0]}.lora_down.weight"][:, :1].repeat(1, shape[1]),
+              f"{base}.alpha": t[f"{linear[0]}.alpha"].clone()})
+
+
+def _as_int64(t, linear, conv):
+    t[f"{linear[0]}.lora_down.weight"] = (t[f"{linear[0]}.lora_down.weight"] * 100).long()
+
+
+def _scaled_1e4(t, linear, conv):
+    for k in list(t):
+        if not k.endswith(".alpha"):
+            t[k] = torch_full_like(t[k], 1e4)
+
+
+def torch_full_like(tensor, value):
+    import torch
+    return torch.full_like(tensor, value)
+
+
+def _down_1d(t, linear, conv):
+    t[f"{linear[0]}.lora_down.weight"] = t[f"{linear[0]}.lora_down.weight"][0]
+
+
+def _no_down(t, linear, conv):
+    del t[f"{linear[0]}.lora_down.weight"]
+
+
+def _vector_alpha(t, linear, conv):
+    t[f"{linear[0]}.alpha"] = t[f"{linear[0]}.alpha"].repeat(4)
+
+
+def _mixed_ranks(t, linear, conv):
+    import torch
+    (base, shape) = conv
+    t.update({f"{base}.lora_up.weight": torch.zeros(shape[0], 8, 1, 1),
+              f"{base}.lora_down.weight": torch.full((8, *shape[1:]), 0.01), f"{base}.alpha": torch.tensor(8.0)})
+
+
+def _nothing(t, linear, conv):
+    pass
 
 
 def image_file(name: str, width: int, height: int, alpha: int | None = None):
@@ -199,6 +286,30 @@ CASES = [
     # ... a value computed while the prompt runs: the node refuses it at its start
     Case("computed lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed",
          at="run", edit=computed("../", "escape", "name", "SaveSISOLoRA")),
+    # ---- LoRA files SISO Load LoRA cannot apply: ComfyUI's loader would skip the layer (logging
+    # "mat1 and mat2 shapes cannot be multiplied") and the image would be made without it
+    Case("load lora up rank 8, down rank 4", warm_start, "LoadSISOLoRA", at="run",
+         expect="has a lora_up of rank 8 and a lora_down of rank 4", edit=lora_file("ranks_differ.safetensors", _rank_8_up)),
+    Case("load lora linear-shaped on a conv layer", warm_start, "LoadSISOLoRA", at="run",
+         expect="convolution in", edit=lora_file("linear_on_conv.safetensors", _linear_on_conv)),
+    Case("load lora int64", warm_start, "LoadSISOLoRA", at="run",
+         expect="holds int64 numbers, not floating point", edit=lora_file("int64.safetensors", _as_int64)),
+    Case("load lora weights 1e4", warm_start, "LoadSISOLoRA", at="run",
+         expect="times its own weight", edit=lora_file("huge.safetensors", _scaled_1e4)),
+    Case("load lora 1-D lora_down", warm_start, "LoadSISOLoRA", at="run",
+         expect="a LoRA's are matrices", edit=lora_file("down_1d.safetensors", _down_1d)),
+    Case("load lora up without down", warm_start, "LoadSISOLoRA", at="run",
+         expect="has a lora_up but no lora_down", edit=lora_file("no_down.safetensors", _no_down)),
+    Case("load lora vector alpha", warm_start, "LoadSISOLoRA", at="run",
+         expect="holds 4 values (4); it must be one number", edit=lora_file("vector_alpha.safetensors", _vector_alpha)),
+    Case("load lora mixed ranks", warm_start, "LoadSISOLoRA", at="run",
+         expect="mixes LoRA ranks: rank 4 (e.g. diffusion_model.", edit=lora_file("mixed_ranks.safetensors", _mixed_ranks)),
+    Case("load lora best_iteration not a number", warm_start, "LoadSISOLoRA", at="run",
+         expect="its header field siso.best_iteration is 'third', not a whole number",
+         edit=lora_file("header_iteration.safetensors", _nothing, {"siso.best_iteration": "third"})),
+    Case("load lora best_loss not a number", warm_start, "LoadSISOLoRA", at="run",
+         expect="its header field siso.best_loss is 'low', not a number",
+         edit=lora_file("header_loss.safetensors", _nothing, {"siso.best_loss": "low"})),
     # ---- images and masks
     Case("subject photo 1x1", two_stage, "LoadSubject", expect="the subject photo is 1x1 pixels; SISO needs at least 32",
          at="run", edit=load_image("one_pixel.png", 1, 1, "3")),
@@ -312,14 +423,6 @@ def _bad_values(kind: str, options: dict) -> list:
     if kind == "INT":
         low, high = math.floor(low), math.ceil(high)
     return values + [low, high]
-
-
-def warm_start() -> dict:
-    """The two-stage workflow going on from a saved LoRA: SISO Load LoRA -> initial_lora."""
-    prompt = two_stage()
-    prompt["50"] = {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": "siso_test_lora.safetensors"}}
-    prompt[node_of(prompt, "SISOOptimize")]["inputs"]["initial_lora"] = ["50", 0]
-    return prompt
 
 
 def several_photos() -> dict:
