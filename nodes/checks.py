@@ -71,6 +71,9 @@ def _choice_problem(name: str, options, value) -> str | None:
 
 
 def _tensor_problem(name: str, value) -> str | None:
+    if isinstance(value, torch.Tensor) and value.dim() >= 3 and value.shape[0] == 0:
+        return (f"{name} is an empty batch (0 images or masks): the node that made it gave nothing; "
+                "connect at least one")
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
         finite = torch.isfinite(value)
         if not bool(finite.all()):

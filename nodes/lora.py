@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
 from ..siso_ops.lora import (LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, header_number, lora_layers,
-                             to_diffusers)
+                             to_diffusers, write_lora_file)
 from ..siso_ops.weights import read_checkpoint
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
@@ -117,11 +117,11 @@ class SaveSISOLoRA(CheckedNode):
             tensors = to_diffusers(subject_lora.tensors, subject_lora.diffusers_targets)
         else:
             tensors = subject_lora.tensors
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         file_name = os.path.basename(path)
         metadata = file_metadata(subject_lora, file_name[: -len(".safetensors")], format,
                                  datetime.date.today().isoformat())
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+        host.throw_if_interrupted()
+        write_lora_file(tensors, path, metadata)
         return io.NodeOutput(file_name, ui={"text": [file_name]})
 
 

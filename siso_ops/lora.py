@@ -9,8 +9,11 @@ keys are the generic ``diffusion_model.<module>.lora_up.weight / .lora_down.weig
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 
 
@@ -282,3 +285,26 @@ def header_number(header: dict, key: str, kind, default, name: str):
         raise LoRAFileError(f"{name}: its header field {key} is {text!r}, not {what}: the header was edited or "
                             "damaged. Save the LoRA again with SISO Save LoRA, or fix that field.")
     return value
+
+
+def write_lora_file(tensors: dict, path: str, metadata: dict):
+    """Writes a LoRA file whole or not at all: to a temporary name in the same folder, then renamed
+    over ``path`` (``os.replace``, atomic on one file system), so an interrupted or failed write
+    leaves an earlier file of that name intact and no half file behind. A failure names the folder."""
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    temporary = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise OSError(f"could not write '{name}' in {folder}: {reason}. Free space there or make it writable "
+                      "for the user ComfyUI runs as, then queue again (an earlier file of that name is unchanged)"
+                      ) from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.remove(temporary)

@@ -267,6 +267,8 @@ CASES = [
     Case("mask grow_pixels -100000", swap, "SubjectMask", {"grow_pixels": -100000}, "grow_pixels = -100000 is below its minimum -512"),
     Case("mask sam file missing", swap, "SubjectMask", {"sam_model": "missing.pth"}, "sam_model: SAM checkpoint 'missing.pth' not found"),
     Case("mask text empty", swap, "SubjectMask", {"text": "  "}, "text: the text is empty"),
+    Case("mask text 5000 characters", swap, "SubjectMask", {"text": "dog " * 1250},
+         "text: the text is 5000 characters long; Grounding DINO reads at most 256 tokens"),
     # ---- values that arrive through links: ComfyUI validates none. A stock Primitive's value is a
     # constant: the pack checks it at queue time, before SISO Optimize runs
     Case("linked learning_rate 1e9", two_stage, "SISOOptimize", expect="learning_rate = 1000000000 is above its maximum 0.1",
