@@ -7,7 +7,7 @@ from ..siso_ops import host
 from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
-from ..siso_ops.precision import PRECISIONS
+from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
 from .checks import CheckedNode, checked, file_choice
 from .progress import IterationProgress
@@ -137,6 +137,9 @@ class SISOOptimize(CheckedNode):
         host.check_vae(vae, model)
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
+        warnings = precision_warnings(host.compute_device(), precision) + list(getattr(subject, "warnings", []))
+        for warning in warnings:
+            log.warning("SISO Optimize: %s", warning)
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,
                                      editing=inversion is not None)
         try:
@@ -147,6 +150,8 @@ class SISOOptimize(CheckedNode):
             progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
             raise
         report = result.describe()
+        if warnings:
+            report = "Warning: " + "; ".join(warnings) + ". " + report
         plan = getattr(result, "memory", None)
         if plan is not None:   # what the memory estimate said, and the low_memory it chose
             report += f". {plan.describe()}"

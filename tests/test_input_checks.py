@@ -205,3 +205,24 @@ def test_subject_score_with_no_images_is_refused_before_the_networks_load(monkey
     with pytest.raises(checks.InputError, match=r"SISO Subject Score: images is an empty batch \(0 images or masks\)"):
         NODE["SISOSubjectScore"].execute(torch.zeros(0, 64, 64, 3), None, "dino.safetensors", "ir.pth", 1.0, 1.0)
     assert opened == []
+
+
+def test_an_all_black_subject_is_warned_about_and_the_warning_reaches_the_report(caplog):
+    """What LoadImage makes of a fully transparent PNG: a black RGB image (its alpha becomes the MASK)."""
+    with caplog.at_level("WARNING"):
+        subject = NODE["LoadSubject"].execute(torch.zeros(1, 64, 64, 3), "subject", "white").args[0]
+    assert any("the subject photo is all black" in w for w in subject.warnings), subject.warnings
+    assert "LoadImage drops the alpha" in caplog.text
+    transparent = torch.rand(1, 64, 64, 4)
+    transparent[..., 3] = 0
+    kept = NODE["LoadSubject"].execute(transparent, "subject", "keep").args[0]
+    assert any("fully transparent (alpha 0 everywhere)" in w for w in kept.warnings), kept.warnings
+    assert NODE["LoadSubject"].execute(torch.rand(1, 64, 64, 3), "subject", "white").args[0].warnings == []
+
+
+def test_bf16_on_a_cpu_without_fast_bfloat16_is_warned_about(monkeypatch):
+    precision = siso("siso_ops.precision")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    assert "runs many times (about 20x) slower than fp32: choose auto or fp32" in precision.precision_warnings(cpu, "bf16")[0]
+    assert precision.precision_warnings(cpu, "auto") == precision.precision_warnings(cpu, "fp32") == []
