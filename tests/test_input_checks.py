@@ -3,6 +3,7 @@ pixels (no stock loader makes them), a VAE of another family, the NaN-loss diagn
 schema check itself (every node's defaults pass it)."""
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -226,3 +227,22 @@ def test_bf16_on_a_cpu_without_fast_bfloat16_is_warned_about(monkeypatch):
     cpu = torch.device("cpu")
     assert "runs many times (about 20x) slower than fp32: choose auto or fp32" in precision.precision_warnings(cpu, "bf16")[0]
     assert precision.precision_warnings(cpu, "auto") == precision.precision_warnings(cpu, "fp32") == []
+
+
+def test_cancel_before_the_loop_stops_before_the_networks_are_read(monkeypatch):
+    """Cancel is checked between the phases before the first iteration (memory probe, network
+    reads, clone, decoder copy), not only by the loop."""
+    gen = siso("siso_ops.generation")
+    opened = []
+    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: opened.append(a))
+    model, clip, vae = tiny.build_model("sd15"), None, None
+    settings = gen.GenerationSettings(width=64, height=64, optimization=optim.OptimizationSettings(max_iterations=1))
+    monkeypatch.setattr(gen.memory, "plan", lambda *a, **k: types.SimpleNamespace(checkpointing=False))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+            gen.optimize_subject(model, vae, None, subject_mod.SubjectPhoto([torch.rand(1, 3, 64, 64)]), "d", "i",
+                                 settings)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert opened == []
