@@ -176,6 +176,12 @@ class CheckedNode(io.ComfyNode):
         return None
 
     @classmethod
+    def check_prompt(cls, prompt: dict, node_id: str) -> dict:
+        """{input: message} for what only the whole prompt shows at queue time (e.g. the sizes of
+        the images two links come from); checked again when the node runs."""
+        return {}
+
+    @classmethod
     def validate_inputs(cls, **values):
         # values queue_check refused are reported by ComfyUI under their input already
         values = {k: v for k, v in values.items() if not isinstance(v, RefusedValue)}
@@ -280,6 +286,20 @@ def node_refusals(node, prompt: dict, inputs: dict) -> dict:
     return {name: (message, sent[name]) for name, message in refusals.items()}
 
 
+def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
+    """(width, height) of the IMAGE or MASK a link carries, where the prompt tells it before it runs:
+    LoadImage's image or mask (its file's size), SISO Subject Mask's masks (its photo's); else None."""
+    if not (isinstance(link, list) and len(link) == 2 and isinstance(prompt.get(link[0]), dict)):
+        return None
+    source = prompt[link[0]]
+    inputs = source.get("inputs", {})
+    if source.get("class_type") == "LoadImage" and link[1] in (0, 1) and isinstance(inputs.get("image"), str):
+        return size_of_file(inputs["image"])
+    if source.get("class_type") == "SubjectMask" and link[1] == 0:
+        return linked_image_size(prompt, inputs.get("image"), size_of_file)
+    return None
+
+
 def queue_check(pack_nodes):
     """An on-prompt handler: marks each refused constant input of the pack's nodes (see the module
     docstring). Never raises: ComfyUI would only log it and queue the prompt unchecked."""
@@ -290,11 +310,14 @@ def queue_check(pack_nodes):
             prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
             if not isinstance(prompt, dict):
                 return json_data
-            for entry in prompt.values():
+            for key, entry in prompt.items():
                 node = by_id.get(entry.get("class_type")) if isinstance(entry, dict) else None
                 if node is None or not isinstance(entry.get("inputs"), dict):
                     continue
-                for name, (message, value) in node_refusals(node, prompt, entry["inputs"]).items():
+                refusals = node_refusals(node, prompt, entry["inputs"])
+                for name, message in node.check_prompt(prompt, key).items():
+                    refusals.setdefault(name, (message, entry["inputs"].get(name)))
+                for name, (message, value) in refusals.items():
                     entry["inputs"][name] = RefusedValue(value, message)
         except Exception:   # a check that fails must not stop the prompt: execute checks again
             import logging

@@ -9,7 +9,7 @@ from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
-from .checks import CheckedNode, checked, file_choice
+from .checks import CheckedNode, checked, file_choice, linked_image_size
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -116,6 +116,21 @@ class SISOOptimize(CheckedNode):
         if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
             return "dino_weight and ir_weight are both 0: nothing would judge the subject; set at least one above 0"
         return None
+
+    @classmethod
+    def check_prompt(cls, prompt, node_id):
+        # the editing mask against the photo SISO ReNoise Invert inverts, before the inversion runs
+        inputs = prompt[node_id].get("inputs", {})
+        inversion = inputs.get("inversion")
+        if not (isinstance(inversion, list) and len(inversion) == 2
+                and prompt.get(inversion[0], {}).get("class_type") == "ReNoiseInvert"):
+            return {}
+        photo = linked_image_size(prompt, prompt[inversion[0]].get("inputs", {}).get("image"), host.input_image_size)
+        mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
+        if photo and mask and photo != mask:
+            return {"mask": f"mask: the mask is {mask[0]}x{mask[1]} but the photo SISO ReNoise Invert inverts is "
+                            f"{photo[0]}x{photo[1]}: make the mask from the same photo that goes into SISO ReNoise Invert"}
+        return {}
 
     @classmethod
     @checked

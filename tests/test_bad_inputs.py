@@ -115,6 +115,15 @@ def existing_lora(name: str):
     return edit
 
 
+def mask_from(name: str, width: int, height: int):
+    """SISO Optimize's editing mask from a second LoadImage (another photo's size)."""
+    def edit(prompt, server):
+        image_file(name, width, height, alpha=0)(server)
+        prompt["902"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        prompt[node_of(prompt, "SISOOptimize")]["inputs"]["mask"] = ["902", 1]
+    return edit
+
+
 def _tiny_layers(server) -> tuple:
     """(a linear layer, a 3x3 convolution) of the server's tiny SD1.5: LoRA base name and weight shape."""
     import safetensors
@@ -323,6 +332,10 @@ CASES = [
          expect="grow_pixels -512 shrank its mask to nothing: use a grow_pixels closer to 0", at="run", needs_work=True),
     Case("drawn mask empty", swap_drawn, "SISOOptimize", expect="the mask is empty: it marks no subject to replace",
          at="run", edit=load_image("nothing_painted.png", 64, 64, "5", alpha=255)),
+    # the mask's and the inverted photo's files tell their sizes: refused before the inversion runs
+    Case("drawn mask of another size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=mask_from("other_size_mask.png", 72, 64)),
     Case("drawn mask everything", swap_drawn, "SISOOptimize", expect="the mask covers the whole photo",
          at="run", edit=load_image("all_painted.png", 64, 64, "5", alpha=0)),
 ]
