@@ -326,18 +326,7 @@ def queue_check(pack_nodes):
     return check
 
 
-_registered = []
-
-
 def register_queue_check(pack_nodes):
     """Adds ``queue_check`` to the running server once (no server: in-process tests)."""
-    if _registered:
-        return
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is not None:
-        instance.add_on_prompt_handler(queue_check(pack_nodes))
-        _registered.append(instance)
+    from ..siso_ops import host
+    host.add_prompt_check(queue_check(pack_nodes))

@@ -12,6 +12,7 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
     sampling             sigma schedules, stock noise, the guider-driven loop
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
+    prompts              the server's on-prompt hook (the pack's queue-time checks)
     memory_probe         what the memory estimate (../memory.py) measures on shape-only copies
 
 Callers use ``from siso_ops import host`` and ``host.<name>``; the names below are the interface.
@@ -32,6 +33,7 @@ from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
 from .decoding import (  # noqa: F401
     encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
+from .prompts import add_prompt_check  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)
 from .memory_probe import (  # noqa: F401
