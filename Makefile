@@ -26,6 +26,17 @@ PORT ?= 8188
 ARGS ?=
 PYTEST_ARGS ?=
 
+# torchaudio for the torch in use, when the ComfyUI tree asks for it (0.3.75's comfy_extras
+# nodes_audio.py / nodes_audio_encoder.py import it at start and print a traceback without it):
+# the matching release, else the newest not newer than torch, without its torch pin.
+# $(1): the venv's python, $(2): the ComfyUI tree.
+define install_torchaudio
+	if grep -qE '^torchaudio' $(2)/requirements.txt && ! $(1) -c "import torchaudio" 2>/dev/null; then \
+	  torch=$$($(1) -c "import torch; print(torch.__version__.split('+')[0])"); \
+	  $(1) -m pip install -q --disable-pip-version-check "torchaudio==$$torch" \
+	  || $(1) -m pip install -q --disable-pip-version-check --no-deps "torchaudio<=$$torch"; fi
+endef
+
 .PHONY: run test bench env comfyui clean workflows screenshots browser
 
 env: $(VENV)/.ready
@@ -36,6 +47,7 @@ $(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYU
 	$(BASE_VENV)/bin/python -m pip install -q $(TORCH)
 	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(BASE_VENV)/comfyui-requirements.txt
 	$(BASE_VENV)/bin/python -m pip install -q -r $(BASE_VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+	$(call install_torchaudio,$(BASE_VENV)/bin/python,$(EMBEDDED_COMFYUI))
 	touch $@
 
 # Another ComfyUI's venv, layered over .venv. torch and torchvision stay .venv's; torchaudio
@@ -49,10 +61,7 @@ $(VENV)/.ready: $(BASE_VENV)/.ready $(COMFYUI_DIR)/requirements.txt
 	$(BASE_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$(cat $(VENV)/purelib.txt)/_siso_base_venv.pth"
 	grep -vE '^(torch|torchvision|torchaudio)([^A-Za-z0-9_.-].*)?\s*$$' $(COMFYUI_DIR)/requirements.txt > $(VENV)/comfyui-requirements.txt
 	$(PIP) install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
-	if grep -qE '^torchaudio' $(COMFYUI_DIR)/requirements.txt && ! $(PY) -c "import torchaudio" 2>/dev/null; then \
-	  torch=$$($(PY) -c "import torch; print(torch.__version__.split('+')[0])"); \
-	  $(PIP) install -q --disable-pip-version-check "torchaudio==$$torch" \
-	  || $(PIP) install -q --disable-pip-version-check --no-deps "torchaudio<=$$torch"; fi
+	$(call install_torchaudio,$(PY),$(COMFYUI_DIR))
 	$(PY) -c "import torch, torchvision; print('ComfyUI $(COMFYUI_VERSION) venv: torch', torch.__version__)"
 	touch $@
 endif

@@ -1,4 +1,5 @@
 import datetime
+import math
 import os
 import re
 
@@ -6,7 +7,8 @@ import safetensors.torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
-from ..siso_ops.lora import LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, lora_layers, to_diffusers
+from ..siso_ops.lora import (LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, header_number, lora_layers,
+                             to_diffusers, write_lora_file)
 from ..siso_ops.weights import read_checkpoint
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
@@ -65,6 +67,11 @@ def lora_file_path(name: str) -> str:
     return path
 
 
+def existing_file(path: str) -> str:
+    return (f"'{os.path.basename(path)}' already exists in {os.path.dirname(path)} and overwrite is false: "
+            "choose another name or set overwrite to true")
+
+
 class SaveSISOLoRA(CheckedNode):
     @classmethod
     def define_schema(cls):
@@ -88,12 +95,14 @@ class SaveSISOLoRA(CheckedNode):
         )
 
     @classmethod
-    def check_values(cls, name=None, **values):
+    def check_values(cls, name=None, overwrite=None, **values):
         if isinstance(name, str):
             try:
-                lora_file_path(name)
+                path = lora_file_path(name)
             except ValueError as error:
                 return f"name: {error}"
+            if overwrite is False and os.path.exists(path):
+                return f"name: {existing_file(path)}"
         return None
 
     @classmethod
@@ -101,18 +110,18 @@ class SaveSISOLoRA(CheckedNode):
     def execute(cls, subject_lora, name, overwrite, format="comfyui"):
         path = lora_file_path(name)
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists: choose another name or set overwrite to true")
+            raise FileExistsError(existing_file(path))
         if format == "diffusers":
             if subject_lora.diffusers_targets is None:
                 raise ValueError(f"no diffusers layout is known for {subject_lora.model}: save in the comfyui format")
             tensors = to_diffusers(subject_lora.tensors, subject_lora.diffusers_targets)
         else:
             tensors = subject_lora.tensors
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         file_name = os.path.basename(path)
         metadata = file_metadata(subject_lora, file_name[: -len(".safetensors")], format,
                                  datetime.date.today().isoformat())
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+        host.throw_if_interrupted()
+        write_lora_file(tensors, path, metadata)
         return io.NodeOutput(file_name, ui={"text": [file_name]})
 
 
@@ -143,9 +152,10 @@ class LoadSISOLoRA(CheckedNode):
         with safetensors.safe_open(path, "pt") as f:
             header = f.metadata() or {}
         alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
-        loss = float(header.get("siso.best_loss", "nan"))
+        best = header_number(header, "siso.best_iteration", int, 1, lora_name)
+        iterations = header_number(header, "siso.iterations", int, 0, lora_name)
+        loss = header_number(header, "siso.best_loss", float, math.nan, lora_name)
         lora = SubjectLoRAData(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank),
-                           model=host.describe_model(model), best_iteration=max(int(header.get("siso.best_iteration", 1)) - 1, 0),
-                           iterations=int(header.get("siso.iterations", 0)), best_loss=loss,
-                           stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
+                               model=host.describe_model(model), best_iteration=max(best - 1, 0), iterations=iterations,
+                               best_loss=loss, stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
         return io.NodeOutput(lora)

@@ -7,9 +7,9 @@ from ..siso_ops import host
 from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
-from ..siso_ops.precision import PRECISIONS
+from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
-from .checks import CheckedNode, checked, file_choice
+from .checks import CheckedNode, checked, file_choice, linked_image_size
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -118,6 +118,21 @@ class SISOOptimize(CheckedNode):
         return None
 
     @classmethod
+    def check_prompt(cls, prompt, node_id):
+        # the editing mask against the photo SISO ReNoise Invert inverts, before the inversion runs
+        inputs = prompt[node_id].get("inputs", {})
+        inversion = inputs.get("inversion")
+        if not (isinstance(inversion, list) and len(inversion) == 2
+                and prompt.get(inversion[0], {}).get("class_type") == "ReNoiseInvert"):
+            return {}
+        photo = linked_image_size(prompt, prompt[inversion[0]].get("inputs", {}).get("image"), host.input_image_size)
+        mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
+        if photo and mask and photo != mask:
+            return {"mask": f"mask: the mask is {mask[0]}x{mask[1]} but the photo SISO ReNoise Invert inverts is "
+                            f"{photo[0]}x{photo[1]}: make the mask from the same photo that goes into SISO ReNoise Invert"}
+        return {}
+
+    @classmethod
     @checked
     def execute(cls, model, vae, positive, subject, dino_weights, ir_weights, seed, width, height, steps, grad_steps,
                 scheduler, max_iterations, learning_rate, lora_rank, lora_alpha, lora_target, dino_weight, ir_weight,
@@ -137,6 +152,9 @@ class SISOOptimize(CheckedNode):
         host.check_vae(vae, model)
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
+        warnings = precision_warnings(host.compute_device(), precision) + list(getattr(subject, "warnings", []))
+        for warning in warnings:
+            log.warning("SISO Optimize: %s", warning)
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,
                                      editing=inversion is not None)
         try:
@@ -147,6 +165,8 @@ class SISOOptimize(CheckedNode):
             progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
             raise
         report = result.describe()
+        if warnings:
+            report = "Warning: " + "; ".join(warnings) + ". " + report
         plan = getattr(result, "memory", None)
         if plan is not None:   # what the memory estimate said, and the low_memory it chose
             report += f". {plan.describe()}"

@@ -1,9 +1,13 @@
+import logging
+
 import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops.subject import MIN_SIDE, prepare_subject
 from .checks import CheckedNode, checked
 from .graph_types import CATEGORY, Subject
+
+log = logging.getLogger(__name__)
 
 
 class LoadSubject(CheckedNode):
@@ -38,6 +42,8 @@ class LoadSubject(CheckedNode):
     @checked
     def execute(cls, image, mask_marks, background, mask=None, add_to=None):
         subject = prepare_subject(image, mask, mask_marks, background)
+        for warning in subject.warnings:
+            log.warning("SISO Load Subject: %s", warning)
         preview = torch.cat(subject.images).permute(0, 2, 3, 1).contiguous()
         if add_to is not None:
             subject = add_to.joined(subject)

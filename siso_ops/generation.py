@@ -158,13 +158,18 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     memory_plan = memory.plan(settings.gradient_checkpointing, model, vae, positive, settings.width, settings.height,
                               device, dtype, settings.grad_steps, settings.rank, settings.alpha, settings.target, uses)
     checkpointing = memory_plan.checkpointing
+    # Cancel between the phases before the loop too (the memory probe, each network read, the
+    # clone, the decoder copy), not only once the iterations run: each can take seconds to minutes.
+    host.throw_if_interrupted()
     with host.training_mode():
         if feature_networks is None:
             dino = networks.get("dino", dino_path, dtype) if settings.dino_weight > 0 else None
+            host.throw_if_interrupted()
             ir = networks.get("ir", ir_path, dtype) if settings.ir_weight > 0 else None
         else:
             dino, ir = feature_networks
         used = [n for n in (dino, ir) if n is not None]
+        host.throw_if_interrupted()
         host.make_room_for_training(device)
         trainable = None
         decoder = None
@@ -180,12 +185,15 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 # clones: tensors made under the executor's inference_mode cannot enter autograd
                 score = EditScore(score, inversion.photo.to(device).clone(),
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
+            host.throw_if_interrupted()
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
                                             seed=settings.seed, checkpointing=checkpointing)
             if initial_lora is not None:   # warm start: iteration 0 is the model with that LoRA
                 trainable.start_from(initial_lora.tensors)
+            host.throw_if_interrupted()
             decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype,
                                                  checkpointing=checkpointing)
+            host.throw_if_interrupted()
             latent = host.empty_latent(model, settings.width, settings.height, vae)
             if inversion is None:
                 noise = host.seed_noise(latent, settings.seed)
@@ -201,11 +209,15 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                     noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
                     flow = inversion.flow
 
+                def each_step(*args, **kwargs):   # Cancel before every denoiser call, the first one too
+                    host.throw_if_interrupted()
+                    return denoise(*args, **kwargs)
+
                 first = []
 
                 def generate():
                     with autocast(start.device, dtype):
-                        image = decoder(sample(denoise, start, sigmas_on_device, settings.grad_steps, noises, flow))
+                        image = decoder(sample(each_step, start, sigmas_on_device, settings.grad_steps, noises, flow))
                     if not first:    # before any step: every LoRA layer is on the model's path
                         trainable.check_lora_reached()
                         first.append(True)

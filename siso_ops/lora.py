@@ -9,8 +9,11 @@ keys are the generic ``diffusion_model.<module>.lora_up.weight / .lora_down.weig
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 
 
@@ -144,3 +147,164 @@ def file_metadata(lora: "SubjectLoRA", title: str, file_format: str, date: str) 
     if lora.architecture:
         metadata["modelspec.architecture"] = f"{lora.architecture}/lora"
     return metadata
+
+
+# ----------------------------------------------------------------------------- reading a LoRA file back
+LORA_SUFFIXES = (".lora_up.weight", ".lora_down.weight", ".alpha")
+# A LoRA whose change of a layer's weight is this many times the weight itself (root mean square)
+# drowns the layer: SISO's trained LoRAs change a weight by a few percent, a wrongly scaled file
+# (weights of 1e4) by 1e4 times and more, which renders black or NaN. Why this and not a layer
+# call on a probe input: up @ down is what ComfyUI adds to the weight, so it judges every layer
+# exactly (a probe input would test one), costs one small matrix product a layer on the CPU and
+# needs no knowledge of each layer's forward. The absolute floor keeps a layer whose weight is
+# (near) zero, such as a zero-initialised output projection, from being refused for any delta.
+MAX_DELTA_RATIO = 100.0
+MIN_DELTA_RMS = 1.0
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file that cannot be applied to the model as it is; the message names the layer."""
+
+
+def _shape(t) -> str:
+    return "x".join(str(s) for s in t.shape) or "a single number"
+
+
+def lora_file_rank(tensors: dict, weights: dict, name: str, model_text: str) -> int:
+    """Checks a ComfyUI-layout LoRA file against the model's weights ({'diffusion_model.x.weight':
+    tensor}) layer by layer, as ComfyUI's loader would apply it, and returns its rank. Raises a
+    ``LoRAFileError`` naming the first layer that does not fit and what to do: pairs (an up without
+    its down), dtype (floating point), shapes and ranks, the layer in the model, one rank for all
+    layers, and a change of the weight that is finite and not absurdly large."""
+    again = "Save the LoRA again with SISO Save LoRA (comfyui format), or use the file as it was saved."
+    layers, unknown = {}, []
+    for key in sorted(tensors):
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        layers.setdefault(key[: -len(suffix)], {})[suffix] = tensors[key]
+    if not any(".lora_up.weight" in parts or ".lora_down.weight" in parts for parts in layers.values()):
+        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in tensors) else "unknown"
+        raise LoRAFileError(f"{name} holds no ComfyUI-layout LoRA layers (*.lora_up.weight / *.lora_down.weight); its "
+                            f"layout is {kind}. SISO Load LoRA reads files saved by SISO Save LoRA in the comfyui format.")
+    if unknown:
+        raise LoRAFileError(f"{name} holds {len(unknown)} tensor(s) that are no part of a ComfyUI-layout LoRA (the "
+                            f"first: '{unknown[0]}'); ComfyUI would skip them and apply the rest. {again}")
+    ranks, missing = {}, []
+    for base, parts in layers.items():
+        up, down, alpha = parts.get(".lora_up.weight"), parts.get(".lora_down.weight"), parts.get(".alpha")
+        if up is None or down is None:
+            has, lacks = ("lora_down", "lora_up") if up is None else ("lora_up", "lora_down")
+            raise LoRAFileError(f"{name}: the layer {base} has a {has} but no {lacks}: the file is incomplete. {again}")
+        for part, tensor in (("lora_up", up), ("lora_down", down), ("alpha", alpha)):
+            if tensor is not None and not tensor.is_floating_point():
+                raise LoRAFileError(f"{name}: the {part} of layer {base} holds {str(tensor.dtype).replace('torch.', '')} "
+                                    f"numbers, not floating point (float32, float16 or bfloat16). {again}")
+        if alpha is not None and alpha.numel() != 1:
+            raise LoRAFileError(f"{name}: the alpha of layer {base} holds {alpha.numel()} values ({_shape(alpha)}); "
+                                f"it must be one number. {again}")
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+            raise LoRAFileError(f"{name}: the layer {base} has a lora_up of {_shape(up)} and a lora_down of "
+                                f"{_shape(down)}; a LoRA's are matrices (2-D, or 4-D for a convolution). {again}")
+        if up.shape[1] != down.shape[0]:
+            raise LoRAFileError(f"{name}: the layer {base} has a lora_up of rank {up.shape[1]} and a lora_down of rank "
+                                f"{down.shape[0]} ({_shape(up)} and {_shape(down)}); they must be equal, else ComfyUI "
+                                f"skips the layer. {again}")
+        weight = weights.get(f"{base}.weight")
+        if weight is None:
+            missing.append(base)
+            continue
+        if weight.dim() == 4 and down.dim() == 2 and tuple(weight.shape[2:]) != (1, 1):
+            raise LoRAFileError(f"{name}: the layer {base} is a {weight.shape[2]}x{weight.shape[3]} convolution in "
+                                f"{model_text}, but the LoRA for it is shaped for a linear layer (lora_down {_shape(down)}): "
+                                "ComfyUI would skip it. It was made for another model: load the checkpoint it was "
+                                "trained on.")
+        if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
+            missing.append(base)
+            continue
+        ranks.setdefault(down.shape[0], base)
+    if missing:
+        raise LoRAFileError(f"{name} does not fit {model_text}: {len(missing)} of its {len(layers)} layers are missing "
+                            f"or shaped differently in this model (first: {missing[0]}). It was made for another model: "
+                            "load the checkpoint it was trained on.")
+    if len(ranks) != 1:
+        shown = ", ".join(f"rank {r} (e.g. {b})" for r, b in sorted(ranks.items()))
+        raise LoRAFileError(f"{name} mixes LoRA ranks: {shown}. A SISO LoRA has one rank for every layer; this file "
+                            "was made or edited elsewhere: save it again with SISO Save LoRA.")
+    for base, parts in layers.items():
+        _check_delta(name, base, parts, weights[f"{base}.weight"])
+    return next(iter(ranks))
+
+
+def _check_delta(name: str, base: str, parts: dict, weight: torch.Tensor):
+    up, down, alpha = parts[".lora_up.weight"], parts[".lora_down.weight"], parts.get(".alpha")
+    scale = (float(alpha) if alpha is not None else float(down.shape[0])) / down.shape[0]
+    if not math.isfinite(scale):
+        raise LoRAFileError(f"{name}: the alpha of layer {base} is {float(alpha)}, not a number. Save the LoRA again.")
+    up2, down2 = up.flatten(1).double(), down.flatten(1).double()
+    # ||scale * up @ down||^2 = scale^2 * trace((up^T up)(down down^T)): rank x rank matrices, no
+    # out x in product (a Flux layer's would be 150 MB)
+    square = float(((up2.T @ up2) * (down2 @ down2.T)).sum()) * scale * scale
+    rms = math.sqrt(max(square, 0.0) / max(up2.shape[0] * down2.shape[1], 1)) if math.isfinite(square) else math.inf
+    if weight.device.type == "meta":   # a weight not in memory here: only the delta can be judged
+        patched_finite, weight_rms = math.isfinite(rms), 0.0
+    else:
+        weight_rms = float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float64)) / math.sqrt(max(weight.numel(), 1))
+        # the first call of the patched layer uses weight + delta in the model's dtype: surely finite
+        # when the largest weight plus a bound of the largest delta entry (Cauchy-Schwarz) fit in it
+        bound = abs(scale) * float(up2.norm(dim=1).max()) * float(down2.norm(dim=0).max())
+        largest = float(weight.detach().abs().max()) if weight.numel() else 0.0
+        patched_finite = math.isfinite(rms) and (bound + largest < torch.finfo(weight.dtype).max if
+                                                 weight.is_floating_point() else True)
+        if math.isfinite(rms) and not patched_finite:   # rare: compute it
+            delta = (up2 @ down2 * scale).to(weight.device)
+            patched_finite = bool(torch.isfinite((weight.detach().flatten(1).double() + delta).to(weight.dtype)).all())
+    if not patched_finite:
+        raise LoRAFileError(f"{name}: the layer {base} would get non-finite weights (NaN or infinite in "
+                            f"{str(weight.dtype).replace('torch.', '')}) from this LoRA: its up / down values are far "
+                            "too large. The image would be black or NaN; this file cannot be used.")
+    if rms > MIN_DELTA_RMS and rms > MAX_DELTA_RATIO * weight_rms:
+        raise LoRAFileError(f"{name}: the layer {base} would change by {rms:.3g} (root mean square), "
+                            f"{rms / max(weight_rms, 1e-30):.3g} times its own weight ({weight_rms:.3g}): the image "
+                            "would be black or noise. The file's up / down values are wrongly scaled; this file cannot "
+                            "be used.")
+
+
+def header_number(header: dict, key: str, kind, default, name: str):
+    """A number of a LoRA file's header (``kind`` int or float); ``default`` when it is absent."""
+    text = header.get(key)
+    if text is None:
+        return default
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (kind is int and value < 0):
+        what = "a whole number of 0 or more" if kind is int else "a number"
+        raise LoRAFileError(f"{name}: its header field {key} is {text!r}, not {what}: the header was edited or "
+                            "damaged. Save the LoRA again with SISO Save LoRA, or fix that field.")
+    return value
+
+
+def write_lora_file(tensors: dict, path: str, metadata: dict):
+    """Writes a LoRA file whole or not at all: to a temporary name in the same folder, then renamed
+    over ``path`` (``os.replace``, atomic on one file system), so an interrupted or failed write
+    leaves an earlier file of that name intact and no half file behind. A failure names the folder."""
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    temporary = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise OSError(f"could not write '{name}' in {folder}: {reason}. Free space there or make it writable "
+                      "for the user ComfyUI runs as, then queue again (an earlier file of that name is unchanged)"
+                      ) from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.remove(temporary)

@@ -36,11 +36,22 @@ class NothingFound(ValueError):
     """The detector found nothing above the thresholds."""
 
 
+# Grounding DINO reads at most 256 tokens of its text (its max_text_len; BERT's position table
+# ends at 512, and a longer text fails inside BERT with "index out of range in self"). BERT's
+# WordPiece makes at most one token of each character, so a caption of this many characters,
+# plus [CLS] and [SEP], always fits: checked at queue time, without loading the tokenizer.
+MAX_CAPTION_CHARACTERS = 250
+
+
 def caption_for(text: str) -> str:
     """'Dog' -> 'dog.': Grounding DINO was trained on lower-case phrases ending with a dot."""
     words = " ".join(str(text).split()).lower().rstrip(" .,;")
     if not words:
         raise ValueError("the text is empty: type what the subject is, e.g. 'dog'")
+    if len(words) + 1 > MAX_CAPTION_CHARACTERS:
+        raise ValueError(f"the text is {len(words) + 1} characters long; Grounding DINO reads at most 256 tokens of it "
+                         f"(its BERT text encoder 512): describe the subject in a few words, at most "
+                         f"{MAX_CAPTION_CHARACTERS} characters, e.g. 'dog'")
     return words + "."
 
 

@@ -45,6 +45,15 @@ def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def precision_warnings(device: torch.device, precision: str) -> list:
+    """What ``precision`` costs where ``auto`` would choose otherwise (``auto`` knows; an explicit
+    choice is kept, and said)."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        return ["precision bf16 on this CPU (no AVX-512 BF16 or AMX) is emulated and runs many times (about 20x) "
+                "slower than fp32: choose auto or fp32"]
+    return []
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """The forward passes' context: autocast to ``dtype``, or nothing for float32."""
     if dtype == torch.float32:

@@ -12,6 +12,7 @@ class SubjectPhoto:
     blanked if asked; sizes may differ (each is preprocessed for the networks on its own)."""
     images: list
     notes: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)   # what looks wrong but is not refused (SISO Optimize's report says it)
 
     @property
     def image(self) -> torch.Tensor:
@@ -29,7 +30,7 @@ class SubjectPhoto:
         return f"SISO_SUBJECT({'; '.join(parts)})"
 
     def joined(self, other: "SubjectPhoto") -> "SubjectPhoto":
-        return SubjectPhoto(self.images + other.images, self.notes + other.notes)
+        return SubjectPhoto(self.images + other.images, self.notes + other.notes, self.warnings + other.warnings)
 
 
 FILL = {"white": 1.0, "black": 0.0, "gray": 0.5}
@@ -60,7 +61,26 @@ def prepare_subject(image: torch.Tensor, mask: torch.Tensor | None = None, mask_
     photos = [_prepare_one(image[i:i + 1], masks[i], mask_marks, background,
                            f" (photo {i + 1} of {image.shape[0]})" if image.shape[0] > 1 else "")
               for i in range(image.shape[0])]
-    return SubjectPhoto([p for p, _ in photos], [n for _, n in photos])
+    return SubjectPhoto([p for p, _ in photos], [n for _, n in photos],
+                        [w for i in range(image.shape[0]) for w in subject_warnings(
+                            image[i:i + 1], f" (photo {i + 1} of {image.shape[0]})" if image.shape[0] > 1 else "")])
+
+
+# At most this (of 1) in every channel is black to the eye: what ComfyUI's LoadImage makes of a
+# fully transparent PNG (it drops the alpha; the colour under it is usually black).
+BLACK = 1.0 / 255
+
+
+def subject_warnings(image: torch.Tensor, which: str = "") -> list:
+    """What makes a subject photo useless without being an error: all black, all transparent."""
+    warnings = []
+    if image.shape[-1] == 4 and float(image[..., 3].max()) <= 0:
+        warnings.append(f"the subject photo{which} is fully transparent (alpha 0 everywhere): SISO sees no subject")
+    elif float(image[..., :3].max()) <= BLACK:
+        warnings.append(f"the subject photo{which} is all black: SISO would learn a black square. A transparent PNG "
+                        "loaded with LoadImage looks like this (LoadImage drops the alpha and gives it as its MASK "
+                        "output): use a photo where the subject is visible")
+    return warnings
 
 
 def _prepare_one(image: torch.Tensor, mask: torch.Tensor | None, mask_marks: str, background: str, which: str):

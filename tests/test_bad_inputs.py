@@ -37,6 +37,14 @@ def swap_drawn() -> dict:
     return json.loads((WORKFLOWS / "siso_subject_swap_drawn_mask_api.json").read_text())
 
 
+def warm_start() -> dict:
+    """The two-stage workflow going on from a saved LoRA: SISO Load LoRA -> initial_lora."""
+    prompt = two_stage()
+    prompt["50"] = {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": "siso_test_lora.safetensors"}}
+    prompt[node_of(prompt, "SISOOptimize")]["inputs"]["initial_lora"] = ["50", 0]
+    return prompt
+
+
 def node_of(prompt: dict, class_type: str) -> str:
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
@@ -72,6 +80,10 @@ class Case:
     # the node must detect and segment before it can know (SubjectMask's grow): it may report
     # progress; the refusal still comes before the expensive editing run
     needs_work: bool = False
+    about: str = ""           # the input a queue-time refusal is reported under (default: the first changed)
+
+    def input_about(self) -> str:
+        return self.about or next(iter(self.inputs), None) or self.expect.split()[0].rstrip(":")
 
 
 def linked(class_type: str, value, field_name: str, target: str):
@@ -81,6 +93,114 @@ def linked(class_type: str, value, field_name: str, target: str):
         prompt["900"] = {"class_type": class_type, "inputs": {"value": value}}
         prompt[node_of(prompt, target)]["inputs"][field_name] = ["900", 0]
     return edit
+
+
+def computed(value_a: str, value_b: str, field_name: str, target: str):
+    """Feed ``field_name`` from stock StringConcatenate: a value computed when the prompt runs, so
+    only the node's own check at execute can see it."""
+    def edit(prompt, server):
+        prompt["901"] = {"class_type": "StringConcatenate", "inputs": {"string_a": value_a, "string_b": value_b,
+                                                                       "delimiter": ""}}
+        prompt[node_of(prompt, target)]["inputs"][field_name] = ["901", 0]
+    return edit
+
+
+def existing_lora(name: str):
+    """A file of that name in the loras folder already."""
+    def edit(prompt, server):
+        folder = server.base / "models" / "loras"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.safetensors").write_bytes(b"an earlier LoRA")
+        prompt[node_of(prompt, "SaveSISOLoRA")]["inputs"].update(name=name, overwrite=False)
+    return edit
+
+
+def mask_from(name: str, width: int, height: int):
+    """SISO Optimize's editing mask from a second LoadImage (another photo's size)."""
+    def edit(prompt, server):
+        image_file(name, width, height, alpha=0)(server)
+        prompt["902"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        prompt[node_of(prompt, "SISOOptimize")]["inputs"]["mask"] = ["902", 1]
+    return edit
+
+
+def _tiny_layers(server) -> tuple:
+    """(a linear layer, a 3x3 convolution) of the server's tiny SD1.5: LoRA base name and weight shape."""
+    import safetensors
+    with safetensors.safe_open(str(server.base / "models" / "checkpoints" / "siso_tiny_sd15.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("model.diffusion_model.")}
+    linear = next(k for k, s in shapes.items() if k.endswith(".attn1.to_q.weight"))
+    conv = next(k for k, s in shapes.items() if k.endswith(".weight") and len(s) == 4 and s[2:] == (3, 3))
+    return tuple((k[len("model."):-len(".weight")], shapes[k]) for k in (linear, conv))
+
+
+def lora_file(name: str, change, header: dict | None = None):
+    """SISO Load LoRA of the warm-start workflow reads ``name``: a rank-4 LoRA of two linear layers of
+    the tiny model (small values, as SISO makes them), with ``change(tensors, layers)`` applied."""
+    def edit(prompt, server):
+        import safetensors.torch
+        import torch
+        (linear, shape), conv = _tiny_layers(server)
+        g = torch.Generator().manual_seed(0)
+        tensors = {f"{linear}.lora_up.weight": torch.randn(shape[0], 4, generator=g) * 0.01,
+                   f"{linear}.lora_down.weight": torch.randn(4, shape[1], generator=g) * 0.1,
+                   f"{linear}.alpha": torch.tensor(4.0)}
+        change(tensors, (linear, shape), conv)
+        folder = server.base / "models" / "loras"
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"siso.best_iteration": "2", "siso.iterations": "3", "siso.best_loss": "-0.5", **(header or {})}
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+        prompt[node_of(prompt, "LoadSISOLoRA")]["inputs"]["lora_name"] = name
+    return edit
+
+
+def _rank_8_up(t, linear, conv):
+    t[f"{linear[0]}.lora_up.weight"] = t[f"{linear[0]}.lora_up.weight"].repeat(1, 2)
+
+
+def _linear_on_conv(t, linear, conv):
+    (base, shape) = conv
+    t.update({f"{base}.lora_up.weight": t[f"{linear[0]}.lora_up.weight"][:1].repeat(shape[0], 1),
+              f"{base}.lora_down.weight": t[f"{linear[0]}.lora_down.weight"][:, :1].repeat(1, shape[1]),
+              f"{base}.alpha": t[f"{linear[0]}.alpha"].clone()})
+
+
+def _as_int64(t, linear, conv):
+    t[f"{linear[0]}.lora_down.weight"] = (t[f"{linear[0]}.lora_down.weight"] * 100).long()
+
+
+def _scaled_1e4(t, linear, conv):
+    for k in list(t):
+        if not k.endswith(".alpha"):
+            t[k] = torch_full_like(t[k], 1e4)
+
+
+def torch_full_like(tensor, value):
+    import torch
+    return torch.full_like(tensor, value)
+
+
+def _down_1d(t, linear, conv):
+    t[f"{linear[0]}.lora_down.weight"] = t[f"{linear[0]}.lora_down.weight"][0]
+
+
+def _no_down(t, linear, conv):
+    del t[f"{linear[0]}.lora_down.weight"]
+
+
+def _vector_alpha(t, linear, conv):
+    t[f"{linear[0]}.alpha"] = t[f"{linear[0]}.alpha"].repeat(4)
+
+
+def _mixed_ranks(t, linear, conv):
+    import torch
+    (base, shape) = conv
+    t.update({f"{base}.lora_up.weight": torch.zeros(shape[0], 8, 1, 1),
+              f"{base}.lora_down.weight": torch.full((8, *shape[1:]), 0.01), f"{base}.alpha": torch.tensor(8.0)})
+
+
+def _nothing(t, linear, conv):
+    pass
 
 
 def image_file(name: str, width: int, height: int, alpha: int | None = None):
@@ -138,6 +258,14 @@ CASES = [
     Case("lora name leaves folder", two_stage, "SaveSISOLoRA", {"name": "../escape"}, "LoRA name '../escape' is not allowed"),
     Case("lora name 300 letters", two_stage, "SaveSISOLoRA", {"name": "x" * 300}, "is too long: 300 bytes in UTF-8, at most 200"),
     Case("lora name CON", two_stage, "SaveSISOLoRA", {"name": "CON"}, "is a device name on Windows"),
+    Case("lora format unknown", two_stage, "SaveSISOLoRA", {"format": "ckpt"}, "format: 'ckpt' is not one of its choices"),
+    # ComfyUI casts a BOOLEAN with bool(): "false" and "yes" would both mean true and replace the file
+    Case("overwrite 'false' text", two_stage, "SaveSISOLoRA", {"overwrite": "false"},
+         "overwrite must be true or false (a JSON boolean), got 'false' (str)"),
+    Case("overwrite 'yes' text", two_stage, "SaveSISOLoRA", {"overwrite": "yes"}, "overwrite must be true or false"),
+    Case("overwrite 1", two_stage, "SaveSISOLoRA", {"overwrite": 1}, "overwrite must be true or false (a JSON boolean), got 1 (int)"),
+    Case("lora name exists, overwrite false", two_stage, "SaveSISOLoRA",
+         expect="'earlier.safetensors' already exists in", edit=existing_lora("earlier"), about="name"),
     Case("renoise steps 100000", swap, "ReNoiseInvert", {"steps": 100000}, "steps = 100000 is above its maximum 100"),
     Case("renoise strength 0", swap, "ReNoiseInvert", {"strength": 0.0}, "strength = 0 is below its minimum 0.01"),
     Case("renoise sampler unknown", swap, "ReNoiseInvert", {"sampler": "dpmpp_2m"}, "sampler: 'dpmpp_2m' is not one of its choices"),
@@ -148,17 +276,51 @@ CASES = [
     Case("mask grow_pixels -100000", swap, "SubjectMask", {"grow_pixels": -100000}, "grow_pixels = -100000 is below its minimum -512"),
     Case("mask sam file missing", swap, "SubjectMask", {"sam_model": "missing.pth"}, "sam_model: SAM checkpoint 'missing.pth' not found"),
     Case("mask text empty", swap, "SubjectMask", {"text": "  "}, "text: the text is empty"),
-    # ---- values that arrive through links: ComfyUI validates none; the node refuses them at its start
+    Case("mask text 5000 characters", swap, "SubjectMask", {"text": "dog " * 1250},
+         "text: the text is 5000 characters long; Grounding DINO reads at most 256 tokens"),
+    # ---- values that arrive through links: ComfyUI validates none. A stock Primitive's value is a
+    # constant: the pack checks it at queue time, before SISO Optimize runs
     Case("linked learning_rate 1e9", two_stage, "SISOOptimize", expect="learning_rate = 1000000000 is above its maximum 0.1",
-         at="run", edit=linked("PrimitiveFloat", 1e9, "learning_rate", "SISOOptimize")),
+         edit=linked("PrimitiveFloat", 1e9, "learning_rate", "SISOOptimize")),
     Case("linked width 16384", two_stage, "SISOOptimize", expect="width = 16384 is above its maximum 2048",
-         at="run", edit=linked("PrimitiveInt", 16384, "width", "SISOOptimize")),
+         edit=linked("PrimitiveInt", 16384, "width", "SISOOptimize")),
     Case("linked dino_weight NaN", two_stage, "SISOOptimize", expect="dino_weight is nan, not a number",
-         at="run", edit=linked("PrimitiveFloat", NAN, "dino_weight", "SISOOptimize")),
+         edit=linked("PrimitiveFloat", NAN, "dino_weight", "SISOOptimize")),
     Case("linked apply strength NaN", two_stage, "ApplySISOLoRA", expect="strength is nan, not a number",
-         at="run", edit=linked("PrimitiveFloat", NAN, "strength", "ApplySISOLoRA")),
-    Case("linked lora name too long", two_stage, "SaveSISOLoRA", expect="is too long: 400 bytes",
-         at="run", edit=linked("PrimitiveString", "ü" * 200, "name", "SaveSISOLoRA")),
+         edit=linked("PrimitiveFloat", NAN, "strength", "ApplySISOLoRA")),
+    Case("linked lora name too long", two_stage, "SaveSISOLoRA", expect="is too long: 400 bytes", about="name",
+         edit=linked("PrimitiveString", "ü" * 200, "name", "SaveSISOLoRA")),
+    Case("linked lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed", about="name",
+         edit=linked("PrimitiveString", "../escape", "name", "SaveSISOLoRA")),
+    Case("linked overwrite 'false' text", two_stage, "SaveSISOLoRA", expect="overwrite must be true or false", about="overwrite",
+         edit=linked("PrimitiveString", "false", "overwrite", "SaveSISOLoRA")),
+    # ... a value computed while the prompt runs: the node refuses it at its start
+    Case("computed lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed",
+         at="run", edit=computed("../", "escape", "name", "SaveSISOLoRA")),
+    # ---- LoRA files SISO Load LoRA cannot apply: ComfyUI's loader would skip the layer (logging
+    # "mat1 and mat2 shapes cannot be multiplied") and the image would be made without it
+    Case("load lora up rank 8, down rank 4", warm_start, "LoadSISOLoRA", at="run",
+         expect="has a lora_up of rank 8 and a lora_down of rank 4", edit=lora_file("ranks_differ.safetensors", _rank_8_up)),
+    Case("load lora linear-shaped on a conv layer", warm_start, "LoadSISOLoRA", at="run",
+         expect="convolution in", edit=lora_file("linear_on_conv.safetensors", _linear_on_conv)),
+    Case("load lora int64", warm_start, "LoadSISOLoRA", at="run",
+         expect="holds int64 numbers, not floating point", edit=lora_file("int64.safetensors", _as_int64)),
+    Case("load lora weights 1e4", warm_start, "LoadSISOLoRA", at="run",
+         expect="times its own weight", edit=lora_file("huge.safetensors", _scaled_1e4)),
+    Case("load lora 1-D lora_down", warm_start, "LoadSISOLoRA", at="run",
+         expect="a LoRA's are matrices", edit=lora_file("down_1d.safetensors", _down_1d)),
+    Case("load lora up without down", warm_start, "LoadSISOLoRA", at="run",
+         expect="has a lora_up but no lora_down", edit=lora_file("no_down.safetensors", _no_down)),
+    Case("load lora vector alpha", warm_start, "LoadSISOLoRA", at="run",
+         expect="holds 4 values (4); it must be one number", edit=lora_file("vector_alpha.safetensors", _vector_alpha)),
+    Case("load lora mixed ranks", warm_start, "LoadSISOLoRA", at="run",
+         expect="mixes LoRA ranks: rank 4 (e.g. diffusion_model.", edit=lora_file("mixed_ranks.safetensors", _mixed_ranks)),
+    Case("load lora best_iteration not a number", warm_start, "LoadSISOLoRA", at="run",
+         expect="its header field siso.best_iteration is 'third', not a whole number",
+         edit=lora_file("header_iteration.safetensors", _nothing, {"siso.best_iteration": "third"})),
+    Case("load lora best_loss not a number", warm_start, "LoadSISOLoRA", at="run",
+         expect="its header field siso.best_loss is 'low', not a number",
+         edit=lora_file("header_loss.safetensors", _nothing, {"siso.best_loss": "low"})),
     # ---- images and masks
     Case("subject photo 1x1", two_stage, "LoadSubject", expect="the subject photo is 1x1 pixels; SISO needs at least 32",
          at="run", edit=load_image("one_pixel.png", 1, 1, "3")),
@@ -170,6 +332,10 @@ CASES = [
          expect="grow_pixels -512 shrank its mask to nothing: use a grow_pixels closer to 0", at="run", needs_work=True),
     Case("drawn mask empty", swap_drawn, "SISOOptimize", expect="the mask is empty: it marks no subject to replace",
          at="run", edit=load_image("nothing_painted.png", 64, 64, "5", alpha=255)),
+    # the mask's and the inverted photo's files tell their sizes: refused before the inversion runs
+    Case("drawn mask of another size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=mask_from("other_size_mask.png", 72, 64)),
     Case("drawn mask everything", swap_drawn, "SISOOptimize", expect="the mask covers the whole photo",
          at="run", edit=load_image("all_painted.png", 64, 64, "5", alpha=0)),
 ]
@@ -193,6 +359,10 @@ def test_bad_input_is_refused_with_a_message_naming_it(case, server):
         assert errors.get("class_type") == case.node, body
         details = " | ".join(f"{e.get('message')}: {e.get('details')}" for e in errors["errors"])
         assert case.expect in details, f"{case.id}: {details}"
+        # one refusal, once, under the input it is about (not repeated under every input)
+        assert len(errors["errors"]) == 1, f"{case.id}: reported {len(errors['errors'])} times: {details}"
+        about = errors["errors"][0].get("extra_info", {}).get("input_name")
+        assert about == case.input_about(), f"{case.id}: reported under {about!r}: {details}"
     else:
         client_id = uuid.uuid4().hex
         listener = WebSocketListener(server.port, client_id)
@@ -268,14 +438,6 @@ def _bad_values(kind: str, options: dict) -> list:
     if kind == "INT":
         low, high = math.floor(low), math.ceil(high)
     return values + [low, high]
-
-
-def warm_start() -> dict:
-    """The two-stage workflow going on from a saved LoRA: SISO Load LoRA -> initial_lora."""
-    prompt = two_stage()
-    prompt["50"] = {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": "siso_test_lora.safetensors"}}
-    prompt[node_of(prompt, "SISOOptimize")]["inputs"]["initial_lora"] = ["50", 0]
-    return prompt
 
 
 def several_photos() -> dict:

@@ -2,6 +2,8 @@
 pixels (no stock loader makes them), a VAE of another family, the NaN-loss diagnosis, and the
 schema check itself (every node's defaults pass it)."""
 import math
+import os
+import types
 
 import pytest
 import torch
@@ -139,3 +141,108 @@ def test_a_subject_photo_too_small_to_see_is_refused(side):
 def test_interrupt_flag_is_left_clear():
     # guard for the tests after this file: none of the checks above may leave Cancel set
     assert not comfy.model_management.processing_interrupted()
+
+
+# ----------------------------------------------------------------------------- issue 23: saving, empty batches
+lora_mod = siso("siso_ops.lora")
+
+
+def _small_lora(value=0.5):
+    tensors = {"diffusion_model.x.lora_up.weight": torch.full((4, 2), value),
+               "diffusion_model.x.lora_down.weight": torch.full((2, 3), value),
+               "diffusion_model.x.alpha": torch.tensor(2.0)}
+    return lora_mod.SubjectLoRA(tensors=tensors, rank=2, alpha=2.0, model="tiny", best_iteration=0, iterations=1,
+                                best_loss=-1.0, stop_reason="test")
+
+
+def _leftovers(folder, name):
+    return sorted(p for p in os.listdir(folder) if p.startswith(f".{name}.") or p.endswith(".tmp"))
+
+
+def test_an_interrupted_save_leaves_the_earlier_file_intact_and_no_temporary_file(monkeypatch):
+    import safetensors.torch
+    folder = host.lora_folder()
+    with torch.inference_mode():
+        NODE["SaveSISOLoRA"].execute(_small_lora(0.5), "atomic save", True)
+    path = os.path.join(folder, "atomic save.safetensors")
+    before = open(path, "rb").read()
+    real_save = safetensors.torch.save_file
+
+    def cut_short(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:     # half written, then the writer dies
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with torch.inference_mode(), pytest.raises(KeyboardInterrupt):
+        NODE["SaveSISOLoRA"].execute(_small_lora(9.0), "atomic save", True)
+    assert open(path, "rb").read() == before
+    assert _leftovers(folder, "atomic save.safetensors") == []
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_earlier_file(monkeypatch):
+    import errno
+    import safetensors.torch
+    folder = host.lora_folder()
+    with torch.inference_mode():
+        NODE["SaveSISOLoRA"].execute(_small_lora(0.5), "full disk", True)
+    path = os.path.join(folder, "full disk.safetensors")
+    before = open(path, "rb").read()
+
+    def no_space(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    with torch.inference_mode(), pytest.raises(OSError) as refused:
+        NODE["SaveSISOLoRA"].execute(_small_lora(9.0), "full disk", True)
+    assert str(refused.value).startswith(f"could not write 'full disk.safetensors' in {os.path.abspath(folder)}: "
+                                         "No space left on device. Free space there")
+    assert open(path, "rb").read() == before and _leftovers(folder, "full disk.safetensors") == []
+
+
+def test_subject_score_with_no_images_is_refused_before_the_networks_load(monkeypatch):
+    opened = []
+    monkeypatch.setattr(siso("nodes.score").networks, "get", lambda *a, **k: opened.append(a))
+    with pytest.raises(checks.InputError, match=r"SISO Subject Score: images is an empty batch \(0 images or masks\)"):
+        NODE["SISOSubjectScore"].execute(torch.zeros(0, 64, 64, 3), None, "dino.safetensors", "ir.pth", 1.0, 1.0)
+    assert opened == []
+
+
+def test_an_all_black_subject_is_warned_about_and_the_warning_reaches_the_report(caplog):
+    """What LoadImage makes of a fully transparent PNG: a black RGB image (its alpha becomes the MASK)."""
+    with caplog.at_level("WARNING"):
+        subject = NODE["LoadSubject"].execute(torch.zeros(1, 64, 64, 3), "subject", "white").args[0]
+    assert any("the subject photo is all black" in w for w in subject.warnings), subject.warnings
+    assert "LoadImage drops the alpha" in caplog.text
+    transparent = torch.rand(1, 64, 64, 4)
+    transparent[..., 3] = 0
+    kept = NODE["LoadSubject"].execute(transparent, "subject", "keep").args[0]
+    assert any("fully transparent (alpha 0 everywhere)" in w for w in kept.warnings), kept.warnings
+    assert NODE["LoadSubject"].execute(torch.rand(1, 64, 64, 3), "subject", "white").args[0].warnings == []
+
+
+def test_bf16_on_a_cpu_without_fast_bfloat16_is_warned_about(monkeypatch):
+    precision = siso("siso_ops.precision")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    assert "runs many times (about 20x) slower than fp32: choose auto or fp32" in precision.precision_warnings(cpu, "bf16")[0]
+    assert precision.precision_warnings(cpu, "auto") == precision.precision_warnings(cpu, "fp32") == []
+
+
+def test_cancel_before_the_loop_stops_before_the_networks_are_read(monkeypatch):
+    """Cancel is checked between the phases before the first iteration (memory probe, network
+    reads, clone, decoder copy), not only by the loop."""
+    gen = siso("siso_ops.generation")
+    opened = []
+    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: opened.append(a))
+    model, clip, vae = tiny.build_model("sd15"), None, None
+    settings = gen.GenerationSettings(width=64, height=64, optimization=optim.OptimizationSettings(max_iterations=1))
+    monkeypatch.setattr(gen.memory, "plan", lambda *a, **k: types.SimpleNamespace(checkpointing=False))
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+            gen.optimize_subject(model, vae, None, subject_mod.SubjectPhoto([torch.rand(1, 3, 64, 64)]), "d", "i",
+                                 settings)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert opened == []

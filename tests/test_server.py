@@ -297,7 +297,8 @@ def test_missing_weight_file_is_rejected_and_server_survives(server):
     assert OPTIMIZE_ID in node_errors, body
     errors = node_errors[OPTIMIZE_ID]["errors"]
     assert node_errors[OPTIMIZE_ID]["class_type"] == "SISOOptimize"
-    hits = [e for e in errors if e.get("type") in ("value_not_in_list", "custom_validation_failed")
+    # invalid_input_type: the pack's queue-time check reports it once, under ir_weights (nodes/checks.py)
+    hits = [e for e in errors if e.get("type") in ("value_not_in_list", "custom_validation_failed", "invalid_input_type")
             and ("ir_weights" in e.get("details", "") or "missing.pth" in e.get("details", ""))]
     assert hits, f"no 'value not in list' error for ir_weights: {errors}"
 

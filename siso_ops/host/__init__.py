@@ -12,6 +12,7 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
     sampling             sigma schedules, stock noise, the guider-driven loop
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
+    prompts              the server's on-prompt hook (the pack's queue-time checks)
     memory_probe         what the memory estimate (../memory.py) measures on shape-only copies
 
 Callers use ``from siso_ops import host`` and ``host.<name>``; the names below are the interface.
@@ -19,7 +20,7 @@ Callers use ``from siso_ops import host`` and ``host.<name>``; the names below a
 from .folders import (  # noqa: F401
     WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices,
     EXPECTED_FILES, weight_file_path, lora_folder, lora_choices, lora_file, sam_model_choices,
-    grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for)
+    grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for, input_image_size)
 from .models import (  # noqa: F401
     SUPPORTED_SAMPLING, TARGETS, describe_model, ARCHITECTURES, model_architecture, subject_lora_layouts,
     check_lora_fits, model_family, check_supported, check_editing, check_vae, compute_device,
@@ -32,6 +33,7 @@ from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
 from .decoding import (  # noqa: F401
     encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
+from .prompts import add_prompt_check  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)
 from .memory_probe import (  # noqa: F401

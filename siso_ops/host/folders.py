@@ -108,3 +108,17 @@ def bert_folder_for(checkpoint_path: str) -> str:
             segmentation.check_bert_folder(folder)
             return folder
     raise WeightFileError(segmentation.missing_bert_message(candidates))
+
+
+def input_image_size(name) -> tuple | None:
+    """(width, height) of an image of ComfyUI's input folder as LoadImage will load it (EXIF rotation
+    applied), read from its header only; None when it cannot be told (no such file, not an image)."""
+    try:
+        from PIL import Image
+        path = folder_paths.get_annotated_filepath(str(name))
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception:   # LoadImage reports a file it cannot read itself
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -11,7 +11,7 @@ import comfy.sd
 import comfy.utils
 
 from .. import families
-from ..lora import lora_layers
+from ..lora import lora_file_rank, lora_layers
 
 
 # How a model's noisy latent is written, in k-diffusion's terms: x = D + sigma * eps (EPS, V-prediction,
@@ -52,23 +52,8 @@ def subject_lora_layouts(model) -> dict:
 
 
 def check_lora_fits(model, tensors: dict, name: str):
-    """A ComfyUI-layout LoRA file against the MODEL: every layer exists with these shapes."""
-    weights = model.model.state_dict()
-    layers = lora_layers(tensors)
-    if not layers:
-        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in tensors) else "unknown"
-        raise ValueError(f"{name} holds no ComfyUI-layout LoRA layers (*.lora_up.weight / *.lora_down.weight); its "
-                         f"layout is {kind}. SISO Load LoRA reads files saved by SISO Save LoRA in the comfyui format.")
-    wrong = [base for base, (up, down, _) in layers.items()
-             if tuple(weights.get(f"{base}.weight", torch.empty(0)).shape[:2]) != (up.shape[0], down.shape[1])]
-    if wrong:
-        raise ValueError(f"{name} does not fit {describe_model(model)}: {len(wrong)} of its {len(layers)} layers are "
-                         f"missing or shaped differently in this model (first: {wrong[0]}). It was made for another "
-                         "model: load the checkpoint it was trained on.")
-    ranks = sorted({down.shape[0] for _, down, _ in layers.values()})
-    if len(ranks) != 1:
-        raise ValueError(f"{name} mixes LoRA ranks {ranks}: it is not a SISO LoRA")
-    return ranks[0]
+    """A ComfyUI-layout LoRA file against the MODEL, layer by layer (siso_ops/lora.py); its rank."""
+    return lora_file_rank(tensors, model.model.state_dict(), name, describe_model(model))
 
 
 def model_family(model) -> families.Family:
