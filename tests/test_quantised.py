@@ -210,13 +210,17 @@ def test_siso_trains_on_the_loaded_file_and_stage_two_keeps_what_it_learned(layo
 
 def _saved_weight_copies(model, positive) -> tuple:
     """One training forward of the clone with low_memory off: what autograd keeps for backward
-    that has the shape of a weight of the model's linear and convolution layers."""
+    that has the shape of a weight of the model's linear and convolution layers and is a copy
+    (a zero-copy view of a weight stored as it is computed with costs nothing)."""
     shapes = {tuple(m.weight.shape) for m in model.model.diffusion_model.modules()
               if host.training.layer_kind(m) is not None}
+    stored = {p.untyped_storage().data_ptr() for p in model.model.parameters()
+              if type(p) in (torch.Tensor, torch.nn.Parameter)}
     kept = []
 
     def pack(tensor):
-        if tuple(tensor.shape) in shapes and tensor.dtype.is_floating_point:
+        if tuple(tensor.shape) in shapes and tensor.dtype.is_floating_point \
+                and tensor.untyped_storage().data_ptr() not in stored:
             kept.append(tensor.numel() * tensor.element_size())
         return tensor
 
