@@ -98,7 +98,12 @@ def meta_copy(module: torch.nn.Module, _copies: dict | None = None) -> torch.nn.
         if tensor is None:
             return None
         if id(tensor) not in copies:
-            empty = torch.empty_like(tensor, device="meta")
+            if type(tensor) in (torch.Tensor, torch.nn.Parameter):
+                empty = torch.empty_like(tensor, device="meta")
+            else:
+                # a quantised weight (ComfyUI-GGUF's GGMLTensor, ComfyUI's QuantizedTensor): its
+                # logical shape; the layer computes with it in the input's dtype (the probe casts)
+                empty = torch.empty(tuple(tensor.shape), device="meta", dtype=torch.float16)
             copies[id(tensor)] = torch.nn.Parameter(empty, requires_grad=False) if parameter else empty
         return copies[id(tensor)]
     clone._parameters = {n: shell(p, True) for n, p in module._parameters.items()}

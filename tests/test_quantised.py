@@ -249,3 +249,18 @@ def test_backward_keeps_no_full_precision_copy_of_a_quantised_weight(layout, mon
     kept, grads = _saved_weight_copies(model, tiny.conditioning("sd15"))
     assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     assert kept == [], f"{len(kept)} weight-sized tensors ({sum(kept) / 2**20:.1f} MiB) kept for backward"
+
+
+@pytest.mark.parametrize("layout", ["fp8_e4m3fn", "fp8_scaled", "fp8mixed", "gguf_q8_0"])
+def test_the_memory_estimate_is_made_for_quantised_files(layout, monkeypatch, request):
+    """low_memory auto decides from the estimate: it must be made for every layout (a failure
+    falls back to checkpointing without one), counting the quantised weights as ComfyUI sizes them."""
+    _skip_if_absent(layout)
+    memory = siso("siso_ops.memory")
+    pack = request.getfixturevalue("gguf_pack") if layout.startswith("gguf") else None
+    model = load_model("flux", layout, monkeypatch, pack)
+    vae, positive = _vae_and_prompt("flux")
+    with torch.inference_mode():
+        estimate = memory.estimate_iteration(model, vae, positive, SIZE, SIZE, "cpu", torch.float32)
+    assert estimate.weights["diffusion model"] == model.model_size() > 0
+    assert estimate.peak(False) > estimate.peak(True) > estimate.weight_bytes

@@ -12,7 +12,7 @@ import comfy.samplers
 
 from .models import is_dynamic, lora_target_names, model_family
 from .sampling import _detach_copy
-from .training import _CloneInput, _pytorch_attention, _training_op
+from .training import _CloneInput, _conv, _linear, _pytorch_attention, _training_op, layer_kind
 
 
 def device_memory(device) -> dict:
@@ -102,8 +102,9 @@ class _ProbeForward:
     itself, or a copy in the input's dtype where ComfyUI would cast (manual cast), the LoRA on
     the input side, the input copied where the training forward copies it."""
 
-    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False):
+    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False, keeps_weight: bool = True):
         self.module, self.op, self.cast, self.lora, self.clone_input = module, op, cast, lora, clone_input
+        self.keeps_weight = keeps_weight
 
     def __call__(self, x):
         weight, bias = self.module.weight, getattr(self.module, "bias", None)
@@ -112,6 +113,11 @@ class _ProbeForward:
             bias = None if bias is None else bias.to(x.dtype)
         if self.clone_input:
             x = x.clone()
+        if not self.keeps_weight:     # _ThroughOwnCast: the output is kept by its users, nothing else
+            with torch.no_grad():
+                out = self.op(self.module, x, weight, bias)
+            out = out + x.new_zeros(()).requires_grad_() if torch.is_grad_enabled() else out
+            return out if self.lora is None else out + self.lora.on_input(x)
         out = self.op(self.module, x, weight, bias)
         return out if self.lora is None else out + self.lora.on_input(x)
 
@@ -129,7 +135,13 @@ def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
             lora = _ProbeLoRA(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank) / int(rank))
             module.siso_probe_lora = lora      # a child, so its parameters count as weights, not activations
         op = _training_op(module)
-        if op is not None:
+        kind = layer_kind(module)
+        if op is None and kind is not None:
+            # another class's linear or convolution layer (GGUF, ComfyUI's quantised ops): computed
+            # as the training forward takes it, through its own cast path, keeping no weight copy
+            module.forward = _ProbeForward(module, _linear if kind == "linear" else _conv, True, lora,
+                                           clone_input=dit_norm, keeps_weight=False)
+        elif op is not None:
             cast = bool(getattr(module, "comfy_cast_weights", False))
             module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm)
         elif dit_norm:
