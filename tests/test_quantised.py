@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import comfy.model_detection
+import comfy.sd
 import comfy.model_management
 import folder_paths
 import nodes as comfy_nodes
@@ -264,3 +265,39 @@ def test_the_memory_estimate_is_made_for_quantised_files(layout, monkeypatch, re
         estimate = memory.estimate_iteration(model, vae, positive, SIZE, SIZE, "cpu", torch.float32)
     assert estimate.weights["diffusion model"] == model.model_size() > 0
     assert estimate.peak(False) > estimate.peak(True) > estimate.weight_bytes
+
+
+@pytest.mark.parametrize("layout", ["fp8_e4m3fn", "fp8_scaled", "fp8mixed", "gguf_q8_0"])
+def test_what_the_stock_lora_loaders_make_of_a_siso_lora_on_each_layout(layout, monkeypatch, request):
+    """The README's table: the stock LoraLoaderModelOnly (and 0.33's LoraLoaderBypassModelOnly)
+    with a SISO LoRA, against SISO Apply LoRA (on the fly). GGUF's loader and the bypass loader
+    apply it on the fly too: the same image to float32 reassociation. ComfyUI's merge rounds
+    W + dW back into fp8: printed (``pytest -s``), not a property of the pack."""
+    _skip_if_absent(layout)
+    pack = request.getfixturevalue("gguf_pack") if layout.startswith("gguf") else None
+    model = load_model("sd15", layout, monkeypatch, pack)
+    vae, positive = _vae_and_prompt("sd15")
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name in sorted(host.lora_target_names(model)):
+        layer = dict(model.model.diffusion_model.named_modules())[name]
+        tensors[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.weight.shape[0], 4, generator=g) * 2e-3
+        tensors[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, layer.weight.shape[1], generator=g)
+        tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(4.0)
+    base = stock_image(model, vae, positive)
+    with torch.inference_mode():
+        ours = stock_image(host.apply_lora(model, tensors, 1.0), vae, positive)
+        merged = stock_image(comfy.sd.load_lora_for_models(model, None, tensors, 1.0, 0)[0], vae, positive)
+    change = float((ours - base).abs().max())
+    lost = float((merged - ours).abs().max())
+    print(f"\n{layout}: SISO Apply LoRA changes the image by {change:.2e}; LoraLoaderModelOnly differs from it by "
+          f"{lost:.2e} ({100 * lost / change:.0f} % of the change)")
+    assert change > 1e-3
+    if layout.startswith("gguf"):
+        torch.testing.assert_close(merged, ours, atol=1e-4, rtol=0)   # ComfyUI-GGUF patches on the fly
+    bypass = getattr(comfy.sd, "load_bypass_lora_for_models", None)
+    if bypass is not None:
+        with torch.inference_mode():
+            bypassed = stock_image(bypass(model, None, tensors, 1.0, 0)[0], vae, positive)
+        print(f"{layout}: LoraLoaderBypassModelOnly differs by {float((bypassed - ours).abs().max()):.2e}")
+        torch.testing.assert_close(bypassed, ours, atol=1e-4, rtol=0)
