@@ -13,7 +13,7 @@ layout the loaders read (nothing here is a trained weight; write them to a tempo
   layer a float8 ``weight`` with its float32 ``weight_scale``. ComfyUI 0.33 reads it too (it turns
   the header into per-layer ``comfy_quant`` keys).
 * ``comfy_quant``: 0.33's own per-layer layout: ``<layer>.comfy_quant`` (the layer's JSON config as
-  uint8 bytes, e.g. ``{"format": "int8_tensorwise"}``) next to its quantised weight and scale.
+  uint8 bytes, here ``{"format": "float8_e4m3fn"}``; ``int8_tensorwise`` can be written too) next to its quantised weight and scale.
 * GGUF (``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q5_1``): written with the ``gguf`` package's writer and
   quantiser as ComfyUI-GGUF's tools/convert.py writes them (``general.architecture``, tensors under
   their state-dict names, 1-D and small tensors in F32, other unquantisable ones in F16) and read by
@@ -54,7 +54,7 @@ def _int8(weight: torch.Tensor):
     return (weight.float() / scale).round().clamp(-127, 127).to(torch.int8), scale.reshape(()).float()
 
 
-def write(path, state_dict: dict, linear_keys: set, layout: str, arch: str = "sd1", quant_format: str = "int8_tensorwise"):
+def write(path, state_dict: dict, linear_keys: set, layout: str, arch: str = "sd1", quant_format: str = "float8_e4m3fn"):
     """``state_dict``: the diffusion model's own keys (no prefix). Returns the path."""
     sd = {k: v.detach().cpu() for k, v in state_dict.items()}
     if layout == "plain":

@@ -36,7 +36,7 @@ gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 GGUF_TARBALL = REPO.parent / "shared" / "comfyui-gguf" / "ComfyUI-GGUF-795e451.tar.gz"
-HAS_MIXED_OPS = hasattr(comfy.model_detection, "detect_layer_quantization")
+HAS_MIXED_OPS = hasattr(comfy.model_detection, "detect_layer_quantization") or hasattr(__import__("comfy.utils").utils, "detect_layer_quantization")
 HAS_COMFY_QUANT = "convert_old_quants" in dir(__import__("comfy.utils").utils)
 
 LAYOUTS = ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", "fp8_scaled", "fp8mixed", "comfy_quant",
@@ -201,11 +201,13 @@ def test_siso_trains_on_the_loaded_file_and_stage_two_keeps_what_it_learned(layo
     # against a 0.86 change), elsewhere to float32 reassociation through the UNet / DiT (1e-4)
     tolerance = 1e-2 if layout == "fp8_e4m3fn_fast" else 1e-4
     torch.testing.assert_close(reused, best, atol=tolerance, rtol=0)
-    # the host: every stored tensor the same object with the same bytes; a stock sample unchanged
+    # the host: every stored tensor holds the same bytes and patch list; a stock sample unchanged.
+    # (Not the same Parameter objects: 0.33's MixedPrecisionOps re-wrap theirs on every move,
+    # stock loads included.)
     after = host_tensors(model)
     assert before.keys() == after.keys()
-    for key, (ident, raw, patches) in before.items():
-        assert after[key][0] == ident and _same(raw, after[key][1]) and after[key][2] == patches, key
+    for key, (_, raw, patches) in before.items():
+        assert _same(raw, after[key][1]) and after[key][2] == patches, key
     assert torch.equal(stock_image(model, vae, positive), stock)
 
 
