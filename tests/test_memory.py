@@ -180,7 +180,10 @@ def _device_with(free: int):
 @pytest.mark.parametrize("room", ["plenty", "little"])
 def test_optimize_follows_the_estimate_and_uses_the_choice_everywhere(room, sd15, subject, tiny_networks, monkeypatch):
     model, vae, positive, _ = sd15
-    settings = gen.GenerationSettings(width=64, height=64, optimization=optim.OptimizationSettings(max_iterations=1))
+    # float32 whatever the CPU: precision auto picks bf16 on CPUs with AVX-512 BF16 or AMX, which
+    # halves the networks' weights and the activations this test's figures are computed for
+    settings = gen.GenerationSettings(width=64, height=64, precision="fp32",
+                                      optimization=optim.OptimizationSettings(max_iterations=1))
     assert settings.gradient_checkpointing == "auto"          # the default
     with torch.inference_mode(), host.training_mode():
         estimate = memory.estimate_iteration(model, vae, positive, 64, 64, "cpu", torch.float32, networks=[
@@ -224,7 +227,10 @@ def test_the_refusal_comes_before_any_network_is_read(sd15, subject, monkeypatch
     opened = []
     monkeypatch.setattr(gen.networks, "get", lambda *a, **k: opened.append(a))
     monkeypatch.setattr(host, "make_room_for_training", lambda device: opened.append(("room", device)))
-    settings = gen.GenerationSettings(width=64, height=64, optimization=optim.OptimizationSettings(max_iterations=1))
+    # float32 whatever the CPU: precision auto picks bf16 on CPUs with AVX-512 BF16 or AMX, which
+    # halves the networks' weights and the activations this test's figures are computed for
+    settings = gen.GenerationSettings(width=64, height=64, precision="fp32",
+                                      optimization=optim.OptimizationSettings(max_iterations=1))
     with torch.inference_mode(), pytest.raises(ValueError, match="does not fit") as refused:
         gen.optimize_subject(model, vae, positive, subject, str(tmp_path / "missing_dino.safetensors"),
                              str(tmp_path / "missing_ir.pth"), settings)

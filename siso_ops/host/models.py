@@ -232,7 +232,7 @@ def apply_lora(model, lora_tensors: dict, strength: float):
     layers = lora_layers(lora_tensors)
     on_the_fly = {base for base in layers if base in modules and stored_quantised(modules[base])}
     merged = {k: v for k, v in lora_tensors.items() if not any(k.startswith(base + ".") for base in on_the_fly)}
-    if len(on_the_fly) < len(layers):
+    if merged:      # layers stored as plain floats, or keys of another layout (diffusers') ComfyUI maps
         patched, _ = comfy.sd.load_lora_for_models(model, None, merged, strength, 0)
     else:
         patched = model.clone()
