@@ -18,7 +18,11 @@ layout the loaders read (nothing here is a trained weight; write them to a tempo
   quantiser as ComfyUI-GGUF's tools/convert.py writes them (``general.architecture``, tensors under
   their state-dict names, 1-D and small tensors in F32, other unquantisable ones in F16) and read by
   its loader (UnetLoaderGGUF). gguf-py cannot quantise K-quants (its Q4_K quantiser raises
-  NotImplementedError), so no K-quant file can be written here.
+  NotImplementedError), so ``gguf_q4_k`` is written block by block in Q4_K's published layout
+  (256 weights per 144-byte block: float16 ``d`` and ``dmin``, 12 bytes of packed 6-bit scales and
+  mins, 128 bytes of 4-bit values) with random scales and values and ``d`` / ``dmin`` set so that
+  each tensor dequantises to mean 0 and the source tensor's standard deviation. The bytes are
+  checked against gguf-py's own Q4_K dequantiser before they are written.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-GGUF_TYPES = {"gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0", "gguf_q5_1": "Q5_1"}
+GGUF_TYPES = {"gguf_q8_0": "Q8_0", "gguf_q4_0": "Q4_0", "gguf_q5_1": "Q5_1", "gguf_q4_k": "Q4_K"}
 
 
 def linear_weight_keys(diffusion_model: torch.nn.Module) -> set:
@@ -88,6 +92,31 @@ def write(path, state_dict: dict, linear_keys: set, layout: str, arch: str = "sd
     raise ValueError(f"unknown layout {layout}")
 
 
+def _random_q4_k(data: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Q4_K blocks (see the module docstring) for a tensor shaped like ``data``: random 6-bit scales
+    and mins and 4-bit values; ``d`` / ``dmin`` chosen from the dequantised moments. A block
+    dequantises to ``d * scale * q - dmin * min``, linear in (d, dmin), so two probes give them."""
+    import gguf
+    qtype = gguf.GGMLQuantizationType.Q4_K
+    rows, cols = int(np.prod(data.shape[:-1])), data.shape[-1]
+    blocks = rows * cols // 256
+    rng = np.random.default_rng(seed)
+    body = rng.integers(0, 256, size=(blocks, 140), dtype=np.uint8)     # scales, mins and values
+
+    def packed(d: float, dmin: float) -> np.ndarray:
+        head = np.tile(np.array([d, dmin], dtype=np.float16).view(np.uint8), (blocks, 1))
+        return np.concatenate([head, body], axis=1).reshape(rows, cols // 256 * 144)
+    a = gguf.quants.dequantize(packed(1.0, 0.0), qtype)       # d * scale * q with d = 1
+    b = -gguf.quants.dequantize(packed(0.0, 1.0), qtype)      # dmin * min with dmin = 1
+    ratio = float(a.mean() / b.mean())                        # dmin / d that centres the weights
+    spread = float((a - ratio * b).std())
+    d = float(data.std()) / spread if spread > 0 else 1.0
+    out = packed(d, d * ratio)
+    check = gguf.quants.dequantize(out, qtype)
+    assert np.isfinite(check).all() and abs(float(check.std()) / float(data.std()) - 1) < 0.05
+    return out
+
+
 def _write_gguf(path, sd: dict, linear_keys: set, qtype_name: str, arch: str) -> str:
     import gguf
     path = os.fspath(path)
@@ -99,7 +128,8 @@ def _write_gguf(path, sd: dict, linear_keys: set, qtype_name: str, arch: str) ->
     for key, value in sd.items():
         data = value.float().numpy()
         if key in linear_keys and data.shape[-1] % block == 0:
-            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            packed = _random_q4_k(data) if qtype == gguf.GGMLQuantizationType.Q4_K else gguf.quants.quantize(data, qtype)
+            writer.add_tensor(key, packed, raw_dtype=qtype)
         elif data.ndim == 1 or data.size <= 1024:     # convert.py keeps these in F32
             writer.add_tensor(key, data.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
         else:

@@ -40,7 +40,7 @@ HAS_MIXED_OPS = hasattr(comfy.model_detection, "detect_layer_quantization") or h
 HAS_COMFY_QUANT = "convert_old_quants" in dir(__import__("comfy.utils").utils)
 
 LAYOUTS = ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", "fp8_scaled", "fp8mixed", "comfy_quant",
-           "gguf_q8_0", "gguf_q4_0"]
+           "gguf_q8_0", "gguf_q4_0", "gguf_q4_k"]
 SIZE = 64
 
 
@@ -166,14 +166,22 @@ def _skip_if_absent(layout):
 def test_siso_trains_on_the_loaded_file_and_stage_two_keeps_what_it_learned(layout, family, subject, tiny_networks,
                                                                             monkeypatch, request):
     _skip_if_absent(layout)
+    if layout == "gguf_q4_k" and family == "flux":
+        pytest.skip("the tiny Flux's rows (64 and 128 wide) are shorter than one Q4_K block (256): nothing is quantised")
     pack = request.getfixturevalue("gguf_pack") if layout.startswith("gguf") else None
     model = load_model(family, layout, monkeypatch, pack)
+    if layout.startswith("gguf"):   # the file's quantisation reached the layers (GGMLTensor.tensor_type)
+        kinds = {getattr(getattr(m, "weight", None), "tensor_type", None) for m in model.model.diffusion_model.modules()}
+        assert qf.GGUF_TYPES[layout] in {getattr(k, "name", None) for k in kinds}, kinds
     vae, positive = _vae_and_prompt(family)
     before = host_tensors(model)
     stock = stock_image(model, vae, positive)
     images = []
+    # the Q4_K file's random 4-bit UNet is steeper at this seed: 5e-2 overshoots on the first step
+    # (measured: loss -1.9554 -> -1.9542 -> -1.9462); 2e-2 descends. The other files take 5e-2.
+    rate = 2e-2 if layout == "gguf_q4_k" else 5e-2
     settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32", gradient_checkpointing=False,
-                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
+                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=rate,
                                                                               early_stop_patience=10))
     with torch.inference_mode():
         lora, best, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
