@@ -13,7 +13,11 @@ layout the loaders read (nothing here is a trained weight; write them to a tempo
   layer a float8 ``weight`` with its float32 ``weight_scale``. ComfyUI 0.33 reads it too (it turns
   the header into per-layer ``comfy_quant`` keys).
 * ``comfy_quant``: 0.33's own per-layer layout: ``<layer>.comfy_quant`` (the layer's JSON config as
-  uint8 bytes, here ``{"format": "float8_e4m3fn"}``; ``int8_tensorwise`` can be written too) next to its quantised weight and scale.
+  uint8 bytes, here ``{"format": "float8_e4m3fn"}``; ``int8_tensorwise`` and ``nvfp4`` can be written
+  too) next to its quantised weight and scale. nvfp4 is quantised by ComfyUI's own quantiser
+  (``QuantizedTensor.from_float`` with its NVFP4 layout) and stored as its loader pops it: the packed
+  4-bit ``weight`` (uint8), the float8 block scales ``weight_scale`` (padded and swizzled as the
+  layout makes them) and the float32 tensor scale ``weight_scale_2``.
 * GGUF (``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q5_1``): written with the ``gguf`` package's writer and
   quantiser as ComfyUI-GGUF's tools/convert.py writes them (``general.architecture``, tensors under
   their state-dict names, 1-D and small tensors in F32, other unquantisable ones in F16) and read by
@@ -58,6 +62,13 @@ def _int8(weight: torch.Tensor):
     return (weight.float() / scale).round().clamp(-127, 127).to(torch.int8), scale.reshape(()).float()
 
 
+def _nvfp4(weight: torch.Tensor) -> dict:
+    from comfy.quant_ops import QuantizedTensor     # ComfyUI 0.33's quantiser (comfy-kitchen layouts)
+    quantised = QuantizedTensor.from_float(weight.float(), "TensorCoreNVFP4Layout")
+    params = quantised._params
+    return {"weight": quantised._qdata, "weight_scale": params.block_scale, "weight_scale_2": params.scale.float()}
+
+
 def write(path, state_dict: dict, linear_keys: set, layout: str, arch: str = "sd1", quant_format: str = "float8_e4m3fn"):
     """``state_dict``: the diffusion model's own keys (no prefix). Returns the path."""
     sd = {k: v.detach().cpu() for k, v in state_dict.items()}
@@ -80,7 +91,10 @@ def write(path, state_dict: dict, linear_keys: set, layout: str, arch: str = "sd
                     out[k], out[f"{layer}.weight_scale"] = _fp8(v)
                     layers[layer] = {"format": "float8_e4m3fn"}
                 else:
-                    out[k], out[f"{layer}.weight_scale"] = _int8(v) if quant_format == "int8_tensorwise" else _fp8(v)
+                    if quant_format == "nvfp4":
+                        out.update({f"{layer}.{name}": t for name, t in _nvfp4(v).items()})
+                    else:
+                        out[k], out[f"{layer}.weight_scale"] = _int8(v) if quant_format == "int8_tensorwise" else _fp8(v)
                     out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": quant_format}).encode()),
                                                                dtype=torch.uint8)
             else:

@@ -40,7 +40,7 @@ HAS_MIXED_OPS = hasattr(comfy.model_detection, "detect_layer_quantization") or h
 HAS_COMFY_QUANT = "convert_old_quants" in dir(__import__("comfy.utils").utils)
 
 LAYOUTS = ["fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast", "fp8_scaled", "fp8mixed", "comfy_quant",
-           "comfy_quant_int8", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k"]
+           "comfy_quant_int8", "comfy_quant_nvfp4", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k"]
 SIZE = 64
 
 
@@ -96,9 +96,9 @@ def load_model(family: str, layout: str, monkeypatch, gguf_pack=None):
     written = {"fp8_e4m3fn": "plain", "fp8_e5m2": "plain", "fp8_e4m3fn_fast": "plain"}.get(layout, layout)
     name = f"{family}_{written}" + (".gguf" if written.startswith("gguf") else ".safetensors")
     if (family, written) not in _FILES:
-        if written == "comfy_quant_int8":      # 0.33's per-layer layout with int8 weights and a tensor-wide scale
+        if written in ("comfy_quant_int8", "comfy_quant_nvfp4"):    # 0.33's per-layer layout, other formats
             _FILES[family, written] = qf.write(folder / name, state_dict, linear_keys, "comfy_quant", arch=arch,
-                                               quant_format="int8_tensorwise")
+                                               quant_format={"comfy_quant_int8": "int8_tensorwise"}.get(written, "nvfp4"))
         else:
             _FILES[family, written] = qf.write(folder / name, state_dict, linear_keys, written, arch=arch)
     if layout == "fp8_e4m3fn_fast":
@@ -170,6 +170,9 @@ def _skip_if_absent(layout):
 def test_siso_trains_on_the_loaded_file_and_stage_two_keeps_what_it_learned(layout, family, subject, tiny_networks,
                                                                             monkeypatch, request):
     _skip_if_absent(layout)
+    if layout == "comfy_quant_nvfp4" and family == "sd15":
+        pytest.skip("ComfyUI's SD1.5 detection reads the context width from attn2.to_k's stored shape, which nvfp4 "
+                    "packs to half: no nvfp4 SD1.5 file loads in ComfyUI (nvfp4 files are published for DiTs)")
     if layout == "gguf_q4_k" and family == "flux":
         pytest.skip("the tiny Flux's rows (64 and 128 wide) are shorter than one Q4_K block (256): nothing is quantised")
     pack = request.getfixturevalue("gguf_pack") if layout.startswith("gguf") else None
