@@ -65,7 +65,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("paper", "defaults")
 # Variants of the defaults with one setting changed (--configs), to show that setting's trade-off.
 VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointing-on": {"gradient_checkpointing": True},
-            "fp32": {"precision": "fp32"}}
+            "fp32": {"precision": "fp32"},
+            # the diffusion weights stored as UNETLoader's weight_dtype fp8_e4m3fn stores them (ComfyUI's
+            # manual cast computes in the compute dtype); the rest of the defaults unchanged
+            "fp8": {"weights": "float8_e4m3fn"},
+            "fp8-checkpointing-off": {"weights": "float8_e4m3fn", "gradient_checkpointing": False}}
 PATHS = ("generation", "editing")
 PROMPT = "a photo of a dog"
 
@@ -249,7 +253,8 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     memory = Memory(device, total_mb - 1536 if device.type == "cpu" else None)
     paper = config == "paper"
-    variant = VARIANTS.get(config, {})
+    variant = dict(VARIANTS.get(config, {}))
+    weights = variant.pop("weights", None)       # a storage dtype for the diffusion weights, not a setting
     torch.manual_seed(0)
 
     def fill_random(module, seed):
@@ -298,11 +303,17 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             dtype = comfy.model_management.unet_dtype(device, 10**9, model_config.supported_inference_dtypes,
                                                       weight_dtype=torch.float16)
             manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
+        if weights:
+            # as UNETLoader with weight_dtype: ComfyUI's layers are created with their weights in
+            # that dtype and compute through the manual cast; nothing else is converted
+            dtype = getattr(torch, weights)
+            manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
         model_config.set_inference_dtype(dtype, manual_cast)
         base = (model_config.get_model({}) if model_type is None
                 else comfy.model_base.BaseModel(model_config, model_type=model_type))
         fill_random(base.diffusion_model, 0)
-        base.diffusion_model.to(dtype)
+        if not weights:
+            base.diffusion_model.to(dtype)
         model = comfy.model_patcher.ModelPatcher(base, load_device=device,
                                                  offload_device=comfy.model_management.unet_offload_device())
         unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
