@@ -194,6 +194,76 @@ def write_tiny_sd3_checkpoint(path, seed: int = 0) -> str:
     return path
 
 
+
+# ----------------------------------------------------------------- Flux.2 [klein]: a diffusion model + a VAE file
+# What UNETLoader and VAELoader read for the refine route (tests/test_today_templates.py). Detection
+# (comfy.model_detection) recognises Flux.2 by ``double_stream_modulation_img.lin.weight`` and reads
+# the widths from the weights; ComfyUI 0.33 derives the heads from the width (hidden / 128), while
+# 0.3.75 fixes 48 heads of 128 channels (a 6144-wide model: no tiny file detects there).
+# The tiny model: hidden 128 (1 head), one double and one single block, no guidance embedding
+# (klein is guidance-distilled), 768-wide text tokens: the CLIP-L width of the suite's tiny SD1.5
+# checkpoint, whose CLIPTextEncode output conditions it (klein's real Qwen3-4B encoder is 8 GB).
+FLUX2_HIDDEN = 128
+FLUX2_CONTEXT_WIDTH = 768
+FLUX2_UNET = dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                  context_in_dim=FLUX2_CONTEXT_WIDTH, hidden_size=FLUX2_HIDDEN, mlp_ratio=3.0, num_heads=FLUX2_HIDDEN // 128,
+                  depth=1, depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
+                  guidance_embed=False, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                  default_ref_method="index", ref_index_scale=10.0, dtype=torch.float32)
+# Flux.2's VAE as its file is laid out: the SD autoencoder (detection fixes ch 128, ch_mult 1 2 4 4)
+# with 32 latent channels, quant convs and a batch norm over the 2x2-patchified latent.
+FLUX2_VAE = dict(SD3_VAE, z_channels=32, batch_norm_latent=True)
+
+
+def flux2_unet_config() -> dict:
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+    config = dict(FLUX2_UNET)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+        config["txt_ids_dims"] = [3]     # 0.33's field (0.3.75 hard-codes it)
+    return config
+
+
+def tiny_flux2_state_dict(seed: int = 0) -> dict:
+    import comfy.model_detection
+    with torch.inference_mode(False), torch.no_grad():
+        config = comfy.supported_models.Flux2(flux2_unet_config())
+        config.set_inference_dtype(torch.float32, None)
+        diffusion = config.get_model({}).diffusion_model
+        tiny.init_random(diffusion, seed, std=0.02)
+        sd = {k: v.detach().clone().contiguous() for k, v in diffusion.state_dict().items()}
+    detected = comfy.model_detection.detect_unet_config(sd, "")
+    wanted = {k: FLUX2_UNET[k] for k in ("image_model", "hidden_size", "num_heads", "context_in_dim", "in_channels", "depth",
+                                         "depth_single_blocks", "guidance_embed")}
+    got = {k: detected.get(k) for k in wanted}
+    if got != wanted:
+        raise AssertionError(f"this ComfyUI reads the tiny Flux.2 file as {got}, not {wanted}")
+    return sd
+
+
+def tiny_flux2_vae_state_dict(seed: int = 1, dtype=torch.float16) -> dict:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    with torch.inference_mode(False), torch.no_grad():
+        module = AutoencoderKL(embed_dim=32, ddconfig=dict(FLUX2_VAE))
+        tiny.init_random(module, seed, std=0.02)
+        module.bn.running_mean.zero_()
+        module.bn.running_var.fill_(1.0)
+        return {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in module.state_dict().items()}
+
+
+def write_tiny_flux2_files(unet_path, vae_path, seed: int = 0) -> tuple:
+    """The diffusion model (a few MB) and the VAE (about 170 MB at fp16); returns both paths."""
+    import safetensors.torch
+    out = []
+    for path, sd in ((unet_path, tiny_flux2_state_dict(seed)), (vae_path, tiny_flux2_vae_state_dict(seed + 1))):
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        safetensors.torch.save_file(sd, path + ".part", metadata={"format": "pt", "siso.note": "random tiny Flux.2 test file"})
+        os.replace(path + ".part", path)
+        out.append(path)
+    return tuple(out)
+
+
 if __name__ == "__main__":  # python tests/family_files.py OUT.safetensors  (with ComfyUI on sys.path)
     import sys
     print(write_tiny_sd3_checkpoint(sys.argv[1]))

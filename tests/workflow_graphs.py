@@ -138,6 +138,9 @@ def build_ui(workflow: Workflow, object_info: dict) -> dict:
             entry["title"] = node.title
         if node.color:
             entry["color"], entry["bgcolor"] = node.color, {"#232": "#353", "#322": "#533"}.get(node.color, node.color)
+        models = model_downloads(node, workflow.name)
+        if models:
+            entry["properties"]["models"] = models
         nodes.append(entry)
     note_id = max(by_id) + 1
     nodes.append({"id": note_id, "type": "Note", "pos": [min(n.pos[0] for n in workflow.nodes), min(n.pos[1] for n in workflow.nodes) - workflow.note_size[1] - 80],
@@ -152,6 +155,49 @@ def build_ui(workflow: Workflow, object_info: dict) -> dict:
     return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"siso/{workflow.name}")), "revision": 0,
             "last_node_id": note_id, "last_link_id": len(ui_links), "nodes": nodes, "links": ui_links,
             "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [500, 400]}}, "version": 0.4}
+
+
+# ----------------------------------------------------------------------------- model downloads
+# What ComfyUI's frontend reads for its missing-models dialog (1.32 and 1.49 alike): a node's
+# properties.models, a list of {name, url, directory}, of which it keeps the entries whose name is
+# one of the node's widget values; a file not found in models/<directory> is listed with its
+# folder and a download button (offered for https://huggingface.co/ URLs of .safetensors files).
+# Only the official public files: the publishers' own repositories or Comfy-Org's repackaging.
+HF = "https://huggingface.co/"
+MODEL_FILES = {
+    # name: (folder under models/, URL)
+    "sd_turbo.safetensors": ("checkpoints", HF + "stabilityai/sd-turbo/resolve/main/sd_turbo.safetensors"),
+    # timm's DINOv2 ViT-L/14 (model.safetensors), saved under the name SISO's dropdown expects
+    "dinov2_vitl14.safetensors": ("siso", HF + "timm/vit_large_patch14_dinov2.lvd142m/resolve/main/model.safetensors"),
+    "z_image_turbo_bf16.safetensors": ("diffusion_models", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors"),
+    "qwen_3_4b.safetensors": ("text_encoders", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
+    "ae.safetensors": ("vae", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
+    "flux-2-klein-4b.safetensors": ("diffusion_models", HF + "Comfy-Org/Flux-2-Klein-4B/resolve/main/split_files/diffusion_models/flux-2-klein-4b.safetensors"),
+    "flux2-vae.safetensors": ("vae", HF + "Comfy-Org/Flux-2-Klein-4B/resolve/main/split_files/vae/flux2-vae.safetensors"),
+    "qwen_image_edit_2509_fp8_e4m3fn.safetensors": ("diffusion_models", HF + "Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors"),
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "qwen_image_vae.safetensors": ("vae", HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
+    "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors": ("loras", HF + "lightx2v/Qwen-Image-Lightning/resolve/main/Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"),
+}
+# The loaders' file widgets: every one must name a file of MODEL_FILES. SISO's weight inputs carry
+# the entry where a public URL exists (DINOv2); the IR file needs a login and is named in the note.
+LOADER_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",), "CLIPLoader": ("clip_name",),
+                  "VAELoader": ("vae_name",), "LoraLoaderModelOnly": ("lora_name",)}
+WEIGHT_WIDGETS = {"SISOOptimize": ("dino_weights",), "SISOSubjectScore": ("dino_weights",)}
+
+
+def model_downloads(node: Node, workflow_name: str = "") -> list:
+    """properties.models of a node: one {name, url, directory} per model file its widgets name."""
+    out = []
+    for name in LOADER_WIDGETS.get(node.type, ()) + WEIGHT_WIDGETS.get(node.type, ()):
+        value = node.widgets.get(name)
+        if value not in MODEL_FILES:
+            if node.type in LOADER_WIDGETS:
+                raise ValueError(f"{workflow_name}: node {node.id} {node.type}.{name} = {value!r} has no public URL in MODEL_FILES")
+            continue
+        directory, url = MODEL_FILES[value]
+        out.append({"name": value, "url": url, "directory": directory})
+    return out
 
 
 def _topological_order(workflow: Workflow) -> dict:
@@ -429,3 +475,201 @@ SEVERAL_PHOTOS_BEST_OF_FOUR = Workflow(
 WORKFLOWS[1:1] = [SWAP]
 WORKFLOWS.append(INSERTION)
 WORKFLOWS.append(SEVERAL_PHOTOS_BEST_OF_FOUR)
+
+
+# ----------------------------------------------------------------------------- templates for today's models
+# Split-file models (UNETLoader + CLIPLoader + VAELoader), with each file's download in the node
+# (properties.models). They are not in WORKFLOWS: the suite's server holds tiny SD1.5 files, not
+# these; tests/test_today_templates.py validates them and runs the refine route on tiny files.
+IR_NOTE = ("- models/siso/ir_features.pth: the image-retrieval network weights. NOT downloadable here: the SISO authors' "
+           "file sits in a Kaggle dataset (needs a Kaggle login), linked from github.com/yairshp/SISO; place it by hand.\n")
+DOWNLOADS_NOTE = ("These files are offered for download by ComfyUI's missing-models dialog, which opens when one is "
+                  "absent (each listed with its folder and its Hugging Face URL):\n")
+
+
+def _files_note(*names) -> str:
+    lines = [f"- models/{MODEL_FILES[n][0]}/{n}  ({MODEL_FILES[n][1]})" for n in names]
+    return DOWNLOADS_NOTE + "\n".join(lines) + "\n" + IR_NOTE
+
+
+def split_loaders(unet: str, clip: str, clip_type: str, vae: str) -> list:
+    """Nodes 1-3: the diffusion model, its text encoder and its VAE, each from its own file."""
+    return [
+        Node(1, "UNETLoader", (-420, 0), (320, 82), {"unet_name": unet}),
+        Node(2, "CLIPLoader", (-420, 120), (320, 106), {"clip_name": clip, "type": clip_type}),
+        Node(3, "VAELoader", (-420, 270), (320, 58), {"vae_name": vae}),
+    ]
+
+
+def split_two_stage(name, title, loaders, latent_type, size, steps, extra_note, tiny) -> Workflow:
+    """The two-stage workflow on a split-file model: SISO Optimize learns the LoRA from the simple
+    prompt at ``steps`` steps (grad_steps 1: a distilled model), then the stock KSampler renders
+    any prompt with it at the same steps and cfg 1.0."""
+    return Workflow(
+        name=name,
+        note=(f"SISO two-stage workflow on {title}\n\nFiles:\n" + _files_note(*[n.widgets[k] for n in loaders
+                                                                                for k in LOADER_WIDGETS[n.type]], "dinov2_vitl14.safetensors") +
+              "- input/: your ONE subject photo (upload it in Load Image).\n\n"
+              f"Stage 1: SISO Optimize learns a LoRA on {title} from the simple prompt until the image looks like your "
+              f"subject ({steps} steps per iteration, gradients through the last one: the model is distilled).\n"
+              f"Stage 2: SISO Apply LoRA + the stock KSampler ({steps} steps, cfg 1.0) render the subject with any prompt; "
+              "SISO Save LoRA writes models/loras/<name>.safetensors for LoraLoader.\n\n" + extra_note +
+              "\nSettings: the pack's family table (README, 'Supported models'): the model authors' sampling advice, "
+              "SISO's steps not measured on this model."),
+        nodes=[
+            *loaders,
+            Node(4, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (2, 0)},
+                 "Simple prompt (stage 1)", POSITIVE),
+            Node(5, "LoadImage", (-420, 380), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+            Node(6, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (5, 0)}),
+            Node(7, "SISOOptimize", (420, 0), (400, 740),
+                 dict(WEIGHTS, width=size[0], height=size[1], steps=steps, grad_steps=1),
+                 {"model": (1, 0), "vae": (3, 0), "positive": (4, 0), "subject": (6, 0)}),
+            Node(8, "SaveSISOLoRA", (880, 0), (320, 106), {"name": "siso_subject"}, {"subject_lora": (7, 0)}),
+            Node(9, "SaveImage", (880, 160), (320, 300), {"filename_prefix": "siso_best"}, {"images": (7, 1)}, "Best optimisation image"),
+            Node(10, "ApplySISOLoRA", (420, 1040), (320, 78), {}, {"model": (1, 0), "subject_lora": (7, 0)}),
+            Node(11, "CLIPTextEncode", (-40, 1040), (400, 140),
+                 {"text": "a watercolor painting of a dog wearing a red scarf, sitting on a wooden pier at sunset"},
+                 {"clip": (2, 0)}, "Any prompt (stage 2)", POSITIVE),
+            Node(12, "CLIPTextEncode", (-40, 1220), (400, 100), {"text": ""}, {"clip": (2, 0)}, "Negative prompt (unused at cfg 1.0)", NEGATIVE),
+            Node(13, latent_type, (420, 1160), (320, 106), {"width": 1024, "height": 1024}),
+            Node(14, "KSampler", (880, 1040), (320, 262), {"steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+                 {"model": (10, 0), "positive": (11, 0), "negative": (12, 0), "latent_image": (13, 0)}),
+            Node(15, "VAEDecode", (1240, 1040), (210, 46), {}, {"samples": (14, 0), "vae": (3, 0)}),
+            Node(16, "SaveImage", (1240, 1140), (420, 400), {"filename_prefix": name}, {"images": (15, 0)}),
+        ],
+        groups=[("Stage 1: optimise the subject LoRA (simple prompt)", -440, -60, 1680, 1040, "#3f789e"),
+                ("Stage 2: generate with any prompt", -60, 1000, 1760, 580, "#8A8")],
+        test_overrides={**tiny, 7: {"width": 64, "height": 64, "max_iterations": 2, "steps": 1},
+                        8: {"name": f"{name}_test", "overwrite": True}, 13: {"width": 64, "height": 64}, 14: {"steps": 1}},
+        note_size=(1100, 520),
+    )
+
+
+Z_IMAGE_TWO_STAGE = split_two_stage(
+    "siso_two_stage_z_image_turbo", "Z-Image-Turbo",
+    split_loaders("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2", "ae.safetensors"),
+    "EmptySD3LatentImage", (768, 768), 8,
+    "Z-Image-Turbo's text encoder is Qwen3-4B (CLIPLoader type lumina2); its VAE is Flux.1's ae.safetensors. "
+    "Optimising at 768 px keeps memory down; stage 2 renders at 1024 px.\n",
+    {1: {"unet_name": "siso_tiny_z_image.safetensors"}, 2: {"clip_name": "siso_tiny_qwen3.safetensors"},
+     3: {"vae_name": "siso_tiny_ae.safetensors"}})
+
+FLUX2_KLEIN_TWO_STAGE = split_two_stage(
+    "siso_two_stage_flux2_klein", "Flux.2 [klein] 4B",
+    split_loaders("flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "flux2", "flux2-vae.safetensors"),
+    "EmptyFlux2LatentImage", (768, 768), 4,
+    "Flux.2 [klein] needs a ComfyUI that knows its Qwen3 text encoder (CLIPLoader type flux2 with qwen_3_4b: "
+    "ComfyUI 0.33 does, 0.3.75 loads only Flux.2 [dev]). The text encoder file is the same as Z-Image-Turbo's.\n",
+    {1: {"unet_name": "siso_tiny_flux2.safetensors"}, 2: {"clip_name": "siso_tiny_qwen3.safetensors"},
+     3: {"vae_name": "siso_tiny_flux2_vae.safetensors"}})
+
+
+def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, positive, negative, latent_type,
+                    steps, extra_note, tiny, stage2_nodes, stage2_positive) -> Workflow:
+    """The refine route: the reference model makes its zero-shot picture of the subject (the subject
+    photo as its reference, the scene prompt); SISO Optimize learns a LoRA on the same model and the
+    same conditioning, seed and steps, so its iteration 0 is that picture, until the result matches
+    the subject photo by DINOv2 and IR; SISO Subject Score shows both pictures with their
+    similarities; the LoRA then renders other prompts and seeds on the reference model."""
+    optimise = 30
+    return Workflow(
+        name=name,
+        note=(f"Refine a zero-shot {title} result with SISO\n\nFiles:\n" +
+              _files_note(*[n.widgets[k] for n in loaders + model_nodes for k in LOADER_WIDGETS.get(n.type, ())],
+                          "dinov2_vitl14.safetensors") +
+              "- input/: your ONE subject photo (about 1 megapixel: it is encoded as the reference as it is).\n\n"
+              f"1. {title} draws the scene with your photo as its reference (the zero-shot picture, seed 0, {steps} steps, "
+              "cfg 1.0). Its usual problem: the subject's identity drifts (face or object details change).\n"
+              "2. SISO Optimize learns a LoRA on the SAME model with the SAME conditioning (reference included), seed, "
+              "size and steps, so its iteration 0 is the zero-shot picture; each iteration moves the picture toward your "
+              "photo by DINOv2 and image-retrieval similarity. Watch the live chart; Cancel stops within one iteration.\n"
+              "3. SISO Subject Score scores both pictures against your photo: image 0 is the zero-shot one, image 1 the "
+              "refined one (its table: DINO, IR and score; higher is closer).\n"
+              "4. Stage 2: the LoRA on the reference model renders another prompt and seed, with the same reference.\n"
+              "To keep the zero-shot picture's background as well, invert it with SISO ReNoise Invert and give SISO "
+              "Optimize that inversion and a mask from SISO Subject Mask (background_weight), as in siso_subject_swap.\n\n"
+              + extra_note),
+        nodes=[
+            *loaders, *model_nodes,
+            Node(5, "LoadImage", (-420, 380), (320, 330), {"image": "subject.png"}, title="Subject photo (the reference)"),
+            Node(6, "LoadSubject", (-40, 520), (400, 102), {}, {"image": (5, 0)}),
+            *encode_nodes,
+            Node(11, latent_type, (-40, 660), (320, 106), {"width": 1024, "height": 1024}),
+            Node(12, "KSampler", (420, 0), (320, 262), {"steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+                 {"model": (model_id, 0), "positive": positive, "negative": negative, "latent_image": (11, 0)},
+                 "1. Zero-shot picture (reference model)"),
+            Node(13, "VAEDecode", (420, 300), (210, 46), {}, {"samples": (12, 0), "vae": (3, 0)}),
+            Node(14, "SISOOptimize", (780, 0), (400, 740),
+                 dict(WEIGHTS, width=1024, height=1024, steps=steps, grad_steps=1, max_iterations=optimise),
+                 {"model": (model_id, 0), "vae": (3, 0), "positive": positive, "subject": (6, 0)},
+                 "2. SISO Optimize (same model, conditioning, seed, steps)"),
+            Node(15, "ImageBatch", (1220, 0), (210, 46), {}, {"image1": (13, 0), "image2": (14, 1)}, "zero-shot, refined"),
+            Node(16, "SISOSubjectScore", (1220, 100), (400, 300), WEIGHTS, {"images": (15, 0), "subject": (6, 0)},
+                 "3. Similarity to your photo: 0 zero-shot, 1 refined"),
+            Node(17, "PreviewImage", (1660, 0), (520, 320), {}, {"images": (15, 0)}, "Zero-shot (left) and refined (right)"),
+            Node(28, "PreviewImage", (1220, 620), (400, 320), {}, {"images": (16, 3)}, "Both, the closer one first"),
+            Node(18, "SaveImage", (1660, 380), (420, 420), {"filename_prefix": f"{name}_refined"}, {"images": (14, 1)}, "Refined picture"),
+            Node(19, "SaveSISOLoRA", (1660, 860), (320, 106), {"name": "siso_refined_subject"}, {"subject_lora": (14, 0)}),
+            Node(20, "ApplySISOLoRA", (420, 1040), (320, 78), {}, {"model": (model_id, 0), "subject_lora": (14, 0)}),
+            *stage2_nodes,
+            Node(24, "KSampler", (880, 1040), (320, 262), {"seed": 1, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+                 {"model": (20, 0), "positive": stage2_positive, "negative": negative, "latent_image": (11, 0)}, "4. Another prompt and seed, with the LoRA"),
+            Node(25, "VAEDecode", (1240, 1040), (210, 46), {}, {"samples": (24, 0), "vae": (3, 0)}),
+            Node(26, "SaveImage", (1240, 1140), (420, 420), {"filename_prefix": f"{name}_stage2"}, {"images": (25, 0)}),
+        ],
+        groups=[("Zero-shot picture, refined by SISO, scored", -440, -60, 2660, 1060, "#3f789e"),
+                ("Stage 2: the LoRA with another prompt and seed", -60, 1000, 1760, 600, "#8A8")],
+        test_overrides={**tiny, 11: {"width": 64, "height": 64}, 12: {"steps": 2},
+                        14: {"width": 64, "height": 64, "steps": 2, "max_iterations": 3},
+                        19: {"name": f"{name}_test", "overwrite": True}, 24: {"steps": 2}},
+        note_size=(1300, 560),
+    )
+
+
+FLUX2_KLEIN_REFINE = refine_workflow(
+    "siso_refine_flux2_klein", "Flux.2 [klein] 4B",
+    split_loaders("flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "flux2", "flux2-vae.safetensors"),
+    [], 1,
+    [Node(7, "VAEEncode", (-40, 0), (210, 46), {}, {"pixels": (5, 0), "vae": (3, 0)}, "Encode the reference"),
+     Node(8, "CLIPTextEncode", (-40, 100), (400, 140), {"text": "the dog from the reference photo sitting on a wooden pier at sunset, photo"},
+          {"clip": (2, 0)}, "Scene prompt", POSITIVE),
+     Node(9, "ReferenceLatent", (-40, 280), (260, 46), {}, {"conditioning": (8, 0), "latent": (7, 0)}, "Subject photo as the reference"),
+     Node(10, "CLIPTextEncode", (-40, 370), (400, 100), {"text": ""}, {"clip": (2, 0)}, "Negative prompt (unused at cfg 1.0)", NEGATIVE)],
+    (9, 0), (10, 0), "EmptyFlux2LatentImage", 4,
+    "Flux.2 [klein]: ReferenceLatent puts the encoded photo into the conditioning (chain another ReferenceLatent "
+    "for a second photo). It needs a ComfyUI that knows klein's Qwen3 text encoder (0.33 does; 0.3.75 loads only "
+    "Flux.2 [dev], whose files work in the same graph with CLIPLoader's mistral text encoder and 20+ steps).",
+    {1: {"unet_name": "siso_tiny_flux2.safetensors"}, 2: {"clip_name": "siso_tiny_qwen3.safetensors"},
+     3: {"vae_name": "siso_tiny_flux2_vae.safetensors"}},
+    [Node(21, "CLIPTextEncode", (-40, 1040), (400, 140), {"text": "the dog from the reference photo in a red raincoat on a city street, photo"},
+          {"clip": (2, 0)}, "Another prompt (stage 2)", POSITIVE),
+     Node(22, "ReferenceLatent", (420, 1160), (260, 46), {}, {"conditioning": (21, 0), "latent": (7, 0)}, "Same reference")],
+    (22, 0))
+
+QWEN_EDIT_REFINE = refine_workflow(
+    "siso_refine_qwen_image_edit", "Qwen-Image-Edit-2509",
+    split_loaders("qwen_image_edit_2509_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image",
+                  "qwen_image_vae.safetensors"),
+    [Node(4, "LoraLoaderModelOnly", (-420, 760), (320, 82),
+          {"lora_name": "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", "strength_model": 1.0},
+          {"model": (1, 0)}, "Lightning LoRA (4 steps)"),
+     Node(27, "ModelSamplingAuraFlow", (-420, 880), (320, 58), {"shift": 3.0}, {"model": (4, 0)})],
+    27,
+    [Node(8, "TextEncodeQwenImageEditPlus", (-40, 0), (400, 200),
+          {"prompt": "the dog from the picture sitting on a wooden pier at sunset, photo"},
+          {"clip": (2, 0), "vae": (3, 0), "image1": (5, 0)}, "Scene prompt with the subject photo", POSITIVE),
+     Node(10, "TextEncodeQwenImageEditPlus", (-40, 250), (400, 200), {"prompt": ""},
+          {"clip": (2, 0), "vae": (3, 0), "image1": (5, 0)}, "Negative (unused at cfg 1.0)", NEGATIVE)],
+    (8, 0), (10, 0), "EmptySD3LatentImage", 4,
+    "Qwen-Image-Edit-2509 (2511 works the same): TextEncodeQwenImageEditPlus gives the text encoder the photo and "
+    "puts its latent into the conditioning as the reference (image2 / image3 take more photos). The Lightning LoRA "
+    "makes it a 4-step model at cfg 1.0; SISO's LoRA learns on top of it.",
+    {1: {"unet_name": "siso_tiny_qwen_image_edit.safetensors"}, 2: {"clip_name": "siso_tiny_qwen25vl.safetensors"},
+     3: {"vae_name": "siso_tiny_qwen_image_vae.safetensors"}},
+    [Node(21, "TextEncodeQwenImageEditPlus", (-40, 1040), (400, 200),
+          {"prompt": "the dog from the picture in a red raincoat on a city street, photo"},
+          {"clip": (2, 0), "vae": (3, 0), "image1": (5, 0)}, "Another prompt (stage 2)", POSITIVE)],
+    (21, 0))
+
+TODAY_WORKFLOWS = [Z_IMAGE_TWO_STAGE, FLUX2_KLEIN_TWO_STAGE, FLUX2_KLEIN_REFINE, QWEN_EDIT_REFINE]
