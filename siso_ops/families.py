@@ -20,11 +20,15 @@ first stage. What differs, per family:
   ``()`` where decoding carries state between blocks (the Wan 2.1 causal VAE's feature cache),
   which a recomputation would advance twice.
 - ``optimise`` / ``stage2``: the settings the pack recommends, and where each comes from.
+- ``checked``: "" for a row of the table (a tiny model pins its path). Otherwise why SISO takes
+  the self-checked path for a class no row names (a subclass of a row's class, or a class with
+  no row at all): before the loop, on the run's own inputs, the path is checked (self_check.py)
+  and the run is refused when it is wrong.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +50,7 @@ class Family:
     optimise: str = ""        # steps / grad_steps while optimising
     stage2: str = ""          # stage-2 sampling
     source: str = ""          # where the settings come from
+    checked: str = ""         # "" = a table row; else why the path is self-checked (see the module's docstring)
 
 
 FAMILIES = (
@@ -88,12 +93,63 @@ FAMILIES = (
            stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured"),
 )
 
-# Image families ComfyUI loads that SISO refuses, and why (video, audio and 3D models are
-# refused by their latent shape with the model class named).
+# Image model classes ComfyUI loads that SISO refuses, and why. Matched by class name, and for a
+# subclass by its nearest refused ancestor (host/models.py).
+_NEEDS_AN_IMAGE = "it generates from an input image it needs at every step"
 REFUSED = {
     "StableCascade_C": "a two-model cascade (stage C then B); SISO trains one denoiser whose output a VAE decodes",
     "StableCascade_B": "a two-model cascade (stage C then B); SISO trains one denoiser whose output a VAE decodes",
+    "SDXLRefiner": "a refiner stage: it denoises the last steps of another model's image, it does not generate one",
+    "HunyuanImage21Refiner": "a refiner stage: it denoises the last steps of HunyuanImage 2.1's image, it does not "
+                             "generate one",
+    "SD21UNCLIP": f"an image-variation model: {_NEEDS_AN_IMAGE} (a CLIP image embedding)",
+    "SD15_instructpix2pix": f"an instruction-editing model: {_NEEDS_AN_IMAGE} (concatenated to the latent)",
+    "SDXL_instructpix2pix": f"an instruction-editing model: {_NEEDS_AN_IMAGE} (concatenated to the latent)",
+    "Stable_Zero123": f"a novel-view model: {_NEEDS_AN_IMAGE} (the object seen from another angle)",
+    "SD_X4Upscaler": f"an upscaler: {_NEEDS_AN_IMAGE} (the low-resolution image)",
+    "Lotus": "a depth / normal estimator built on a diffusion UNet: it predicts maps of an input image",
+    "RT_DETR_v4": "an object detector ComfyUI loads as a model, not an image generator",
+    "DepthAnything3": "a depth estimator ComfyUI loads as a model, not an image generator",
+    "SAM3": "a segmentation model ComfyUI loads as a model, not an image generator",
 }
+
+# Model classes of ComfyUI that make video, audio or 3D: refused at run time by their latent's
+# shape (latent_dimensions other than 2), with the class named. Listed here so the test that
+# notices new ComfyUI classes (tests/test_model_classes.py) can tell them from new image classes.
+NOT_IMAGE = {
+    "video": ("SVD_img2vid", "SV3D_u", "SV3D_p", "GenmoMochi", "LTXV", "LTXAV", "HunyuanVideo", "HunyuanVideoI2V",
+              "HunyuanVideoSkyreelsI2V", "HunyuanVideo15", "HunyuanVideo15_SR_Distilled", "CosmosVideo", "WAN21",
+              "WAN21_Vace", "WAN21_Camera", "WAN21_HuMo", "WAN22_Animate", "WAN22_S2V", "WAN22", "WAN21_CausalAR",
+              "WAN_Animate2", "WAN21_FlowRVS", "WAN21_SCAIL", "WAN21_SCAIL2", "WAN22_WanDancer", "Kandinsky5",
+              "CogVideoX", "SeedVR2"),
+    "audio": ("StableAudio1", "StableAudio3", "ACEStep", "ACEStep15", "MiniMaxMusic3"),
+    "3D": ("Hunyuan3Dv2", "Hunyuan3Dv2_1", "Trellis2", "TripoSplat", "MiniMaxH3"),
+}
+
+# Image model classes no row names, which SISO trains through the self-checked path (families
+# of their own: inherited_family, structural_family), and what the tests show of each. A class
+# not listed here takes the same path; this list is what the README says and what the
+# new-class test accepts.
+SELF_CHECKED = {
+    "LongCatImage": "subclass of Flux: Flux.1's row; a tiny model trains (tests/test_self_checked.py)",
+    "ZImagePixelSpace": "subclass of Lumina2: Z-Image's row; a tiny model trains (tests/test_self_checked.py)",
+    "MageFlow": "subclass of QwenImage: Qwen-Image's row; a tiny model trains (tests/test_self_checked.py)",
+    "Boogu": "subclass of Omnigen2: no row (structural rules); no tiny model here, the check decides at run time",
+    "PiD": "subclass of PixelDiTT2I: no row (structural rules); no tiny model here, the check decides at run time",
+    "Kandinsky5Image": "no row (structural rules); no tiny model here, the check decides at run time",
+    "HunyuanDiT": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Omnigen2": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Lens": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Anima": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
+    "PixelDiTT2I": "no row (structural rules); no tiny model here, the check decides at run time",
+    "HiDreamO1": "no row (structural rules); no tiny model here, the check decides at run time",
+    "JoyImage": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
+    "Ideogram4": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Krea2": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
+    "ErnieImage": "no row (structural rules); no tiny model here, the check decides at run time",
+}
+
+UNKNOWN_SETTINGS = "not known for this class: start from the model authors' sampling advice"
 
 
 def family_of(model_class_name: str) -> Family | None:
@@ -101,6 +157,26 @@ def family_of(model_class_name: str) -> Family | None:
         if model_class_name in family.model_classes:
             return family
     return None
+
+
+def inherited_family(row: Family, class_name: str, parent: str) -> Family:
+    """The row of ``parent`` for its subclass ``class_name``: the same layers, blocks and decoder
+    rules, self-checked before the loop. The diffusers layout is not claimed (ComfyUI's key maps
+    were written for the parent's layers; nothing has shown the subclass keeps them)."""
+    return replace(row, name=f"{row.name}: {class_name}", model_classes=(class_name,), diffusers="",
+                   checked=f"a subclass of {parent}, on {row.name}'s row")
+
+
+def structural_family(class_name: str) -> Family:
+    """The structural rules for an image model class no row names: a LoRA on the linear layers of
+    the repeated blocks (not the modulation layers), checkpointing of those blocks. The safe
+    choice where the table would say more: norms and checkpointed blocks read copies of their
+    inputs (blocks that add into their inputs in place then still train; a copy changes no
+    value), and the decoder is never recomputed (a decoder that carries state between blocks
+    would advance it twice)."""
+    return Family(f"{class_name} (no table row)", (class_name,), lora="blocks", blocks=None, in_place=True,
+                  decoder_blocks=(), optimise=UNKNOWN_SETTINGS, stage2=UNKNOWN_SETTINGS, source="",
+                  checked="no table row, structural rules")
 
 
 # A modulation (adaLN) layer: it turns the timestep / pooled text into per-block scales and
@@ -177,11 +253,18 @@ def supported_models_markdown() -> str:
         swap = "yes" if not f.editing else f"refused: {f.editing}"
         rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {lora_words[f.lora]} | {blocks}{decoder} | {swap} | "
                     f"{f.optimise} | {f.stage2} | {f.source} |")
+    for name, what in SELF_CHECKED.items():
+        rows.append(f"| self-checked | {name} | {what} | every repeated block | | | {UNKNOWN_SETTINGS} | |")
+    rows.append("| self-checked | any other image model class | a subclass of a row's class takes that row, any other "
+                "class the structural rules (LoRA on the linear layers of the repeated blocks, not the modulation "
+                "layers); before the loop, on the run's own inputs, the training forward must equal the stock forward "
+                "and every LoRA layer (no host weight) must get a gradient, or the run is refused naming the class "
+                "and the check | every repeated block | | | | |")
     for name, reason in REFUSED.items():
         rows.append(f"| refused | {name} | {reason} | | | | | |")
-    rows.append("| refused | video, audio and 3D models | SISO optimises images: refused before any work, naming the model class | | | | | |")
-    rows.append("| refused | any other image model class (e.g. HunyuanDiT, Kandinsky 5, OmniGen 2) | no tiny "
-                "test model pins its path yet: refused before any work, naming the class and the supported families | | | | | |")
+    for kind, names in NOT_IMAGE.items():
+        rows.append(f"| refused | {kind}: {', '.join(names)} | SISO optimises images: refused before any work, naming "
+                    "the model class | | | | | |")
     return "\n".join(rows)
 
 

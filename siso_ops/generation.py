@@ -16,6 +16,7 @@ from . import host
 from . import memory
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
+from .host.references import check_reference_path
 from .optimize import OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
@@ -128,6 +129,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
     SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
     host.check_supported(model)
+    check_reference_path(model, positive)   # before any work, as the family check
     keep = None
     if inversion is not None:
         keep = check_edit(inversion, model, mask, settings.background_weight, settings.grad_steps)
@@ -212,6 +214,12 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 def each_step(*args, **kwargs):   # Cancel before every denoiser call, the first one too
                     host.throw_if_interrupted()
                     return denoise(*args, **kwargs)
+
+                # a model class no table row names: its path is checked on this run's first call
+                with autocast(start.device, dtype):
+                    path = trainable.self_check(each_step, start, sigmas_on_device[0], dtype)
+                if path:
+                    trainable.loading += f"; {path}"
 
                 first = []
 

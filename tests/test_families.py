@@ -156,8 +156,8 @@ def test_a_refused_image_family_and_a_video_model_are_named_before_any_work(subj
         gen.optimize_subject(cosmos, tf.build_vae("cosmos_predict2"), tf.conditioning("cosmos_predict2"), subject,
                              "d", "i", settings)
     video = _tiny_wan21_video_model()
-    with torch.inference_mode(), pytest.raises(ValueError, match="SISO optimises image models; WAN21 .* is a video or "
-                                                                 "3D model. Supported: "):
+    with torch.inference_mode(), pytest.raises(ValueError, match="SISO optimises image models; WAN21 .* is a video "
+                                                                 "model. Supported: "):
         gen.optimize_subject(video, tf.build_vae("qwen_image"), tf.conditioning("cosmos_predict2"), subject,
                              "d", "i", settings)
     assert not loaded

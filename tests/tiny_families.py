@@ -203,12 +203,40 @@ def _family_table():
 FAMILY_CONFIGS = _family_table()
 FAMILIES = tuple(FAMILY_CONFIGS)
 
+
+def _self_checked_table():
+    """Tiny models of ComfyUI classes no row of the table names, which SISO trains through the
+    self-checked path (tests/test_self_checked.py). Only on a ComfyUI that has the class (0.33:
+    each is a subclass of a row's class)."""
+    sm = comfy.supported_models
+    t = {}
+    if hasattr(sm, "LongCatImage"):   # Flux subclass: no pooled vector, no guidance, RoPE ids on the text
+        t["longcat_image"] = (sm.LongCatImage, _with_optional(dict(
+            image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=48, hidden_size=64,
+            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=False, dtype=F32),
+            _ldm("flux.model").FluxParams, {"txt_ids_dims": [1, 2]}))
+    if hasattr(sm, "ZImagePixelSpace"):   # Lumina2 subclass: Z-Image on RGB patches with a per-patch MLP decoder
+        _, zimage = FAMILY_CONFIGS["zimage"]
+        t["zimage_pixel"] = (sm.ZImagePixelSpace, dict(zimage, image_model="zimage_pixel", in_channels=3, patch_size=8,
+                                                       decoder_hidden_size=32, decoder_num_res_blocks=1,
+                                                       decoder_max_freqs=4, decoder_in_channels=8 * 8 * 3))
+    if hasattr(sm, "MageFlow"):   # QwenImage subclass: Qwen-Image blocks on Flux.2's 128-channel latent
+        t["mage_flow"] = (sm.MageFlow, dict(image_model="mage_flow", in_channels=128, out_channels=128, num_layers=2,
+                                            attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
+                                            axes_dims_rope=[8, 12, 12], dtype=F32))
+    return t
+
+
+SELF_CHECKED_CONFIGS = _self_checked_table()
+FAMILY_CONFIGS.update(SELF_CHECKED_CONFIGS)    # build_model & co. take either; FAMILIES stays the table's
+
 # Text-side shapes per family: (context width, pooled width or None, extra conditioning).
 _COND = {
     "sd3": (48, 32), "sd35": (48, 32), "auraflow": (48, None), "pixart_alpha": (32, None), "pixart_sigma": (32, None),
     "lumina2": (32, None), "zimage": (32, None), "flux2": (64, None), "chroma": (48, None),
     "chroma_radiance": (48, None), "qwen_image": (48, None), "hidream": (48, 32), "hunyuan_image21": (48, None),
-    "cosmos_predict2": (48, None),
+    "cosmos_predict2": (48, None), "longcat_image": (48, None), "zimage_pixel": (32, None), "mage_flow": (48, None),
 }
 
 # Family -> (VAE kind, latent channels, latent dims (2: [B,C,H,W], 3: [B,C,T,H,W]), pixel/latent ratio).
@@ -220,6 +248,8 @@ VAE_KIND = {
     "flux2": ("flux2_kl32_bn", 128, 2, 16), "chroma_radiance": ("pixel_space", 3, 2, 1),
     "qwen_image": ("wan21", 16, 3, 8), "cosmos_predict2": ("wan21", 16, 3, 8),
     "hunyuan_image21": ("hunyuan_image21_dc", 64, 2, 32),
+    "longcat_image": ("sd3_flux_kl16", 16, 2, 8), "zimage_pixel": ("pixel_space", 3, 2, 1),
+    "mage_flow": ("flux2_kl32_bn", 128, 2, 16),
 }
 
 

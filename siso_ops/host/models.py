@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sd
@@ -56,28 +57,70 @@ def check_lora_fits(model, tensors: dict, name: str):
     return lora_file_rank(tensors, model.model.state_dict(), name, describe_model(model))
 
 
+def _model_classes(cls) -> list:
+    """``cls`` and then its ComfyUI model ancestors, nearest first (BaseModel, the root every
+    model class derives from and SD1.x's own class, is not an ancestor here)."""
+    root = comfy.model_base.BaseModel
+    return [cls] + [c for c in cls.__mro__[1:] if c is not root and isinstance(c, type) and issubclass(c, root)]
+
+
+def _unlisted_family(model, cls) -> families.Family:
+    """The family of a model class no row names, or a refusal naming the class: a refused class
+    or a subclass of one; video, audio and 3D classes (listed, or by their latent's shape); a
+    subclass of a row's class takes that row, self-checked; any other image class takes the
+    structural rules, self-checked."""
+    name = cls.__name__
+    supported = "; ".join(f.name for f in families.FAMILIES)
+    # a class the self-checked list names is an image model whatever its ancestors are (Kandinsky
+    # 5 Image derives from the video Kandinsky 5) or its latent's shape (a one-frame Wan latent)
+    listed = name in families.SELF_CHECKED
+    for ancestor in _model_classes(cls):
+        own = ancestor.__name__
+        derived = f" (a subclass of {own})" if ancestor is not cls else ""
+        if ancestor is not cls:
+            row = families.family_of(own)
+            if row is not None:
+                return families.inherited_family(row, name, own)
+        if listed and ancestor is not cls:
+            continue
+        if own in families.REFUSED:
+            raise ValueError(f"SISO cannot optimise {describe_model(model)}{derived}: {families.REFUSED[own]}. "
+                             f"Supported: {supported}.")
+        kind = next((k for k, names in families.NOT_IMAGE.items() if own in names), None)
+        if kind is not None:
+            raise ValueError(f"SISO optimises image models; {describe_model(model)}{derived} is a {kind} model. "
+                             f"Supported: {supported}.")
+    dimensions = getattr(getattr(model.model, "latent_format", None), "latent_dimensions", 2)
+    if dimensions != 2 and not listed:
+        kind = {1: "an audio", 3: "a video or 3D"}.get(dimensions, f"a {dimensions}-D")
+        raise ValueError(f"SISO optimises image models; {describe_model(model)} is {kind} model (its latent is not "
+                         f"an image's). Supported: {supported}.")
+    return families.structural_family(name)
+
+
 def model_family(model) -> families.Family:
-    """The MODEL's row of the family table; raises before any work when SISO cannot train it."""
+    """The MODEL's row of the family table, or for a class no row names the family of the
+    self-checked path (``checked`` set: see families.py); raises before any work when SISO cannot
+    train it."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(model, "get_model_object"):
         raise TypeError(f"expected a ComfyUI MODEL, got {type(model).__name__}")
-    name = type(base).__name__
-    family = families.family_of(name)
-    supported = "; ".join(f.name for f in families.FAMILIES)
+    family = families.family_of(type(base).__name__)
     if family is None:
-        if name in families.REFUSED:
-            raise ValueError(f"SISO cannot optimise {describe_model(model)}: {families.REFUSED[name]}. "
-                             f"Supported: {supported}.")
-        dimensions = getattr(getattr(base, "latent_format", None), "latent_dimensions", 2)
-        kind = {1: "audio", 3: "video or 3D"}.get(dimensions, "image")
-        raise ValueError(f"SISO optimises image models; {describe_model(model)} is "
-                         + (f"a {kind} model" if kind != "image" else "an image model it has no tested path for")
-                         + f". Supported: {supported}.")
+        family = _unlisted_family(model, type(base))
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, SUPPORTED_SAMPLING):
         raise ValueError(f"SISO cannot optimise {describe_model(model)}: its sampling "
                          f"({type(sampling).__name__}) is not EPS, V-prediction, flow (CONST) or Cosmos' RFlow.")
     return family
+
+
+def self_checked_path(model) -> str:
+    """"" for a MODEL of a table row; else the report's words for its self-checked path."""
+    family = model_family(model)
+    if not family.checked:
+        return ""
+    return f"no table row: self-checked path ({type(model.model).__name__}: {family.checked})"
 
 
 def check_supported(model):

@@ -16,7 +16,9 @@ import comfy.ops
 
 from .. import families
 from ..lora import LoRADelta, export_lora, lora_layers
-from .models import TARGETS, check_supported, describe_model, is_dynamic, lora_target_names, model_family
+from ..self_check import SelfCheckFailed, check_training_path, refusal
+from .models import (TARGETS, check_supported, describe_model, is_dynamic, lora_target_names, model_family,
+                     self_checked_path)
 
 log = logging.getLogger("siso")
 
@@ -200,6 +202,8 @@ class _TrainingForward:
 
     def __call__(self, x):
         module = self.module
+        if _STOCK_PATH[0]:           # the self-check's stock call (stock_path)
+            return _stock_forward(module, x)
         comfy.ops.run_every_op()     # ComfyUI's Cancel check, as its own layers make it
         if self.clone_input:
             x = x.clone()
@@ -230,7 +234,40 @@ class _CloneInput:
 
 
 def _pytorch_attention(func, *args, **kwargs):
+    if _STOCK_PATH[0]:      # the self-check's stock call: the attention ComfyUI chose
+        return func(*args, **kwargs)
     return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+# True while the self-check's stock call runs (stock_path): the clone's layer forwards and its
+# attention choice step aside, so the loaded clone computes what the stock model computes.
+_STOCK_PATH = [False]
+
+
+@contextlib.contextmanager
+def stock_path():
+    """The loaded training clone computing as the stock model does, for the self-check's
+    reference call: every layer's own class forward, ComfyUI's attention, ComfyUI's training flag
+    off and comfy_kitchen's own RoPE operators, as its samplers run. (Checkpointed blocks and
+    copied inputs change no value; the clone's own copies of raw parameters are equal ones.)"""
+    import sys
+    management = comfy.model_management
+    quant_ops = sys.modules.get("comfy.quant_ops")
+    kitchen = getattr(quant_ops, "ck", None)
+    flag = getattr(management, "in_training", None)
+    _STOCK_PATH[0] = True
+    if isinstance(kitchen, _KitchenWithDifferentiableRope):
+        quant_ops.ck = kitchen._kitchen
+    if flag is not None:
+        management.in_training = False
+    try:
+        yield
+    finally:
+        _STOCK_PATH[0] = False
+        if isinstance(kitchen, _KitchenWithDifferentiableRope):
+            quant_ops.ck = kitchen
+        if flag is not None:
+            management.in_training = flag
 
 
 def computes_in_low_precision(module) -> bool:
@@ -330,7 +367,7 @@ class TrainableModel:
         self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
-        family = model_family(model)
+        family = self.family = model_family(model)
         targets = lora_target_names(model, target)
         blocks = families.checkpointed_blocks(diffusion, family) if checkpointing else set()
         generator = torch.Generator().manual_seed(int(seed))
@@ -455,6 +492,15 @@ class TrainableModel:
         gives the stock layer's output with its LoRA at zero, and adds exactly the LoRA's product
         when it is not. A layer whose class computes past ``forward`` or a LoRA added in the wrong
         units (a scaled fp8 weight) is caught here, naming the layer, not after minutes of work."""
+        if self.family.checked:     # a refusal of the self-checked path names the class and the check
+            try:
+                return self._check_lora_layers()
+            except RuntimeError as error:
+                raise SelfCheckFailed(refusal(type(self.host.model).__name__, "0 (each LoRA layer computes as its "
+                                              "stock layer plus the LoRA)", str(error))) from error
+        return self._check_lora_layers()
+
+    def _check_lora_layers(self):
         self.check_loaded()
         generator = torch.Generator().manual_seed(0)
         dtype = _compute_dtype(self.patcher)
@@ -485,6 +531,38 @@ class TrainableModel:
                 if float((moved - expected).abs().max()) > tolerance * max(scale, 1e-12) or not bool(expected.abs().max() > 0):
                     raise RuntimeError(f"the LoRA of {key[:-len('.weight')]} ({type(layer).__name__}) does not change the "
                                        "layer's output as it should: this layer class cannot be trained by SISO.")
+
+    def self_check(self, denoise, x, sigma, dtype) -> str:
+        """For a model class no table row names (``family.checked``), before the loop: checks 1
+        and 2 of siso_ops/self_check.py on the run's first denoiser call (``denoise(x, sigma)``,
+        under the loop's autocast to ``dtype``), refusing with the class and the failed check.
+        Returns the report's words for the path ("" for a table row, which its tests pin)."""
+        path = self_checked_path(self.host)
+        if not path:
+            return ""
+        calls = {key: forward.calls for key, forward in self.training_forwards.items()}
+        computes = _compute_dtype(self.patcher)
+        check_dtype = computes if dtype == torch.float32 else dtype
+        layers = {key[:-len(".weight")]: (delta.down, delta.up) for key, delta in self.deltas.items()}
+
+        def stock():
+            with stock_path():
+                return denoise(x, sigma)
+        try:
+            difference, unused = check_training_path(
+                type(self.host.model).__name__, lambda: denoise(x, sigma), stock, layers,
+                list(self.patcher.model.named_parameters()), check_dtype,
+                called=lambda name: self.training_forwards[f"{name}.weight"].calls > calls[f"{name}.weight"])
+        finally:    # the loop's own check (check_lora_reached) counts from its first pass
+            for key, forward in self.training_forwards.items():
+                forward.calls = calls[key]
+        path += f"; checked before the loop: training forward = stock forward (relative difference {difference:.1e}), " \
+                "every LoRA layer the output depends on and no host weight gets a gradient"
+        if unused:
+            path += (f" ({len(unused)} of {len(layers)} LoRA layers run but their output never reaches the image, "
+                     f"e.g. {unused[0]}: they stay zero)")
+        log.info("SISO: %s", path)
+        return path
 
     def check_lora_reached(self):
         """After the first forward pass: every LoRA was applied on the way to the image (a layer
