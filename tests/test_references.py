@@ -1,0 +1,298 @@
+"""Reference-conditioned optimisation: SISO Optimize on a model whose CONDITIONING carries reference
+images, as people use Flux.2 (ReferenceLatent, one and two references), Flux.1 Kontext
+(ReferenceLatent on a Flux.1 [dev] model: ComfyUI's model_base.Flux appends ``ref_latents``' tokens)
+and Qwen-Image-Edit (TextEncodeQwenImageEdit / TextEncodeQwenImageEditPlus).
+
+Tiny random-weight models built through ComfyUI's classes (tests/tiny_families.py; the Flux.1
+builder is here), on the CPU, on whichever ComfyUI the suite runs against. The conditioning is made
+by the stock nodes themselves: VAEEncode of the reference photo, then ReferenceLatent (and
+FluxGuidance for Kontext); the Qwen nodes get a stand-in text encoder (see _StandInQwenEncoder).
+
+Per case: iteration 0 of SISO's loop is the stock KSampler + VAEDecode image with the same
+conditioning; the loss goes down; no gradient reaches the reference latents, the text conditioning,
+the host model or anything outside the LoRA; host and a stock sample are bitwise unchanged
+afterwards; the LoRA reused by a stock KSampler (host.apply_lora, what SISO Apply LoRA calls) with
+the references gives SISO's best image. A reference path that keeps state between denoiser calls
+(ComfyUI 0.33's Flux KV Cache) is refused before any work."""
+import contextlib
+
+import pytest
+import torch
+
+import comfy.model_patcher
+import comfy.supported_models
+import nodes as comfy_nodes
+import tiny_families as tf
+from conftest import siso
+
+gen = siso("siso_ops.generation")
+optim = siso("siso_ops.optimize")
+host = siso("siso_ops.host")
+references = siso("siso_ops.host.references")
+
+NODE = comfy_nodes.NODE_CLASS_MAPPINGS
+SIZE = 64
+ITERATIONS = 3
+
+
+def _stock_node(module: str, name: str):
+    """A node class of ComfyUI's comfy_extras (the suite does not load ComfyUI's extra nodes)."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(f"comfy_extras.{module}"), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"this ComfyUI has no {name} in comfy_extras/{module}.py")
+
+
+def _photo(seed, height=64, width=64):
+    g = torch.Generator().manual_seed(seed)
+    # smooth random pictures (a few colour blobs), so the VAE sees image-like input
+    small = torch.rand(1, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear").permute(0, 2, 3, 1).contiguous()
+
+
+def _flux1_dev():
+    """A tiny Flux.1 [dev] (guidance embedding; Kontext [dev] is this architecture) through ComfyUI's
+    supported_models.Flux, as tiny_families builds its families."""
+    params = tf._ldm("flux.model").FluxParams
+    config = tf._with_optional(dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True, dtype=torch.float32), params, {"txt_ids_dims": []})  # 0.33 field
+    with torch.inference_mode():
+        model_config = comfy.supported_models.Flux(dict(config))
+        model_config.set_inference_dtype(torch.float32, None)
+        base = model_config.get_model({})
+        tf.init_random(base.diffusion_model, 0)
+        return comfy.model_patcher.ModelPatcher(base, load_device=tf.CPU, offload_device=tf.CPU)
+
+
+class _StandInQwenEncoder:
+    """The CLIP the Qwen-Image-Edit nodes call. ComfyUI's Qwen2.5-VL 7B text encoder has its widths
+    hard-coded (comfy/text_encoders/llama.py), so it cannot be built tiny; this stand-in answers
+    ``tokenize`` / ``encode_from_tokens_scheduled`` with Qwen-Image-shaped text conditioning. The
+    reference latents are still made by the stock node's own code: resized to 1 megapixel, encoded by
+    the (tiny, real-kind Wan 2.1) VAE and appended under ``reference_latents``."""
+
+    def __init__(self):
+        self.images = []
+
+    def tokenize(self, text, images=(), **kwargs):
+        self.images.append(len(images))
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        return tf.conditioning("qwen_image", 0)
+
+
+def _encode(vae, image):
+    with torch.inference_mode():
+        return comfy_nodes.VAEEncode().encode(vae, image)[0]
+
+
+def _reference(conditioning, latent):
+    with torch.inference_mode():
+        return _stock_node("nodes_edit_model", "ReferenceLatent").execute(conditioning, latent).args[0]
+
+
+def _flux2(count):
+    model, vae = tf.build_model("flux2"), tf.build_vae("flux2")
+    positive = tf.conditioning("flux2", 0)       # guidance 4.0, as FluxGuidance sets it for Flux.2 [dev]
+    # two references of different sizes: Flux.2 places each at its own RoPE index (ref_index_scale)
+    for seed, (h, w) in list(zip((11, 12), ((64, 64), (48, 80))))[:count]:
+        positive = _reference(positive, _encode(vae, _photo(seed, h, w)))
+    return model, vae, positive, "flux2"
+
+
+def _kontext():
+    model, vae = _flux1_dev(), tf.build_vae("chroma")     # the 16-channel Flux.1 VAE kind
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():    # CLIPTextEncode's Flux.1 output: T5 context + CLIP-L pooled
+        positive = [[torch.randn(1, 8, 48, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+        positive = _stock_node("nodes_flux", "FluxGuidance").execute(positive, 2.5).args[0]   # Kontext's guidance
+    return model, vae, _reference(positive, _encode(vae, _photo(11))), "chroma"
+
+
+def _qwen_edit(plus):
+    model, vae = tf.build_model("qwen_image"), tf.build_vae("qwen_image")
+    encoder = _StandInQwenEncoder()
+    with torch.inference_mode():
+        if plus:
+            # two pictures: Qwen-Image places each reference at its own RoPE index
+            node = _stock_node("nodes_qwen", "TextEncodeQwenImageEditPlus")
+            positive = node.execute(encoder, "the subject on a beach", vae, _photo(11), _photo(12)).args[0]
+        else:
+            node = _stock_node("nodes_qwen", "TextEncodeQwenImageEdit")
+            positive = node.execute(encoder, "the subject on a beach", vae, _photo(11)).args[0]
+    assert encoder.images == [2 if plus else 1]     # the node handed its pictures to the text encoder too
+    return model, vae, positive, "qwen_image"
+
+
+CASES = {
+    "flux2_one_reference": lambda: _flux2(1),
+    "flux2_two_references": lambda: _flux2(2),
+    "flux1_kontext": _kontext,
+    "qwen_image_edit": lambda: _qwen_edit(False),
+    "qwen_image_edit_plus": lambda: _qwen_edit(True),
+}
+REFERENCE_COUNT = {"flux2_two_references": 2, "qwen_image_edit_plus": 2}
+
+
+def _stock_image(model, vae, positive, family, seed=42):
+    """KSampler (euler, simple, 1 step, cfg 1) + VAEDecode, as the stock nodes run them."""
+    with torch.inference_mode():
+        latent = tf.empty_latent(family, SIZE, SIZE)
+        samples = comfy_nodes.common_ksampler(model, seed, 1, 1.0, "euler", "simple", positive, positive, latent)[0]
+        image = vae.decode(samples["samples"])
+    return image.reshape(-1, *image.shape[-3:])[:1].float()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+@contextlib.contextmanager
+def _watching_the_denoiser(model, seen):
+    """Records, at every call of the diffusion model's class forward, whether the reference latents
+    and the text context it receives are tracked by autograd (a gradient could reach them)."""
+    cls = type(model.model.diffusion_model)
+    original = cls.forward
+
+    def forward(self, x, timestep, context, *args, **kwargs):
+        refs = kwargs.get("ref_latents")
+        if refs is None and len(args) >= 3 and isinstance(args[2], list):     # Flux's positional ref_latents
+            refs = args[2]
+        seen.append({"refs": None if refs is None else [(tuple(r.shape), r.requires_grad) for r in refs],
+                     "context": context.requires_grad, "grad": torch.is_grad_enabled()})
+        return original(self, x, timestep, context, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cls, "forward", forward)
+        yield
+
+
+@pytest.fixture(scope="module")
+def subject():
+    with torch.inference_mode():
+        return NODE["LoadSubject"].execute(_photo(11), "subject", "white").args[0]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def run(request, subject, tiny_networks):
+    """One optimisation per case (3 iterations), with everything the tests look at."""
+    name = request.param
+    model, vae, positive, family = CASES[name]()
+    conditioning_before = [t.clone() for t in _tensors(positive)]
+    host_before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    stock = _stock_image(model, vae, positive, family)
+    images, seen = [], []
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32", gradient_checkpointing=False,
+                                      optimization=optim.OptimizationSettings(max_iterations=ITERATIONS,
+                                                                              learning_rate=5e-2,
+                                                                              early_stop_patience=10))
+    with torch.inference_mode(), _watching_the_denoiser(model, seen):
+        lora, best, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                                  feature_networks=tiny_networks,
+                                                  on_iteration=lambda r: images.append(r.image))
+    return dict(name=name, model=model, vae=vae, positive=positive, family=family, stock=stock, images=images,
+                seen=seen, lora=lora, best=best, result=result, conditioning_before=conditioning_before,
+                host_before=host_before)
+
+
+def test_the_conditioning_carries_the_references_the_stock_nodes_made(run):
+    refs = references.reference_latents(run["positive"])
+    assert len(refs) == REFERENCE_COUNT.get(run["name"], 1)
+    # every denoiser call of the loop received them (Flux and Qwen-Image take them as ref_latents)
+    training = [s for s in run["seen"] if s["grad"]]
+    assert training and all(s["refs"] is not None and len(s["refs"]) == len(refs) for s in training)
+
+
+def test_iteration_0_is_the_stock_ksampler_image_with_the_references(run):
+    ours = run["images"][0].permute(0, 2, 3, 1)
+    assert ours.shape == run["stock"].shape
+    # the same float32 model, conditioning and sampler step; only VAEDecode's clamp to [0, 1] and the
+    # float order of SISO's private decoder copy (and PyTorch attention for ComfyUI's on the CPU)
+    # differ: measured at most 1.6e-6 on these models, as without references (tests/test_families.py)
+    torch.testing.assert_close(ours.clamp(0, 1), run["stock"], atol=2e-5, rtol=0)
+
+
+def test_the_loss_goes_down_and_the_lora_learns(run):
+    losses = [h["loss"] for h in run["result"].history]
+    assert len(losses) == ITERATIONS and min(losses[1:]) < losses[0], losses
+    assert run["result"].best_iteration > 0
+    assert float((run["images"][run["result"].best_iteration] - run["images"][0]).abs().max()) > 1e-4
+
+
+def test_no_gradient_reaches_the_references_the_text_or_the_host(run):
+    training = [s for s in run["seen"] if s["grad"]]
+    # with gradients on, the references and the text context entered the model untracked by autograd:
+    # a backward pass cannot reach them, only the LoRA's parameters
+    assert training and all(not any(g for _, g in s["refs"]) and not s["context"] for s in training)
+    assert all(p.grad is None for p in run["model"].model.parameters())
+    for before, after in zip(run["conditioning_before"], _tensors(run["positive"])):
+        assert after.grad is None and not after.requires_grad and torch.equal(before, after)
+    # the LoRA is the only thing trained: its layers are the family's LoRA targets
+    ups = {k for k in run["lora"].tensors if k.endswith(".lora_up.weight")}
+    assert ups and len(ups) == len(host.lora_target_names(run["model"], host.TARGETS[0]))
+
+
+def test_the_host_and_a_stock_sample_are_bitwise_unchanged(run):
+    after = run["model"].model.state_dict()
+    assert all(torch.equal(run["host_before"][k], after[k]) for k in after)
+    assert torch.equal(_stock_image(run["model"], run["vae"], run["positive"], run["family"]), run["stock"])
+
+
+def test_the_lora_reused_by_a_stock_ksampler_with_the_references_gives_the_best_image(run):
+    with torch.inference_mode():
+        patched = host.apply_lora(run["model"], run["lora"].tensors, 1.0)
+    reused = _stock_image(patched, run["vae"], run["positive"], run["family"])
+    best = run["best"].clamp(0, 1)
+    # ComfyUI merges W + s * up @ down into the weights; SISO adds s * up (down x) to the layer's output:
+    # the same function in another float32 order, measured at most 2.0e-6 on these images (0.3.75 and
+    # 0.33); 2e-5 as for iteration 0, and the LoRA must have moved the image ten times that (it moved
+    # 6.7e-4 on Qwen-Image, 5e-2 to 0.16 on the Flux models) or the check would show nothing
+    change, lost = float((best - run["stock"]).abs().max()), float((reused - best).abs().max())
+    print(f"\n{run['name']}: the LoRA changes the image by {change:.2e}; reused by KSampler it differs by {lost:.2e}")
+    assert change > 2e-4
+    torch.testing.assert_close(reused, best, atol=2e-5, rtol=0)
+
+
+def test_subject_score_of_the_zero_shot_and_the_refined_picture(run, subject, feature_files):
+    """What the refine route's SISO Subject Score shows: the zero-shot picture (the reference model's
+    stock image) against SISO's refined one. On random weights the figures say only that the loop
+    moves the score the way the loss goes (the score is the loss's similarities)."""
+    batch = torch.cat([run["stock"], run["best"].clamp(0, 1)])
+    with torch.inference_mode():
+        dino, ir, table, _, best = NODE["SISOSubjectScore"].execute(batch, subject, feature_files[0], feature_files[1],
+                                                                   1.0, 1.0).args
+    print(f"\n{run['name']}: SISO Subject Score zero-shot DINO {dino[0]:.4f} IR {ir[0]:.4f}; "
+          f"refined DINO {dino[1]:.4f} IR {ir[1]:.4f}\n{table}")
+    assert dino[0] + ir[0] < dino[1] + ir[1] and best == 1
+
+
+def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_work(subject, tiny_networks,
+                                                                                     monkeypatch):
+    """ComfyUI 0.33's Flux KV Cache keeps the reference tokens' keys and values from the first
+    denoiser call for every later one; SISO's iterations all run in one sampling run, so that state
+    would outlive iteration 0. SISO Optimize refuses before the memory estimate, the networks or the
+    clone (each would be work, and the estimate's pass would fill the cache)."""
+    kv_cache = _stock_node("nodes_flux", "FluxKVCache")
+    model, vae, positive, _ = _flux2(1)
+    with torch.inference_mode():
+        cached = kv_cache.execute(model).args[0]
+    monkeypatch.setattr(gen.memory, "plan", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: pytest.fail("work started"))
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE)
+    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise through Flux KV Cache: .*"
+                                                                 "Connect SISO Optimize to the model before Flux KV Cache"):
+        gen.optimize_subject(cached, vae, positive, subject, "d", "i", settings)
+    # without references the patch does nothing (it only caches reference tokens): not refused there
+    references.check_reference_path(cached, tf.conditioning("flux2", 0))
+    # the model the node received is unchanged, and without the cache it is not refused
+    references.check_reference_path(model, positive)
