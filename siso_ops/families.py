@@ -137,7 +137,7 @@ SELF_CHECKED = {
     "Boogu": "subclass of Omnigen2: no row (structural rules); no tiny model here, the check decides at run time",
     "PiD": "subclass of PixelDiTT2I: no row (structural rules); no tiny model here, the check decides at run time",
     "Kandinsky5Image": "no row (structural rules); no tiny model here, the check decides at run time",
-    "HunyuanDiT": "no row (structural rules); no tiny model here, the check decides at run time",
+    "HunyuanDiT": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
     "Omnigen2": "no row (structural rules); no tiny model here, the check decides at run time",
     "Lens": "no row (structural rules); no tiny model here, the check decides at run time",
     "Anima": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",

@@ -210,6 +210,12 @@ def _self_checked_table():
     each is a subclass of a row's class)."""
     sm = comfy.supported_models
     t = {}
+    if hasattr(sm, "HunyuanDiT"):   # no row: the structural rules (both ComfyUIs); CLIP + mT5 text; an even depth (its skip links pair block i with block depth - 1 - i)
+        t["hunyuan_dit"] = (sm.HunyuanDiT, dict(image_model="hydit", input_size=8, patch_size=2, in_channels=4,
+                                                hidden_size=64, depth=4, num_heads=2, mlp_ratio=2.0, text_states_dim=32,
+                                                text_states_dim_t5=32, text_len=8, text_len_t5=8, qk_norm=True,
+                                                size_cond=False, use_style_cond=False, learn_sigma=True, norm="layer",
+                                                dtype=F32))
     if hasattr(sm, "LongCatImage"):   # Flux subclass: no pooled vector, no guidance, RoPE ids on the text
         t["longcat_image"] = (sm.LongCatImage, _with_optional(dict(
             image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=48, hidden_size=64,
@@ -237,6 +243,7 @@ _COND = {
     "lumina2": (32, None), "zimage": (32, None), "flux2": (64, None), "chroma": (48, None),
     "chroma_radiance": (48, None), "qwen_image": (48, None), "hidream": (48, 32), "hunyuan_image21": (48, None),
     "cosmos_predict2": (48, None), "longcat_image": (48, None), "zimage_pixel": (32, None), "mage_flow": (48, None),
+    "hunyuan_dit": (32, None),
 }
 
 # Family -> (VAE kind, latent channels, latent dims (2: [B,C,H,W], 3: [B,C,T,H,W]), pixel/latent ratio).
@@ -249,7 +256,7 @@ VAE_KIND = {
     "qwen_image": ("wan21", 16, 3, 8), "cosmos_predict2": ("wan21", 16, 3, 8),
     "hunyuan_image21": ("hunyuan_image21_dc", 64, 2, 32),
     "longcat_image": ("sd3_flux_kl16", 16, 2, 8), "zimage_pixel": ("pixel_space", 3, 2, 1),
-    "mage_flow": ("flux2_kl32_bn", 128, 2, 16),
+    "mage_flow": ("flux2_kl32_bn", 128, 2, 16), "hunyuan_dit": ("sdxl_kl4", 4, 2, 8),
 }
 
 
@@ -308,6 +315,12 @@ def conditioning(name: str, seed: int = 0, tokens: int = 8):
             _, cfg = FAMILY_CONFIGS[name]
             n = max(cfg["llama_layers"]) + 1
             extra["conditioning_llama3"] = torch.randn(1, n, tokens, cfg["caption_channels"][1], generator=g)
+        if name == "hunyuan_dit":   # model_base.HunyuanDiT: CLIP mask, mT5 states and mask (as its text encoder sets)
+            _, cfg = FAMILY_CONFIGS[name]
+            tokens = cfg["text_len"]
+            extra["attention_mask"] = torch.ones(1, tokens)
+            extra["conditioning_mt5xl"] = torch.randn(1, cfg["text_len_t5"], cfg["text_states_dim_t5"], generator=g)
+            extra["attention_mask_mt5xl"] = torch.ones(1, cfg["text_len_t5"])
         cross = torch.randn(1, tokens, dim, generator=g)
         return [[cross, extra]]
 
