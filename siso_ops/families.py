@@ -139,14 +139,14 @@ SELF_CHECKED = {
     "Kandinsky5Image": "no row (structural rules); no tiny model here, the check decides at run time",
     "HunyuanDiT": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
     "Omnigen2": "no row (structural rules); no tiny model here, the check decides at run time",
-    "Lens": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Lens": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
     "Anima": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
     "PixelDiTT2I": "no row (structural rules); no tiny model here, the check decides at run time",
     "HiDreamO1": "no row (structural rules); no tiny model here, the check decides at run time",
     "JoyImage": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
     "Ideogram4": "no row (structural rules); no tiny model here, the check decides at run time",
     "Krea2": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
-    "ErnieImage": "no row (structural rules); no tiny model here, the check decides at run time",
+    "ErnieImage": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
 }
 
 UNKNOWN_SETTINGS = "not known for this class: start from the model authors' sampling advice"

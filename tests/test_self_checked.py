@@ -103,7 +103,9 @@ def test_a_class_no_row_names_trains_by_the_structural_rules_self_checked(subjec
 TINY_SELF_CHECKED = {"longcat_image": ("LongCatImage", "a subclass of Flux"),
                      "zimage_pixel": ("ZImagePixelSpace", "a subclass of Lumina2"),
                      "mage_flow": ("MageFlow", "a subclass of QwenImage"),
-                     "hunyuan_dit": ("HunyuanDiT", "no table row, structural rules")}
+                     "hunyuan_dit": ("HunyuanDiT", "no table row, structural rules"),
+                     "ernie_image": ("ErnieImage", "no table row, structural rules"),
+                     "lens": ("Lens", "no table row, structural rules")}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_SELF_CHECKED))

@@ -231,6 +231,15 @@ def _self_checked_table():
         t["mage_flow"] = (sm.MageFlow, dict(image_model="mage_flow", in_channels=128, out_channels=128, num_layers=2,
                                             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
                                             axes_dims_rope=[8, 12, 12], dtype=F32))
+    if hasattr(sm, "ErnieImage"):   # no row: the structural rules; single-stream DiT on Flux.2's 128-channel latent
+        t["ernie_image"] = (sm.ErnieImage, dict(image_model="ernie", hidden_size=64, num_attention_heads=2, num_layers=2,
+                                                ffn_hidden_size=128, in_channels=128, out_channels=128, patch_size=1,
+                                                text_in_dim=48, rope_theta=256, rope_axes_dim=(8, 12, 12), dtype=F32))
+    if hasattr(sm, "Lens"):   # no row: the structural rules; dual-stream MMDiT reading two text-encoder layers
+        t["lens"] = (sm.Lens, dict(image_model="lens", patch_size=2, in_channels=128, out_channels=32, num_layers=2,
+                                   attention_head_dim=32, num_attention_heads=2, enc_hidden_dim=16,
+                                   axes_dims_rope=(8, 12, 12), rms_norm=True, multi_layer_encoder_feature=True,
+                                   selected_layer_index=(0, 1), dtype=F32))
     return t
 
 
@@ -243,7 +252,8 @@ _COND = {
     "lumina2": (32, None), "zimage": (32, None), "flux2": (64, None), "chroma": (48, None),
     "chroma_radiance": (48, None), "qwen_image": (48, None), "hidream": (48, 32), "hunyuan_image21": (48, None),
     "cosmos_predict2": (48, None), "longcat_image": (48, None), "zimage_pixel": (32, None), "mage_flow": (48, None),
-    "hunyuan_dit": (32, None),
+    "hunyuan_dit": (32, None), "ernie_image": (48, None),
+    "lens": (32, None),   # two encoder layers of width 16, side by side (LensTransformer2DModel's context)
 }
 
 # Family -> (VAE kind, latent channels, latent dims (2: [B,C,H,W], 3: [B,C,T,H,W]), pixel/latent ratio).
@@ -257,6 +267,7 @@ VAE_KIND = {
     "hunyuan_image21": ("hunyuan_image21_dc", 64, 2, 32),
     "longcat_image": ("sd3_flux_kl16", 16, 2, 8), "zimage_pixel": ("pixel_space", 3, 2, 1),
     "mage_flow": ("flux2_kl32_bn", 128, 2, 16), "hunyuan_dit": ("sdxl_kl4", 4, 2, 8),
+    "ernie_image": ("flux2_kl32_bn", 128, 2, 16), "lens": ("flux2_kl32_bn", 128, 2, 16),
 }
 
 
