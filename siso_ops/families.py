@@ -144,7 +144,7 @@ SELF_CHECKED = {
     "PixelDiTT2I": "no row (structural rules); no tiny model here, the check decides at run time",
     "HiDreamO1": "no row (structural rules); no tiny model here, the check decides at run time",
     "JoyImage": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
-    "Ideogram4": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Ideogram4": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
     "Krea2": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
     "ErnieImage": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
 }

@@ -105,7 +105,8 @@ TINY_SELF_CHECKED = {"longcat_image": ("LongCatImage", "a subclass of Flux"),
                      "mage_flow": ("MageFlow", "a subclass of QwenImage"),
                      "hunyuan_dit": ("HunyuanDiT", "no table row, structural rules"),
                      "ernie_image": ("ErnieImage", "no table row, structural rules"),
-                     "lens": ("Lens", "no table row, structural rules")}
+                     "lens": ("Lens", "no table row, structural rules"),
+                     "ideogram4": ("Ideogram4", "no table row, structural rules")}
 
 
 @pytest.mark.parametrize("name", sorted(TINY_SELF_CHECKED))

@@ -240,6 +240,12 @@ def _self_checked_table():
                                    attention_head_dim=32, num_attention_heads=2, enc_hidden_dim=16,
                                    axes_dims_rope=(8, 12, 12), rms_norm=True, multi_layer_encoder_feature=True,
                                    selected_layer_index=(0, 1), dtype=F32))
+    if hasattr(sm, "Ideogram4"):   # no row: the structural rules; single-stream DiT over packed [text, image] tokens
+        # its config's unet_extra_config fixes the full widths over any unet_config: a config subclass without it
+        tiny_config = type("TinyIdeogram4", (sm.Ideogram4,), {"unet_extra_config": {}})
+        t["ideogram4"] = (tiny_config, dict(image_model="ideogram4", in_channels=128, num_layers=2, num_attention_heads=2,
+                                             attention_head_dim=32, intermediate_size=64, adaln_dim=32,
+                                             llm_features_dim=48, rope_theta=10000, mrope_section=(8, 4, 4), dtype=F32))
     return t
 
 
@@ -253,7 +259,7 @@ _COND = {
     "chroma_radiance": (48, None), "qwen_image": (48, None), "hidream": (48, 32), "hunyuan_image21": (48, None),
     "cosmos_predict2": (48, None), "longcat_image": (48, None), "zimage_pixel": (32, None), "mage_flow": (48, None),
     "hunyuan_dit": (32, None), "ernie_image": (48, None),
-    "lens": (32, None),   # two encoder layers of width 16, side by side (LensTransformer2DModel's context)
+    "ideogram4": (48, None), "lens": (32, None),   # two encoder layers of width 16, side by side (LensTransformer2DModel's context)
 }
 
 # Family -> (VAE kind, latent channels, latent dims (2: [B,C,H,W], 3: [B,C,T,H,W]), pixel/latent ratio).
@@ -268,6 +274,7 @@ VAE_KIND = {
     "longcat_image": ("sd3_flux_kl16", 16, 2, 8), "zimage_pixel": ("pixel_space", 3, 2, 1),
     "mage_flow": ("flux2_kl32_bn", 128, 2, 16), "hunyuan_dit": ("sdxl_kl4", 4, 2, 8),
     "ernie_image": ("flux2_kl32_bn", 128, 2, 16), "lens": ("flux2_kl32_bn", 128, 2, 16),
+    "ideogram4": ("flux2_kl32_bn", 128, 2, 16),
 }
 
 
