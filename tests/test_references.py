@@ -276,6 +276,26 @@ def test_subject_score_of_the_zero_shot_and_the_refined_picture(run, subject, fe
     assert dino[0] + ir[0] < dino[1] + ir[1] and best == 1
 
 
+@pytest.mark.parametrize("name", ["flux2_two_references", "flux1_kontext"])
+def test_gradient_checkpointing_with_references_gives_the_same_iterations(name, subject, tiny_networks):
+    """low_memory on recomputes the blocks, which now also carry the reference tokens, in backward:
+    the same losses as without, up to float32 reassociation (as tests/test_families.py without
+    references). Two iterations: the second one's loss depends on the first one's backward."""
+    model, vae, positive, _ = CASES[name]()
+    runs = []
+    for checkpointing in (False, True):
+        settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=1, precision="fp32",
+                                          gradient_checkpointing=checkpointing,
+                                          optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=5e-2,
+                                                                                  early_stop_patience=10))
+        with torch.inference_mode():
+            runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                             feature_networks=tiny_networks)[2].history)
+    assert len(runs[0]) == len(runs[1]) == 2
+    for a, b in zip(*runs):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+
+
 def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_work(subject, tiny_networks,
                                                                                      monkeypatch):
     """ComfyUI 0.33's Flux KV Cache keeps the reference tokens' keys and values from the first
@@ -292,7 +312,16 @@ def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_w
     with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise through Flux KV Cache: .*"
                                                                  "Connect SISO Optimize to the model before Flux KV Cache"):
         gen.optimize_subject(cached, vae, positive, subject, "d", "i", settings)
+    # why: let through, the loop breaks at the backward of the first iteration that attends to the
+    # cached keys and values: it reaches the graph of the call that cached them, already freed
+    monkeypatch.undo()      # the memory estimate runs now; only the check is taken out
+    monkeypatch.setattr(gen, "check_reference_path", lambda *a: None)
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32", gradient_checkpointing=False,
+                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
+                                                                              early_stop_patience=10))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        gen.optimize_subject(cached, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
     # without references the patch does nothing (it only caches reference tokens): not refused there
     references.check_reference_path(cached, tf.conditioning("flux2", 0))
-    # the model the node received is unchanged, and without the cache it is not refused
+    # the model before Flux KV Cache (the node patches a clone) is not refused
     references.check_reference_path(model, positive)
