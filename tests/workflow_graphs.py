@@ -593,9 +593,9 @@ def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, p
         nodes=[
             *loaders, *model_nodes,
             Node(5, "LoadImage", (-420, 380), (320, 330), {"image": "subject.png"}, title="Subject photo (the reference)"),
-            Node(6, "LoadSubject", (-40, 520), (400, 102), {}, {"image": (5, 0)}),
+            Node(6, "LoadSubject", (-40, 580), (400, 102), {}, {"image": (5, 0)}),
             *encode_nodes,
-            Node(11, latent_type, (-40, 660), (320, 106), {"width": 1024, "height": 1024}),
+            Node(11, latent_type, (-40, 740), (320, 106), {"width": 1024, "height": 1024}),
             Node(12, "KSampler", (420, 0), (320, 262), {"steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
                  {"model": (model_id, 0), "positive": positive, "negative": negative, "latent_image": (11, 0)},
                  "1. Zero-shot picture (reference model)"),
@@ -634,8 +634,8 @@ FLUX2_KLEIN_REFINE = refine_workflow(
     [Node(7, "VAEEncode", (-40, 0), (210, 46), {}, {"pixels": (5, 0), "vae": (3, 0)}, "Encode the reference"),
      Node(8, "CLIPTextEncode", (-40, 100), (400, 140), {"text": "the dog from the reference photo sitting on a wooden pier at sunset, photo"},
           {"clip": (2, 0)}, "Scene prompt", POSITIVE),
-     Node(9, "ReferenceLatent", (-40, 280), (260, 46), {}, {"conditioning": (8, 0), "latent": (7, 0)}, "Subject photo as the reference"),
-     Node(10, "CLIPTextEncode", (-40, 370), (400, 100), {"text": ""}, {"clip": (2, 0)}, "Negative prompt (unused at cfg 1.0)", NEGATIVE)],
+     Node(9, "ReferenceLatent", (-40, 310), (260, 46), {}, {"conditioning": (8, 0), "latent": (7, 0)}, "Subject photo as the reference"),
+     Node(10, "CLIPTextEncode", (-40, 420), (400, 100), {"text": ""}, {"clip": (2, 0)}, "Negative prompt (unused at cfg 1.0)", NEGATIVE)],
     (9, 0), (10, 0), "EmptyFlux2LatentImage", 4,
     "Flux.2 [klein]: ReferenceLatent puts the encoded photo into the conditioning (chain another ReferenceLatent "
     "for a second photo). It needs a ComfyUI that knows klein's Qwen3 text encoder (0.33 does; 0.3.75 loads only "
@@ -659,7 +659,7 @@ QWEN_EDIT_REFINE = refine_workflow(
     [Node(8, "TextEncodeQwenImageEditPlus", (-40, 0), (400, 200),
           {"prompt": "the dog from the picture sitting on a wooden pier at sunset, photo"},
           {"clip": (2, 0), "vae": (3, 0), "image1": (5, 0)}, "Scene prompt with the subject photo", POSITIVE),
-     Node(10, "TextEncodeQwenImageEditPlus", (-40, 250), (400, 200), {"prompt": ""},
+     Node(10, "TextEncodeQwenImageEditPlus", (-40, 280), (400, 200), {"prompt": ""},
           {"clip": (2, 0), "vae": (3, 0), "image1": (5, 0)}, "Negative (unused at cfg 1.0)", NEGATIVE)],
     (8, 0), (10, 0), "EmptySD3LatentImage", 4,
     "Qwen-Image-Edit-2509 (2511 works the same): TextEncodeQwenImageEditPlus gives the text encoder the photo and "
