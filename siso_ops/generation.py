@@ -16,7 +16,6 @@ from . import host
 from . import memory
 from .editing import EditScore, check_edit
 from .feature_networks import load_dino, load_ir
-from .host.references import check_reference_path
 from .optimize import OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
@@ -129,7 +128,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
     SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
     host.check_supported(model)
-    check_reference_path(model, positive)   # before any work, as the family check
+    host.check_reference_path(model, positive)   # before any work, as the family check
     keep = None
     if inversion is not None:
         keep = check_edit(inversion, model, mask, settings.background_weight, settings.grad_steps)

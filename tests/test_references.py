@@ -315,7 +315,7 @@ def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_w
     # why: let through, the loop breaks at the backward of the first iteration that attends to the
     # cached keys and values: it reaches the graph of the call that cached them, already freed
     monkeypatch.undo()      # the memory estimate runs now; only the check is taken out
-    monkeypatch.setattr(gen, "check_reference_path", lambda *a: None)
+    monkeypatch.setattr(gen.host, "check_reference_path", lambda *a: None)
     settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32", gradient_checkpointing=False,
                                       optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
                                                                               early_stop_patience=10))

@@ -13,6 +13,7 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
     prompts              the server's on-prompt hook (the pack's queue-time checks)
+    references           reference images in the conditioning (Flux.2 / Kontext / Qwen-Image-Edit): what is refused
     memory_probe         what the memory estimate (../memory.py) measures on shape-only copies
 
 Callers use ``from siso_ops import host`` and ``host.<name>``; the names below are the interface.
@@ -34,6 +35,7 @@ from .sampling import (  # noqa: F401
 from .decoding import (  # noqa: F401
     encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
 from .prompts import add_prompt_check  # noqa: F401
+from .references import check_reference_path, reference_latents  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)
 from .memory_probe import (  # noqa: F401
