@@ -40,14 +40,6 @@ def _host_state(model):
     return {k: v.clone() for k, v in model.model.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def subject():
-    g = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        return comfy_nodes.NODE_CLASS_MAPPINGS["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g),
-                                                                     "subject", "white").args[0]
-
-
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(name, subject, tiny_networks):
     model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
@@ -90,13 +82,8 @@ def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(nam
     assert len(patches) == len(ups), f"ComfyUI's loader mapped {len(patches)} of {len(ups)} layers"
 
 
-@pytest.mark.parametrize("name", SUPPORTED)
-def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, tiny_networks):
-    """low_memory on recomputes the family's blocks (and the decoder's where it may) in backward:
-    the same losses as without, up to float32 reassociation. Two iterations: the second one's loss
-    depends on the first one's backward through the recomputed blocks."""
-    model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
-    size = _size(name)
+def checkpointing_histories(model, vae, positive, size, subject, networks) -> list:
+    """Two iterations of SISO Optimize with low_memory off, then on (fp32): each run's history."""
     runs = []
     for checkpointing in (False, True):
         settings = gen.GenerationSettings(width=size, height=size, seed=1, precision="fp32",
@@ -105,7 +92,16 @@ def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, 
                                                                                   early_stop_patience=10))
         with torch.inference_mode():
             runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
-                                             feature_networks=tiny_networks)[2].history)
+                                             feature_networks=networks)[2].history)
+    return runs
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_family_gradient_checkpointing_gives_the_same_iterations(name, subject, tiny_networks):
+    """low_memory on recomputes the family's blocks (and the decoder's where it may) in backward:
+    the same losses as without, up to float32 reassociation. Two iterations: the second one's loss
+    depends on the first one's backward through the recomputed blocks."""
+    runs = checkpointing_histories(tf.build_model(name), tf.build_vae(name), tf.conditioning(name), _size(name),
+                                   subject, tiny_networks)
     # recomputation repeats the same float32 operations: equal to rounding of the loss's magnitude
     assert len(runs[0]) == len(runs[1]) == 2
     for a, b in zip(*runs):

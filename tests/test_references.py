@@ -281,16 +281,9 @@ def test_gradient_checkpointing_with_references_gives_the_same_iterations(name, 
     """low_memory on recomputes the blocks, which now also carry the reference tokens, in backward:
     the same losses as without, up to float32 reassociation (as tests/test_families.py without
     references). Two iterations: the second one's loss depends on the first one's backward."""
+    from test_families import checkpointing_histories
     model, vae, positive, _ = CASES[name]()
-    runs = []
-    for checkpointing in (False, True):
-        settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=1, precision="fp32",
-                                          gradient_checkpointing=checkpointing,
-                                          optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=5e-2,
-                                                                                  early_stop_patience=10))
-        with torch.inference_mode():
-            runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
-                                             feature_networks=tiny_networks)[2].history)
+    runs = checkpointing_histories(model, vae, positive, SIZE, subject, tiny_networks)
     assert len(runs[0]) == len(runs[1]) == 2
     for a, b in zip(*runs):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)

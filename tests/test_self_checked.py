@@ -17,15 +17,6 @@ families = siso("siso_ops.families")
 self_check = siso("siso_ops.self_check")
 
 
-@pytest.fixture(scope="module")
-def subject():
-    import nodes as comfy_nodes
-    g = torch.Generator().manual_seed(3)
-    with torch.inference_mode():
-        return comfy_nodes.NODE_CLASS_MAPPINGS["LoadSubject"].execute(torch.rand(1, 72, 96, 3, generator=g),
-                                                                     "subject", "white").args[0]
-
-
 def optimise(model, vae, positive, subject, networks, iterations=2, size=64, images=None):
     settings = gen.GenerationSettings(width=size, height=size, seed=42, precision="fp32", gradient_checkpointing=False,
                                       optimization=optim.OptimizationSettings(max_iterations=iterations,
