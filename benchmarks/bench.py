@@ -43,6 +43,14 @@ from ComfyUI's own tokenizer and chat template for the model: Z-Image [1, 13, 25
 padded to [1, 512, 7680] float32; ``pooled_output`` None and the ``attention_mask`` both give).
 No paper configuration for them (it trains a LoRA on the text encoder), no tiny version.
 
+Storage and conditioning variants (``--configs``): ``fp8`` stores the diffusion weights as
+UNETLoader's weight_dtype fp8_e4m3fn does; ``q8_0`` writes them to a GGUF Q8_0 file and loads it with
+ComfyUI-GGUF's UnetLoaderGGUF (the pack from ../shared/comfyui-gguf, unpacked into the in-process
+ComfyUI); ``reference`` adds one reference image to the conditioning as ReferenceLatent does (for
+Flux.2 klein: what a reference costs). ``--iterations 0`` runs ONE iteration (forward and backward,
+so the peak) and reports its time including the warm-up: for models whose iteration takes minutes
+on a CPU.
+
 On a CPU it runs at 256 px by default (512 px costs about 4x the time); on a GPU at 512 px.
 ``--write`` puts the table into BENCHMARKS.md (between this device's markers). `make bench` runs
 it with --write.
@@ -69,7 +77,14 @@ VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointi
             # the diffusion weights stored as UNETLoader's weight_dtype fp8_e4m3fn stores them (ComfyUI's
             # manual cast computes in the compute dtype); the rest of the defaults unchanged
             "fp8": {"weights": "float8_e4m3fn"},
-            "fp8-checkpointing-off": {"weights": "float8_e4m3fn", "gradient_checkpointing": False}}
+            "fp8-checkpointing-off": {"weights": "float8_e4m3fn", "gradient_checkpointing": False},
+            # the diffusion weights written to a GGUF Q8_0 file (the gguf package's writer, as
+            # ComfyUI-GGUF's convert tools write them) and loaded by ComfyUI-GGUF's UnetLoaderGGUF
+            "q8_0": {"weights": "gguf_q8_0"},
+            "q8_0-checkpointing-off": {"weights": "gguf_q8_0", "gradient_checkpointing": False},
+            # one reference image in the conditioning, as ComfyUI's ReferenceLatent node adds it (the
+            # synthetic photo at the run's size, VAE-encoded): what a reference costs (Flux.2, Kontext)
+            "reference": {"references": 1}}
 PATHS = ("generation", "editing")
 PROMPT = "a photo of a dog"
 
@@ -233,6 +248,48 @@ def big_conditioning(model_name: str, seed: int = 2):
     return [[cross, {"pooled_output": None, "attention_mask": mask}]], info
 
 
+GGUF_ARCH = {"zimage": "lumina2", "flux2_klein": "flux", "sd_turbo": "sd1", "sdxl_turbo": "sdxl"}
+
+
+def gguf_model(base, model_name: str, layout: str):
+    """(MODEL, weight dtype, manual cast) as ComfyUI-GGUF's UnetLoaderGGUF gives them for a GGUF file
+    of ``base``'s weights: the linear weights quantised to ``layout`` by the gguf package's writer
+    (tests/quantised_files.py, the layout ComfyUI-GGUF's loader reads), written into the in-process
+    ComfyUI's diffusion_models folder and loaded by the pack's own node (its model detection, its
+    GGMLOps layers and GGMLTensor weights). ``base`` is the caller's to free afterwards."""
+    import asyncio
+    import tarfile
+    import torch
+    import nodes as comfy_nodes
+    import conftest
+    import quantised_files as qf
+    pack = conftest.BASE / "custom_nodes" / "ComfyUI-GGUF"
+    if not pack.exists():
+        tarball = os.path.join(os.path.dirname(REPO), "shared", "comfyui-gguf", "ComfyUI-GGUF-795e451.tar.gz")
+        with tarfile.open(tarball) as archive:
+            archive.extractall(conftest.BASE / "custom_nodes", filter="data")
+        assert asyncio.run(comfy_nodes.load_custom_node(str(pack))), "ComfyUI-GGUF failed to load"
+    name = f"bench_{model_name}_{layout}.gguf"
+    path = conftest.BASE / "models" / "diffusion_models" / name
+    started = time.perf_counter()
+    state_dict = base.diffusion_model.state_dict()
+    qf.write(path, state_dict, qf.linear_weight_keys(base.diffusion_model), layout, arch=GGUF_ARCH[model_name])
+    del state_dict
+    print(f"# {model_name}: wrote {path.stat().st_size / 2**30:.2f} GiB {layout} in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)
+    with torch.inference_mode():
+        model = comfy_nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]().load_unet(name)[0]
+        # The loader maps the file: its pages enter RAM when a layer first reads them. Read every
+        # weight's bytes once now, as a first sample in ComfyUI would, so that the file is resident
+        # before the loop like the other layouts' weights (the memory estimate counts what the run
+        # adds to what is already in RAM).
+        touched = 0
+        for tensor in model.model.diffusion_model.state_dict().values():
+            raw = tensor.as_subclass(torch.Tensor).reshape(-1)
+            touched += int(raw[::max(1, 4096 // raw.element_size())].float().sum().isfinite())
+    return model, model.model.get_dtype(), model.model.manual_cast_dtype
+
+
 # ----------------------------------------------------------------------------- the child process
 def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
           paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
@@ -255,6 +312,8 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
     paper = config == "paper"
     variant = dict(VARIANTS.get(config, {}))
     weights = variant.pop("weights", None)       # a storage dtype for the diffusion weights, not a setting
+    references = variant.pop("references", 0)    # reference images in the conditioning, not a setting
+    gguf = weights is not None and weights.startswith("gguf_")
     torch.manual_seed(0)
 
     def fill_random(module, seed):
@@ -303,7 +362,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             dtype = comfy.model_management.unet_dtype(device, 10**9, model_config.supported_inference_dtypes,
                                                       weight_dtype=torch.float16)
             manual_cast = comfy.model_management.unet_manual_cast(dtype, device, model_config.supported_inference_dtypes)
-        if weights:
+        if weights and not gguf:
             # as UNETLoader with weight_dtype: ComfyUI's layers are created with their weights in
             # that dtype and compute through the manual cast; nothing else is converted
             dtype = getattr(torch, weights)
@@ -314,9 +373,13 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         fill_random(base.diffusion_model, 0)
         if not weights:
             base.diffusion_model.to(dtype)
-        model = comfy.model_patcher.ModelPatcher(base, load_device=device,
-                                                 offload_device=comfy.model_management.unet_offload_device())
         unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
+        if gguf:
+            model, dtype, manual_cast = gguf_model(base, model_name, weights)
+            del base
+        else:
+            model = comfy.model_patcher.ModelPatcher(base, load_device=device,
+                                                     offload_device=comfy.model_management.unet_offload_device())
 
     # --- the VAE (the SD/SDXL VAE architecture) and the text encoder(s)
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -441,6 +504,12 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
 
     subject = subject_mod.prepare_subject(synthetic(1))
     photo = synthetic(2)
+    if references:
+        # as VAEEncode + ReferenceLatent: the encoded photo appended to the conditioning's reference_latents
+        with torch.inference_mode():
+            reference = vae.encode(photo)
+        positive = [[cond, dict(extra, reference_latents=list(extra.get("reference_latents", [])) + [reference] * references)]
+                    for cond, extra in positive]
     mask = torch.zeros(1, size, size)
     mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
 
@@ -461,6 +530,10 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                    text_encoder="not built: random conditioning of the real encoder's shape", conditioning=cond_info,
                    vae_latent_channels=vae.latent_channels)
     out["low_memory"] = settings_for(1, 1).gradient_checkpointing      # True, False or "auto"
+    if weights:
+        out["weights"] = weights
+    if references:
+        out["references"] = references
     for path in paths:
         inversion = None
         if path == "editing":
@@ -470,16 +543,21 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         stamps, cpu_stamps = [], []
         memory.reset()
         start_mb = memory.current_mb()
-        before = time.perf_counter()
+        before, cpu_before = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             _, _, result = gen.optimize_subject(
-                model, vae, positive, subject, None, None, settings_for(iterations + 2, iterations + 2),
+                model, vae, positive, subject, None, None,
+                settings_for(iterations + 2, iterations + 2) if iterations else settings_for(1, 1),
                 feature_networks=(dino, ir), inversion=inversion, mask=mask if inversion is not None else None,
                 on_iteration=lambda r: (stamps.append(time.perf_counter()), cpu_stamps.append(time.process_time())))
         seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]    # the first step warms up
+        if not iterations:
+            # --iterations 0: one iteration only (a forward and a backward: the peak), its time
+            # including the warm-up; for models whose iteration takes minutes on this machine
+            seconds = [stamps[0] - before]
         # CPU seconds the process got per timed iteration (all its threads) and the load average:
         # on a shared machine, wall time grows when other processes take the cores
-        cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][1:]
+        cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][1:] if iterations else [cpu_stamps[0] - cpu_before]
         entry = {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mb": memory.peak_mb(),
                  "start_mb": start_mb, "first_iteration_s": stamps[0] - before, "cpu_seconds": cpu_seconds,
                  "load_average": os.getloadavg(), "threads": torch.get_num_threads(),

@@ -111,6 +111,7 @@ REFUSED = {
     "RT_DETR_v4": "an object detector ComfyUI loads as a model, not an image generator",
     "DepthAnything3": "a depth estimator ComfyUI loads as a model, not an image generator",
     "SAM3": "a segmentation model ComfyUI loads as a model, not an image generator",
+    "PiD": f"a pixel decoder of another model's latent: {_NEEDS_AN_IMAGE} (PiD Conditioning's low-quality latent)",
 }
 
 # Model classes of ComfyUI that make video, audio or 3D: refused at run time by their latent's
@@ -134,18 +135,23 @@ SELF_CHECKED = {
     "LongCatImage": "subclass of Flux: Flux.1's row; a tiny model trains (tests/test_self_checked.py)",
     "ZImagePixelSpace": "subclass of Lumina2: Z-Image's row; a tiny model trains (tests/test_self_checked.py)",
     "MageFlow": "subclass of QwenImage: Qwen-Image's row; a tiny model trains (tests/test_self_checked.py)",
-    "Boogu": "subclass of Omnigen2: no row (structural rules); no tiny model here, the check decides at run time",
-    "PiD": "subclass of PixelDiTT2I: no row (structural rules); no tiny model here, the check decides at run time",
-    "Kandinsky5Image": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Boogu": "subclass of Omnigen2: no row (structural rules); a tiny model trains (tests/test_self_checked.py); its "
+             "reference-image refiner runs only with reference images: without them its LoRA layers stay zero",
+    "Kandinsky5Image": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
     "HunyuanDiT": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
-    "Omnigen2": "no row (structural rules); no tiny model here, the check decides at run time",
+    "Omnigen2": "no row (structural rules); a tiny model trains (tests/test_self_checked.py); its reference-image "
+                "refiner runs only with reference images: without them its LoRA layers stay zero",
     "Lens": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
-    "Anima": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
-    "PixelDiTT2I": "no row (structural rules); no tiny model here, the check decides at run time",
-    "HiDreamO1": "no row (structural rules); no tiny model here, the check decides at run time",
-    "JoyImage": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
+    "Anima": "no row (structural rules; a one-frame Wan 2.1 latent); a tiny model trains (tests/test_self_checked.py)",
+    "PixelDiTT2I": "no row (structural rules); the check REFUSES it on ComfyUI 0.33: its pixel blocks modulate a "
+                   "norm's output in place (apply_adaln_), which backward needs (tests/test_self_checked.py)",
+    "HiDreamO1": "no row (structural rules); the check REFUSES it on ComfyUI 0.33: its Llama blocks add with out= "
+                 "(torch.add(..., out=)), which autograd cannot differentiate, and it caches the text prefix's keys "
+                 "and values between calls (found on a tiny model; no kept test)",
+    "JoyImage": "no row (structural rules; a one-frame Wan 2.1 latent); a tiny model trains (tests/test_self_checked.py; "
+                "comfy_kitchen's fused RMSNorm + RoPE is swapped for its plain-torch version while SISO trains)",
     "Ideogram4": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
-    "Krea2": "no row (structural rules; a one-frame Wan 2.1 latent); no tiny model here, the check decides at run time",
+    "Krea2": "no row (structural rules; a one-frame Wan 2.1 latent); a tiny model trains (tests/test_self_checked.py)",
     "ErnieImage": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
 }
 
@@ -230,7 +236,7 @@ def lora_layers(root: torch.nn.Module, family: Family, all_linear: bool = False)
     for block_name, block in repeated_blocks(root):
         for name, module in block.named_modules():
             if is_linear_map(module) and not _MODULATION.search(name):
-                chosen.add(f"{block_name}.{name}")
+                chosen.add(f"{block_name}.{name}" if name else block_name)   # a list of bare layers: the block is one
     return chosen
 
 

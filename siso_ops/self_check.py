@@ -48,17 +48,21 @@ def forward_tolerance(dtype: torch.dtype) -> float:
 
 
 def check_training_path(model_class: str, training_call, stock_call, lora_layers: dict, host_parameters,
-                        dtype: torch.dtype, called=lambda name: True, seed: int = 0) -> tuple:
+                        dtype: torch.dtype, called=lambda name: True, seed: int = 0,
+                        on_path=lambda name: True) -> tuple:
     """Run checks 1 and 2 (see the module's docstring); return check 1's relative difference.
 
     ``training_call()``: the denoiser call through the training clone, under gradients.
     ``stock_call()``: the same call as the stock model computes it (no gradient needed).
     ``lora_layers``: layer name -> its LoRA parameters. ``host_parameters``: (name, parameter) of
     the host model's weights. ``called(name)``: whether the training call ran that layer's LoRA.
-    Returns (check 1's relative difference, the LoRA layers that ran but whose output never
-    reaches the denoiser's output, e.g. the text stream of a last block whose text output is
-    dropped: they get no gradient, stay zero and change nothing, and are not a path fault). The
-    gradients the check makes are cleared again."""
+    ``on_path(name)``: whether the module holding that layer ran in the training call (a block
+    this input does not use, e.g. OmniGen2's reference-image refiner without reference images,
+    runs none of its layers: that is no fault of the path).
+    Returns (check 1's relative difference, the LoRA layers that get no gradient without a path
+    fault: layers that ran but whose output never reaches the denoiser's output, e.g. the text
+    stream of a last block whose text output is dropped, and layers of modules this input does not
+    run; they stay zero and change nothing). The gradients the check makes are cleared again."""
     def refuse(check: str, detail: str):
         raise SelfCheckFailed(refusal(model_class, check, detail))
 
@@ -90,7 +94,11 @@ def check_training_path(model_class: str, training_call, stock_call, lora_layers
         p.grad = None
     clean = [p for _, p in host_parameters if p.grad is None]
     try:
-        (trained.float() * direction).sum().backward()
+        try:
+            (trained.float() * direction).sum().backward()
+        except RuntimeError as error:    # e.g. a block that overwrites in place what its backward needs
+            refuse("2 (the LoRA gets a gradient)", f"backward through the model fails: {type(error).__name__}: "
+                   f"{str(error)[:300]}")
         touched = [name for name, p in host_parameters if p.grad is not None]
         if touched:
             refuse("2 (gradients reach only the LoRA)", f"{len(touched)} weights of the host model got a gradient "
@@ -103,7 +111,7 @@ def check_training_path(model_class: str, training_call, stock_call, lora_layers
             # with the LoRA at zero (up = 0) only up's gradient can be non-zero: down's is up^T (...)
             if any(bool(g.abs().max() > 0) for g in grads):
                 continue
-            if not called(name):
+            if not called(name) and on_path(name):
                 refuse("2 (every LoRA layer gets a gradient)", f"LoRA layer {name} gets none: the model computes that "
                        "layer past its forward, so nothing could be learned there")
             unused.append(name)

@@ -42,16 +42,29 @@ def _storages(*modules) -> set:
     return {_key(t) for m in modules for t in itertools.chain(m.parameters(), m.buffers())}
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_schnell"])
-def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(family, tiny_networks):
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_schnell", "sd15_fp8"])
+def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(family, tiny_networks, monkeypatch):
     """The shape-only pass counts the tensors the real training path keeps. The decoder and both
     networks run the very same operations on shapes, so their counts must agree to the byte
     (allowed 1 %, for a kernel of another torch build keeping one small extra tensor). The
     denoiser's probe reproduces TrainableModel's training forward outside ComfyUI's guider and
     cast machinery; measured here it is within 2-6 % of the real count (a few rank-sized LoRA
-    tensors and the model's input scaling are kept differently); allowed 10 %."""
+    tensors and the model's input scaling are kept differently); allowed 10 %. ``sd15_fp8``: the
+    file loaded by UNETLoader with weight_dtype fp8_e4m3fn, whose layers cast their weights at
+    every call; the training path keeps no cast copy, and neither may the count (before the probe
+    followed the training path there it counted 429 MB against 48 MB kept). Measured now: 40.0 MB
+    counted against 48.1 MB kept (-17 %): the real pass keeps more activation tensors of its own
+    (separate storages where the shape-only layers share one) and ComfyUI's manual-cast norms
+    keep float32 copies of their fp8 weights, which the shape-only pass does not run; allowed
+    25 % there, which still fails a count that keeps the cast weights (+790 %)."""
     dino, ir = tiny_networks
-    model = tiny.build_model(family)
+    tolerance = 0.25 if family == "sd15_fp8" else 0.10
+    if family == "sd15_fp8":
+        import test_quantised
+        model = test_quantised.load_model("sd15", "fp8_e4m3fn", monkeypatch)
+        family = "sd15"
+    else:
+        model = tiny.build_model(family)
     vae = tiny.build_vae(16 if family.startswith("flux") else 4)
     positive = tiny.conditioning(family)
     size = 128
@@ -82,7 +95,7 @@ def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(fa
     print(f"\n{family}: real kept bytes {real}, estimated {counted}")
     for part in ("decoder", "dino", "ir"):
         assert counted[part] == pytest.approx(real[part], rel=0.01), part
-    assert counted["denoiser"] == pytest.approx(real["denoiser"], rel=0.10)
+    assert counted["denoiser"] == pytest.approx(real["denoiser"], rel=tolerance)
 
 
 def _status_bytes(field: str) -> int:

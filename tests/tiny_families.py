@@ -210,6 +210,24 @@ def _self_checked_table():
     each is a subclass of a row's class)."""
     sm = comfy.supported_models
     t = {}
+    if hasattr(sm, "Krea2"):   # no row: the structural rules; single-stream DiT after a text-fusion stack over 2 encoder layers
+        t["krea2"] = (sm.Krea2, dict(image_model="krea2", features=64, tdim=32, txtdim=16, heads=2, kvheads=1,
+                                     multiplier=2, layers=2, patch=2, channels=16, txtlayers=2, txtheads=2,
+                                     txtkvheads=2, dtype=F32))
+    if hasattr(sm, "Anima"):   # no row: the structural rules; Cosmos Predict2's MiniTrainDIT after an LLM adapter
+        class TinyAnima(sm.Anima):
+            """comfy.ldm.anima.model.Anima builds its LLMAdapter (Qwen3 states + T5 ids -> the DiT's context)
+            at full size whatever the config (1024 wide, 6 blocks, a 32128-token embedding): the model with
+            a tiny LLMAdapter of the same class in its place, on the operations ComfyUI picked for it."""
+
+            def get_model(self, state_dict, prefix="", device=None):
+                out = super().get_model(state_dict, prefix, device)
+                ops = comfy.ops.pick_operations(self.unet_config.get("dtype"), self.manual_cast_dtype, model_config=self)
+                out.diffusion_model.llm_adapter = _ldm("anima.model").LLMAdapter(
+                    source_dim=32, target_dim=self.unet_config["crossattn_emb_channels"], model_dim=32, num_layers=1,
+                    num_heads=2, device=device, dtype=self.unet_config.get("dtype"), operations=ops).requires_grad_(False).eval()   # as BaseModel leaves its denoiser
+                return out
+        t["anima"] = (TinyAnima, dict(FAMILY_CONFIGS["cosmos_predict2"][1], image_model="anima"))
     if hasattr(sm, "HunyuanDiT"):   # no row: the structural rules (both ComfyUIs); CLIP + mT5 text; an even depth (its skip links pair block i with block depth - 1 - i)
         t["hunyuan_dit"] = (sm.HunyuanDiT, dict(image_model="hydit", input_size=8, patch_size=2, in_channels=4,
                                                 hidden_size=64, depth=4, num_heads=2, mlp_ratio=2.0, text_states_dim=32,
@@ -246,6 +264,32 @@ def _self_checked_table():
         t["ideogram4"] = (tiny_config, dict(image_model="ideogram4", in_channels=128, num_layers=2, num_attention_heads=2,
                                              attention_head_dim=32, intermediate_size=64, adaln_dim=32,
                                              llm_features_dim=48, rope_theta=10000, mrope_section=(8, 4, 4), dtype=F32))
+    if hasattr(sm, "Kandinsky5Image"):   # no row: the structural rules (its video parent is refused); text + visual blocks
+        t["kandinsky5_image"] = (sm.Kandinsky5Image, dict(
+            image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=48, in_text_dim2=32, time_dim=32,
+            model_dim=64, ff_dim=128, visual_embed_dim=64, patch_size=(1, 2, 2), num_text_blocks=1,
+            num_visual_blocks=2, axes_dims=(8, 12, 12), rope_scale_factor=(1.0, 1.0, 1.0), dtype=F32))
+    if hasattr(sm, "Omnigen2"):   # no row: the structural rules; Lumina-style refiners + single-stream layers, GQA
+        omnigen2 = dict(image_model="omnigen2", patch_size=2, in_channels=16, out_channels=None, hidden_size=64,
+                        num_layers=1, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                        ffn_dim_multiplier=None, norm_eps=1e-5, axes_dim_rope=(8, 12, 12), axes_lens=(300, 512, 512),
+                        text_feat_dim=48, timestep_scale=1000.0, dtype=F32)
+        t["omnigen2"] = (sm.Omnigen2, omnigen2)
+        if hasattr(sm, "Boogu"):   # Omnigen2 subclass (no row either): a dual-stream stage before the single-stream layers
+            boogu = {k: v for k, v in omnigen2.items() if k != "text_feat_dim"}
+            t["boogu"] = (sm.Boogu, dict(boogu, image_model="boogu", num_double_stream_layers=1, instruction_feat_dim=48))
+    if hasattr(sm, "JoyImage"):   # no row: the structural rules; dual-stream DiT, comfy_kitchen's fused RMSNorm + RoPE
+        # its config's unet_extra_config fixes the full RoPE axes over any unet_config: a config subclass with tiny ones
+        tiny_config = type("TinyJoyImage", (sm.JoyImage,), {"unet_extra_config": {"theta": 10000,
+                                                                                   "rope_dim_list": [8, 12, 12]}})
+        t["joyimage"] = (tiny_config, dict(image_model="joyimage", patch_size=[1, 2, 2], in_channels=16, out_channels=16,
+                                           hidden_size=64, num_attention_heads=2, text_dim=48, mlp_width_ratio=2.0,
+                                           num_layers=2, dtype=F32))
+    if hasattr(sm, "PixelDiTT2I"):   # no row: pixel space (patch MMDiT + per-pixel blocks); the self-check refuses it
+        t["pixeldit"] = (sm.PixelDiTT2I, dict(image_model="pixeldit_t2i", in_channels=3, num_groups=2, hidden_size=64,
+                                              pixel_hidden_size=8, pixel_attn_hidden_size=32, pixel_num_groups=2,
+                                              patch_depth=2, pixel_depth=1, patch_size=8, txt_embed_dim=48,
+                                              txt_max_length=16, dtype=F32))
     return t
 
 
@@ -259,7 +303,10 @@ _COND = {
     "chroma_radiance": (48, None), "qwen_image": (48, None), "hidream": (48, 32), "hunyuan_image21": (48, None),
     "cosmos_predict2": (48, None), "longcat_image": (48, None), "zimage_pixel": (32, None), "mage_flow": (48, None),
     "hunyuan_dit": (32, None), "ernie_image": (48, None),
+    "krea2": (32, None), "anima": (32, None),   # krea2: two encoder layers of width 16, side by side (its text-fusion input)
     "ideogram4": (48, None), "lens": (32, None),   # two encoder layers of width 16, side by side (LensTransformer2DModel's context)
+    "kandinsky5_image": (48, 32),   # Qwen2.5-VL states + CLIP-L pooled (Kandinsky5's encode_adm: y)
+    "omnigen2": (48, None), "boogu": (48, None), "pixeldit": (48, None), "joyimage": (48, None),
 }
 
 # Family -> (VAE kind, latent channels, latent dims (2: [B,C,H,W], 3: [B,C,T,H,W]), pixel/latent ratio).
@@ -273,8 +320,12 @@ VAE_KIND = {
     "hunyuan_image21": ("hunyuan_image21_dc", 64, 2, 32),
     "longcat_image": ("sd3_flux_kl16", 16, 2, 8), "zimage_pixel": ("pixel_space", 3, 2, 1),
     "mage_flow": ("flux2_kl32_bn", 128, 2, 16), "hunyuan_dit": ("sdxl_kl4", 4, 2, 8),
+    "krea2": ("wan21", 16, 3, 8), "anima": ("wan21", 16, 3, 8),
     "ernie_image": ("flux2_kl32_bn", 128, 2, 16), "lens": ("flux2_kl32_bn", 128, 2, 16),
     "ideogram4": ("flux2_kl32_bn", 128, 2, 16),
+    "kandinsky5_image": ("sd3_flux_kl16", 16, 2, 8),
+    "omnigen2": ("sd3_flux_kl16", 16, 2, 8), "boogu": ("sd3_flux_kl16", 16, 2, 8), "pixeldit": ("pixel_space", 3, 2, 1),
+    "joyimage": ("wan21", 16, 3, 8),
 }
 
 
@@ -333,12 +384,17 @@ def conditioning(name: str, seed: int = 0, tokens: int = 8):
             _, cfg = FAMILY_CONFIGS[name]
             n = max(cfg["llama_layers"]) + 1
             extra["conditioning_llama3"] = torch.randn(1, n, tokens, cfg["caption_channels"][1], generator=g)
+        if name == "anima":   # its text encoder: Qwen3 states (cross_attn) + the prompt's T5 token ids and weights
+            extra["t5xxl_ids"] = torch.randint(0, 32128, (tokens + 2,), generator=g, dtype=torch.int)
+            extra["t5xxl_weights"] = torch.ones(tokens + 2)
         if name == "hunyuan_dit":   # model_base.HunyuanDiT: CLIP mask, mT5 states and mask (as its text encoder sets)
             _, cfg = FAMILY_CONFIGS[name]
             tokens = cfg["text_len"]
             extra["attention_mask"] = torch.ones(1, tokens)
             extra["conditioning_mt5xl"] = torch.randn(1, cfg["text_len_t5"], cfg["text_states_dim_t5"], generator=g)
             extra["attention_mask_mt5xl"] = torch.ones(1, cfg["text_len_t5"])
+        if name in ("omnigen2", "boogu"):   # its text encoder returns the mask; extra_conds counts the tokens from it
+            extra["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         cross = torch.randn(1, tokens, dim, generator=g)
         return [[cross, extra]]
 

@@ -12,7 +12,7 @@ import comfy.samplers
 
 from .models import is_dynamic, lora_target_names, model_family
 from .sampling import _detach_copy
-from .training import _CloneInput, _conv, _linear, _pytorch_attention, _training_op, layer_kind
+from .training import _CloneInput, _conv, _linear, _pytorch_attention, _stored_as_is, _training_op, layer_kind
 
 
 def device_memory(device) -> dict:
@@ -102,11 +102,18 @@ class _ProbeForward:
     itself, or a copy in the input's dtype where ComfyUI would cast (manual cast), the LoRA on
     the input side, the input copied where the training forward copies it."""
 
-    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False, keeps_weight: bool = True):
+    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False, keeps_weight: bool = True,
+                 kind: str | None = None):
         self.module, self.op, self.cast, self.lora, self.clone_input = module, op, cast, lora, clone_input
         self.keeps_weight = keeps_weight
+        self.kind = kind
 
     def __call__(self, x):
+        if self.kind is not None and self.keeps_weight and not _stored_as_is(self.module, x):
+            # as the training forward: a stock layer whose weight is not used as stored (fp8
+            # storage cast to the compute dtype, a scale) goes through its own cast path and
+            # backward casts again, so no cast copy is kept
+            return _ProbeForward(self.module, self.op, self.cast, self.lora, self.clone_input, keeps_weight=False)(x)
         weight, bias = self.module.weight, getattr(self.module, "bias", None)
         if self.cast and weight is not None:
             weight = weight.to(x.dtype)
@@ -143,7 +150,7 @@ def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
                                            clone_input=dit_norm, keeps_weight=False)
         elif op is not None:
             cast = bool(getattr(module, "comfy_cast_weights", False))
-            module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm)
+            module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm, kind=kind)
         elif dit_norm:
             module.forward = _CloneInput(module.forward)
     return base

@@ -364,6 +364,7 @@ class TrainableModel:
         self.deltas = {}
         self.lora_layers = {}     # weight key -> the layer its delta acts on
         self.training_forwards = {}   # weight key -> the _TrainingForward that applies its delta
+        self.off_path = set()         # LoRA layers in modules the self-check's inputs do not run (self_check)
         self.forward_patched = []
         device = model.load_device
         diffusion = self.patcher.model.diffusion_model
@@ -548,26 +549,44 @@ class TrainableModel:
         def stock():
             with stock_path():
                 return denoise(x, sigma)
+
+        # Which modules holding a LoRA layer run in the training call: a layer of a module this
+        # input does not run (OmniGen2's reference-image refiner without references) is off this
+        # input's path, no fault; a layer whose module ran but which did not is computed past its
+        # forward, a fault.
+        holders = {name: _holder(self.patcher.model, name) for name in layers}
+        ran = set()
+        hooks = [module.register_forward_pre_hook(lambda m, args, key=key: ran.add(key))
+                 for key, module in {h: self.patcher.model.get_submodule(h) for h in set(holders.values())}.items()]
         try:
             difference, unused = check_training_path(
                 type(self.host.model).__name__, lambda: denoise(x, sigma), stock, layers,
                 list(self.patcher.model.named_parameters()), check_dtype,
-                called=lambda name: self.training_forwards[f"{name}.weight"].calls > calls[f"{name}.weight"])
+                called=lambda name: self.training_forwards[f"{name}.weight"].calls > calls[f"{name}.weight"],
+                on_path=lambda name: holders[name] in ran)
         finally:    # the loop's own check (check_lora_reached) counts from its first pass
+            for hook in hooks:
+                hook.remove()
             for key, forward in self.training_forwards.items():
                 forward.calls = calls[key]
+        self.off_path = {name for name in unused if holders[name] not in ran}
         path += f"; checked before the loop: training forward = stock forward (relative difference {difference:.1e}), " \
                 "every LoRA layer the output depends on and no host weight gets a gradient"
-        if unused:
-            path += (f" ({len(unused)} of {len(layers)} LoRA layers run but their output never reaches the image, "
-                     f"e.g. {unused[0]}: they stay zero)")
+        reached = [name for name in unused if name not in self.off_path]
+        if reached:
+            path += (f" ({len(reached)} of {len(layers)} LoRA layers run but their output never reaches the image, "
+                     f"e.g. {reached[0]}: they stay zero)")
+        if self.off_path:
+            path += (f" ({len(self.off_path)} of {len(layers)} LoRA layers are in modules these inputs do not run, "
+                     f"e.g. {sorted(self.off_path)[0]}: they stay zero)")
         log.info("SISO: %s", path)
         return path
 
     def check_lora_reached(self):
         """After the first forward pass: every LoRA was applied on the way to the image (a layer
         the model reaches past its ``forward``, e.g. by reading ``.weight`` itself, is not)."""
-        missed = [key[:-len(".weight")] for key, forward in self.training_forwards.items() if forward.calls == 0]
+        missed = [key[:-len(".weight")] for key, forward in self.training_forwards.items()
+                  if forward.calls == 0 and key[:-len(".weight")] not in self.off_path]
         if missed:
             raise RuntimeError(f"{len(missed)} of SISO's {len(self.deltas)} LoRA layers are never called by "
                                f"{describe_model(self.host)} (first: {missed[0]}): the model computes those layers "
@@ -595,6 +614,17 @@ class TrainableModel:
             # instance attribute; drop it so the module is exactly as it was.
             if getattr(vars(module).get("forward"), "__self__", None) is module:
                 del module.forward
+
+
+def _holder(root: torch.nn.Module, name: str) -> str:
+    """The nearest module above layer ``name`` that runs a forward of its own (a ModuleList or
+    ModuleDict only holds its layers)."""
+    holder = name
+    while "." in holder:
+        holder = holder.rsplit(".", 1)[0]
+        if not isinstance(root.get_submodule(holder), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            return holder
+    return ""
 
 
 def _compute_dtype(patcher) -> torch.dtype:
@@ -655,22 +685,31 @@ class _KitchenWithDifferentiableRope:
 
 @contextlib.contextmanager
 def _differentiable_kitchen():
-    """While SISO's loop runs: comfy.quant_ops.ck with differentiable RoPE (see above), put back after."""
+    """While SISO's loop runs: comfy_kitchen with differentiable RoPE (see above) wherever ComfyUI's
+    model code reaches it, ``comfy.quant_ops.ck`` and the ``comfy_kitchen`` name of the model
+    modules that import the package themselves (0.33's JoyImage calls ``comfy_kitchen.rms_rope``);
+    each put back after."""
     import sys
-    quant_ops = sys.modules.get("comfy.quant_ops")
-    kitchen = getattr(quant_ops, "ck", None)
     try:
+        import comfy_kitchen
         from comfy_kitchen.backends.eager import rope as eager
     except ImportError:      # ComfyUI 0.3.75 ships no comfy_kitchen; its model code is plain torch
-        eager = None
-    if kitchen is None or eager is None or isinstance(kitchen, _KitchenWithDifferentiableRope):
         yield
         return
-    quant_ops.ck = _KitchenWithDifferentiableRope(kitchen, eager)
+    swapped = []
+    quant_ops = sys.modules.get("comfy.quant_ops")
+    if getattr(quant_ops, "ck", None) is not None and not isinstance(quant_ops.ck, _KitchenWithDifferentiableRope):
+        swapped.append((quant_ops, "ck", quant_ops.ck))
+    for name, module in list(sys.modules.items()):
+        if name.startswith("comfy.ldm.") and getattr(module, "comfy_kitchen", None) is comfy_kitchen:
+            swapped.append((module, "comfy_kitchen", comfy_kitchen))
+    for module, attribute, kitchen in swapped:
+        setattr(module, attribute, _KitchenWithDifferentiableRope(kitchen, eager))
     try:
         yield
     finally:
-        quant_ops.ck = kitchen
+        for module, attribute, kitchen in swapped:
+            setattr(module, attribute, kitchen)
 
 
 @contextlib.contextmanager
@@ -683,8 +722,8 @@ def training_mode():
     ``apply_rope``, which has no autograd formula). It is set for this block only and put back
     as it was, so sampling outside SISO's loop runs exactly as before. ComfyUI 0.3.75 has no
     such flag (its paths are all differentiable) and is left alone. Model code that calls
-    comfy_kitchen's fused RoPE whatever the flag (0.33's Cosmos Predict2) gets the plain-torch
-    version for the block too (_differentiable_kitchen)."""
+    comfy_kitchen's fused RoPE whatever the flag (0.33's Cosmos Predict2 and JoyImage) gets the
+    plain-torch version for the block too (_differentiable_kitchen)."""
     management = comfy.model_management
     has_flag = hasattr(management, "in_training")
     saved = management.in_training if has_flag else None
