@@ -1,20 +1,28 @@
 """Reference-conditioned optimisation: SISO Optimize on a model whose CONDITIONING carries reference
 images, as people use Flux.2 (ReferenceLatent, one and two references), Flux.1 Kontext
-(ReferenceLatent on a Flux.1 [dev] model: ComfyUI's model_base.Flux appends ``ref_latents``' tokens)
-and Qwen-Image-Edit (TextEncodeQwenImageEdit / TextEncodeQwenImageEditPlus).
+(ReferenceLatent on a Flux.1 [dev] model: ComfyUI's model_base.Flux appends ``ref_latents``' tokens),
+Qwen-Image-Edit (TextEncodeQwenImageEdit / TextEncodeQwenImageEditPlus), and three classes SISO trains
+on its self-checked path (tests/test_self_checked.py), one reference each: OmniGen2 (ReferenceLatent;
+its reference-image refiner blocks run only with references; ComfyUI 0.3.75 and 0.33), Krea 2
+(ReferenceLatent then Edit Model Reference Method "index": the model ignores references without a
+method; 0.33) and JoyImage-Edit (ReferenceLatent in place of TextEncodeJoyImageEdit, whose Qwen3-VL
+text encoder cannot be built tiny: the same ``reference_latents``, not its text-side image tokens;
+0.33). A case whose class this ComfyUI lacks is skipped, saying so.
 
 Tiny random-weight models built through ComfyUI's classes (tests/tiny_families.py; the Flux.1
 builder is here), on the CPU, on whichever ComfyUI the suite runs against. The conditioning is made
 by the stock nodes themselves: VAEEncode of the reference photo, then ReferenceLatent (and
-FluxGuidance for Kontext); the Qwen nodes get a stand-in text encoder (see _StandInQwenEncoder).
+FluxGuidance for Kontext, Edit Model Reference Method for Krea 2); the Qwen nodes get a stand-in
+text encoder (see _StandInQwenEncoder).
 
-Per case: iteration 0 of SISO's loop is the stock KSampler + VAEDecode image with the same
-conditioning; the loss goes down; no gradient reaches the reference latents, the text conditioning,
-the host model or anything outside the LoRA; host and a stock sample are bitwise unchanged
-afterwards; the LoRA reused by a stock KSampler (host.apply_lora, what SISO Apply LoRA calls) with
-the references gives SISO's best image. A reference path that keeps state between denoiser calls
-(ComfyUI 0.33's Flux KV Cache) is refused before any work."""
+Per case: the references reach the stock image; iteration 0 of SISO's loop is the stock KSampler +
+VAEDecode image with the same conditioning; the loss goes down; no gradient reaches the reference
+latents, the text conditioning, the host model or anything outside the LoRA; host and a stock sample
+are bitwise unchanged afterwards; the LoRA reused by a stock KSampler (host.apply_lora, what SISO
+Apply LoRA calls) with the references gives SISO's best image. A reference path that keeps state
+between denoiser calls (ComfyUI 0.33's Flux KV Cache) is refused before any work."""
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -128,14 +136,56 @@ def _qwen_edit(plus):
     return model, vae, positive, "qwen_image"
 
 
+def _self_checked(name, class_name):
+    """The tiny model, VAE and text conditioning of a class SISO trains on the self-checked path
+    (tests/tiny_families.py: SELF_CHECKED_CONFIGS), or a skip on a ComfyUI without the class."""
+    if name not in tf.SELF_CHECKED_CONFIGS:
+        pytest.skip(f"this ComfyUI has no {class_name} (comfy.supported_models.{class_name}): no tiny model to build")
+    return tf.build_model(name), tf.build_vae(name), tf.conditioning(name, 0)
+
+
+def _omnigen2():
+    """OmniGen2 (ComfyUI 0.3.75 and 0.33): VAEEncode -> ReferenceLatent; model_base.Omnigen2 turns
+    ``reference_latents`` into ``ref_latents``, which its ``ref_image_refiner`` blocks run on (only
+    with references: their LoRA layers train here, not text-to-image)."""
+    model, vae, positive = _self_checked("omnigen2", "Omnigen2")
+    return model, vae, _reference(positive, _encode(vae, _photo(11))), "omnigen2"
+
+
+def _krea2():
+    """Krea 2 (ComfyUI 0.33): ReferenceLatent alone is ignored (SingleStreamDiT's default_ref_method
+    is None); the stock Edit Model Reference Method node (FluxKontextMultiReferenceLatentMethod) after
+    it sets the method, as a user chains them. Krea 2 appends the reference tokens at RoPE index 1
+    for any method; "index_timestep_zero" also modulates them with timestep 0: "index" here."""
+    model, vae, positive = _self_checked("krea2", "Krea2")
+    positive = _reference(positive, _encode(vae, _photo(11)))
+    with torch.inference_mode():
+        node = _stock_node("nodes_flux", "FluxKontextMultiReferenceLatentMethod")
+        return model, vae, node.execute(positive, "index").args[0], "krea2"
+
+
+def _joyimage():
+    """JoyImage-Edit (ComfyUI 0.33): its own TextEncodeJoyImageEdit needs a Qwen3-VL text encoder
+    (not buildable tiny), so ReferenceLatent stands in for its VAE side: it sets the same
+    ``reference_latents`` key, which model_base.JoyImage turns into ``ref_latents`` (one-frame Wan 2.1
+    latents, appended to the image tokens). Not exercised: the stock node's bucket resize of the
+    picture and the image tokens it hands its text encoder (the text side here is tiny random states)."""
+    model, vae, positive = _self_checked("joyimage", "JoyImage")
+    return model, vae, _reference(positive, _encode(vae, _photo(11))), "joyimage"
+
+
 CASES = {
     "flux2_one_reference": lambda: _flux2(1),
     "flux2_two_references": lambda: _flux2(2),
     "flux1_kontext": _kontext,
     "qwen_image_edit": lambda: _qwen_edit(False),
     "qwen_image_edit_plus": lambda: _qwen_edit(True),
+    "omnigen2_reference": _omnigen2,
+    "krea2_index_reference": _krea2,
+    "joyimage_edit_reference": _joyimage,
 }
 REFERENCE_COUNT = {"flux2_two_references": 2, "qwen_image_edit_plus": 2}
+REFERENCE_ONLY_BLOCKS = {"omnigen2": ("ref_image_refiner",)}     # blocks that run only with references
 
 
 def _stock_image(model, vae, positive, family, seed=42):
@@ -160,21 +210,31 @@ def _tensors(obj):
 @contextlib.contextmanager
 def _watching_the_denoiser(model, seen):
     """Records, at every call of the diffusion model's class forward, whether the reference latents
-    and the text context it receives are tracked by autograd (a gradient could reach them)."""
+    and the text context it receives are tracked by autograd (a gradient could reach them). The
+    arguments are bound to the class's own signature, which differs per class (Flux: ``y``,
+    ``guidance`` before ``ref_latents``; OmniGen2: ``num_tokens``; Krea 2 and Qwen-Image:
+    ``attention_mask``; JoyImage names its first argument ``hidden_states``), so ``ref_latents`` and
+    ``context`` are found whether they come by position or by keyword."""
     cls = type(model.model.diffusion_model)
     original = cls.forward
+    signature = inspect.signature(original)
 
-    def forward(self, x, timestep, context, *args, **kwargs):
-        refs = kwargs.get("ref_latents")
-        if refs is None and len(args) >= 3 and isinstance(args[2], list):     # Flux's positional ref_latents
-            refs = args[2]
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs).arguments
+        refs, context = bound.get("ref_latents"), bound.get("context")
         seen.append({"refs": None if refs is None else [(tuple(r.shape), r.requires_grad) for r in refs],
                      "context": context.requires_grad, "grad": torch.is_grad_enabled()})
-        return original(self, x, timestep, context, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cls, "forward", forward)
         yield
+
+
+def _without_references(positive):
+    """The CONDITIONING without what ReferenceLatent and Edit Model Reference Method set."""
+    return [[cross, {k: v for k, v in extras.items() if k not in ("reference_latents", "reference_latents_method")}]
+            for cross, extras in positive]
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +268,23 @@ def run(request, subject, tiny_networks):
 def test_the_conditioning_carries_the_references_the_stock_nodes_made(run):
     refs = references.reference_latents(run["positive"])
     assert len(refs) == REFERENCE_COUNT.get(run["name"], 1)
-    # every denoiser call of the loop received them (Flux and Qwen-Image take them as ref_latents)
+    # every denoiser call of the loop received them (every class here takes them as ref_latents)
     training = [s for s in run["seen"] if s["grad"]]
     assert training and all(s["refs"] is not None and len(s["refs"]) == len(refs) for s in training)
+
+
+def test_the_references_reach_the_stock_image(run):
+    """The model reads the references: the stock image with them is not the one without. On random
+    tiny weights they move it little on the self-checked classes (measured 1.6e-5 on JoyImage, 2.8e-5
+    on Krea 2, 6.3e-2 on OmniGen2 on 0.33), still well above float32 reordering (at most 2.0e-6 on
+    these images, see the LoRA reuse test)."""
+    bare = _stock_image(run["model"], run["vae"], _without_references(run["positive"]), run["family"])
+    assert float((run["stock"] - bare).abs().max()) > 5e-6
+    if run["family"] == "krea2":
+        # Krea 2 ignores ReferenceLatent until Edit Model Reference Method sets a method: bitwise the
+        # image without references, which is why the case chains that node
+        alone = [[c, {k: v for k, v in e.items() if k != "reference_latents_method"}] for c, e in run["positive"]]
+        assert torch.equal(_stock_image(run["model"], run["vae"], alone, run["family"]), bare)
 
 
 def test_iteration_0_is_the_stock_ksampler_image_with_the_references(run):
@@ -227,6 +301,12 @@ def test_the_loss_goes_down_and_the_lora_learns(run):
     assert len(losses) == ITERATIONS and min(losses[1:]) < losses[0], losses
     assert run["result"].best_iteration > 0
     assert float((run["images"][run["result"].best_iteration] - run["images"][0]).abs().max()) > 1e-4
+    # OmniGen2's reference-image refiner runs only with references (without them the self-checked
+    # path reports its LoRA layers as not run, tests/test_self_checked.py): here they run and learn
+    assert "modules these inputs do not run" not in run["result"].loading, run["result"].loading
+    for block in REFERENCE_ONLY_BLOCKS.get(run["family"], ()):
+        ups = [v for k, v in run["lora"].tensors.items() if f".{block}." in k and k.endswith(".lora_up.weight")]
+        assert ups and all(float(v.abs().max()) > 0 for v in ups), block
 
 
 def test_no_gradient_reaches_the_references_the_text_or_the_host(run):
