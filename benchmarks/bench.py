@@ -84,7 +84,12 @@ VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointi
             "q8_0-checkpointing-off": {"weights": "gguf_q8_0", "gradient_checkpointing": False},
             # one reference image in the conditioning, as ComfyUI's ReferenceLatent node adds it (the
             # synthetic photo at the run's size, VAE-encoded): what a reference costs (Flux.2, Kontext)
-            "reference": {"references": 1}}
+            "reference": {"references": 1},
+            # the same with low_memory pinned, so that layouts and references compare at one setting
+            "fp8-checkpointing-on": {"weights": "float8_e4m3fn", "gradient_checkpointing": True},
+            "q8_0-checkpointing-on": {"weights": "gguf_q8_0", "gradient_checkpointing": True},
+            "reference-checkpointing-on": {"references": 1, "gradient_checkpointing": True},
+            "reference-checkpointing-off": {"references": 1, "gradient_checkpointing": False}}
 PATHS = ("generation", "editing")
 PROMPT = "a photo of a dog"
 
@@ -285,6 +290,8 @@ def gguf_model(base, model_name: str, layout: str):
         # adds to what is already in RAM).
         touched = 0
         for tensor in model.model.diffusion_model.state_dict().values():
+            if tensor.device.type == "meta":
+                continue
             raw = tensor.as_subclass(torch.Tensor).reshape(-1)
             touched += int(raw[::max(1, 4096 // raw.element_size())].float().sum().isfinite())
     return model, model.model.get_dtype(), model.model.manual_cast_dtype

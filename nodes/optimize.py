@@ -57,7 +57,11 @@ class SISOOptimize(CheckedNode):
                 "from SISO ReNoise Invert and the 'mask' of the subject to replace in that photo (SISO Subject Mask or a "
                 "hand-drawn mask). Each iteration then denoises the inverted photo and the loss adds background_weight x "
                 "the squared error outside the mask, so the background stays. Size, steps and sampler come from the "
-                "inversion; use the same prompt as the inversion and learning rate 3e-4 (paper)."),
+                "inversion; use the same prompt as the inversion and learning rate 3e-4 (paper).\n\nKeep the "
+                "background of the picture it starts from (refining a Flux.2 / Kontext / Qwen-Image-Edit zero-shot "
+                "result): connect only a 'mask' (SISO Subject Mask on that picture, width x height), no inversion. "
+                "The loss then adds background_weight x the squared error outside the mask against iteration 0's "
+                "image, the picture the model makes before the LoRA moves it (0 at iteration 0)."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to personalise: " + "; ".join(f.name for f in FAMILIES) + " (see the README's table)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
@@ -80,7 +84,7 @@ class SISOOptimize(CheckedNode):
                 io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
                 io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, tooltip="Stop when the loss has not improved by this many percent..."),
                 io.Int.Input("early_stop_patience", default=7, min=1, max=1000, tooltip="...within this many iterations."),
-                io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="Editing only: weight c of the background loss (mean squared error outside the mask against the photo). Paper: 10."),
+                io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="With a mask: weight c of the background loss, the mean squared error outside the mask against the inverted photo (editing; paper: 10) or, without an inversion, against iteration 0's image. 0: the mask is not used."),
                 io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", tooltip=(
                     "Gradient checkpointing of the denoiser, the decoder and both similarity networks: they keep only "
                     "block inputs and recompute the rest in backward (same results, slower). auto: only when the run "
@@ -94,7 +98,12 @@ class SISOOptimize(CheckedNode):
                     "BF16 or AMX), else float32. fp32: the paper's setting (slower, more memory). Workflows saved "
                     "before this input existed run in fp32, as they did.")),
                 Inversion.Input("inversion", optional=True, tooltip="Editing: the photo inverted by SISO ReNoise Invert (with the same model). Leave empty to generate from the seed."),
-                io.Mask.Input("mask", optional=True, tooltip="Editing: the subject to replace in the inverted photo (1 = subject), from SISO Subject Mask or drawn in the mask editor. Same size as the photo."),
+                io.Mask.Input("mask", optional=True, tooltip=(
+                    "The subject (1 = subject); everything outside it is kept by the background loss. Editing: the "
+                    "subject to replace in the inverted photo, the photo's size. Without an inversion: the subject in "
+                    "the picture iteration 0 makes, width x height (SISO Subject Mask on the zero-shot picture of the "
+                    "same model, conditioning, seed and size); its background is kept as iteration 0 made it: the "
+                    "zero-shot picture with the zero LoRA, initial_lora's picture on a warm start.")),
                 SubjectLoRA.Input("initial_lora", optional=True, tooltip="Warm start: begin from this LoRA (an earlier run's, or SISO Load LoRA's) instead of zero; iteration 0 is then the model with it. Same model, lora_rank and lora_target."),
             ],
             outputs=[
@@ -119,9 +128,21 @@ class SISOOptimize(CheckedNode):
 
     @classmethod
     def check_prompt(cls, prompt, node_id):
-        # the editing mask against the photo SISO ReNoise Invert inverts, before the inversion runs
+        # the editing mask against the photo SISO ReNoise Invert inverts, before the inversion runs;
+        # without an inversion, the mask against width x height (where the mask's size is known:
+        # a LoadImage file, or SISO Subject Mask on one; not a mask of a picture made in the run)
         inputs = prompt[node_id].get("inputs", {})
         inversion = inputs.get("inversion")
+        if inversion is None:
+            width, height, weight = inputs.get("width"), inputs.get("height"), inputs.get("background_weight", 10.0)
+            if not (isinstance(width, int) and isinstance(height, int) and isinstance(weight, (int, float)) and weight > 0):
+                return {}
+            mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
+            if mask and mask != (width, height):
+                return {"mask": f"mask: the mask is {mask[0]}x{mask[1]} but the picture SISO Optimize makes is "
+                                f"{width}x{height} (width x height): make the mask from that picture, or set width and "
+                                f"height to the mask's size"}
+            return {}
         if not (isinstance(inversion, list) and len(inversion) == 2
                 and prompt.get(inversion[0], {}).get("class_type") == "ReNoiseInvert"):
             return {}
@@ -155,8 +176,9 @@ class SISOOptimize(CheckedNode):
         warnings = precision_warnings(host.compute_device(), precision) + list(getattr(subject, "warnings", []))
         for warning in warnings:
             log.warning("SISO Optimize: %s", warning)
+        # the live chart draws the background term whenever there is one (editing, or a mask alone)
         progress = IterationProgress(max_iterations, getattr(cls.hidden, "unique_id", None), early_stop_patience,
-                                     editing=inversion is not None)
+                                     editing=inversion is not None or (mask is not None and background_weight > 0))
         try:
             lora, best_image, result = optimize_subject(model, vae, positive, subject, dino_path, ir_path, settings,
                                                         on_iteration=progress, inversion=inversion, mask=mask,

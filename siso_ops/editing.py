@@ -5,6 +5,10 @@ everything outside the subject's mask.
 ``L = L_sim + c * L_bg``; ``L_bg`` is the mean squared error in [0, 1] pixel space over the
 background pixel-channels (weights 1 - mask), against the input photo itself (the authors'
 code; the paper writes the inverted image: the photo is what users want kept).
+
+The same loss keeps the background of a generated picture (the refine route: a mask but no
+inversion): there ``L_bg`` is taken against iteration 0's image, the picture the model makes
+before the LoRA moves it (``EditScore`` with no photo keeps the first image it scores).
 """
 from __future__ import annotations
 
@@ -122,8 +126,12 @@ def invert_photo(model, vae, image: torch.Tensor, positive, settings: InversionS
 
 
 # ----------------------------------------------------------------------------- the edit loss
-def background_weights(mask: torch.Tensor | None, size: tuple) -> torch.Tensor:
-    """MASK (HW or 1HW, 1 = subject) -> 1 x 1 x H x W weights of the background (1 - mask)."""
+def background_weights(mask: torch.Tensor | None, size: tuple, image: str = "the inverted photo",
+                       advice: str = "make the mask from the same photo that went into SISO ReNoise Invert") -> torch.Tensor:
+    """MASK (HW or 1HW, 1 = subject) -> 1 x 1 x H x W weights of the background (1 - mask).
+    ``size`` (height, width) is the image the loss compares, which the mask must match exactly
+    (it is not resized: a mask of another picture would keep the wrong region); ``image`` names
+    that image and ``advice`` says how to get a mask that fits, in the size refusal."""
     if mask is None:
         raise ValueError("editing needs the subject's mask in the photo (from SISO Subject Mask, or drawn in "
                          "ComfyUI's mask editor): connect it to 'mask', or set background_weight to 0")
@@ -133,8 +141,7 @@ def background_weights(mask: torch.Tensor | None, size: tuple) -> torch.Tensor:
     if m.ndim != 3 or m.shape[0] != 1:
         raise ValueError(f"the mask must be ONE mask (height, width); got shape {tuple(mask.shape)}")
     if tuple(m.shape[-2:]) != tuple(size):
-        raise ValueError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the inverted photo is {size[1]}x{size[0]}: "
-                         "make the mask from the same photo that went into SISO ReNoise Invert")
+        raise ValueError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but {image} is {size[1]}x{size[0]}: {advice}")
     if float(m.clamp(0, 1).max()) <= 0:
         raise ValueError(
             "the mask is empty: it marks no subject to replace in the photo. From SISO Subject Mask: the text was not "
@@ -153,9 +160,11 @@ def background_loss(image: torch.Tensor, photo: torch.Tensor, keep: torch.Tensor
 
 
 class EditScore:
-    """SISO's similarity loss plus c * background loss."""
+    """SISO's similarity loss plus c * background loss. ``photo`` None: the first image scored
+    (iteration 0's, before any LoRA step) becomes the picture whose background is kept, so its
+    own background term is exactly 0."""
 
-    def __init__(self, similarity, photo: torch.Tensor, keep: torch.Tensor | None, background_weight: float):
+    def __init__(self, similarity, photo: torch.Tensor | None, keep: torch.Tensor | None, background_weight: float):
         self.similarity = similarity
         self.photo = photo
         self.keep = keep
@@ -164,6 +173,8 @@ class EditScore:
     def __call__(self, image: torch.Tensor) -> dict:
         terms = self.similarity(image)
         if self.keep is not None and self.weight > 0:
+            if self.photo is None:
+                self.photo = image.detach().clone()
             bg = background_loss(image, self.photo, self.keep)
             terms["background"] = bg
             terms["loss"] = terms["loss"] + self.weight * bg
@@ -187,3 +198,17 @@ def check_edit(inversion: PhotoInversion, model, mask, background_weight: float,
     if grad_steps > steps:
         raise ValueError(f"grad_steps ({grad_steps}) cannot exceed the inversion's {steps} denoising steps")
     return background_weights(mask, inversion.size) if background_weight > 0 else None
+
+
+def check_refine_mask(mask, width: int, height: int, background_weight: float):
+    """A mask without an inversion (the refine route): the background weights against iteration
+    0's picture, which is ``width`` x ``height``; None when background_weight is 0 (the mask is
+    then unused, as when editing). Before any work."""
+    if background_weight < 0:
+        raise ValueError(f"background_weight cannot be negative, got {background_weight}")
+    if background_weight == 0:
+        return None
+    return background_weights(
+        mask, (height, width), image="the picture SISO Optimize makes (width x height)",
+        advice="make the mask from that picture (SISO Subject Mask on the zero-shot picture, which KSampler made at "
+               "the same size), or set SISO Optimize's width and height to the mask's size")

@@ -14,7 +14,7 @@ import torch
 
 from . import host
 from . import memory
-from .editing import EditScore, check_edit
+from .editing import EditScore, check_edit, check_refine_mask
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
@@ -37,7 +37,7 @@ class GenerationSettings:
     target: str = host.TARGETS[0]
     dino_weight: float = 1.0
     ir_weight: float = 1.0
-    background_weight: float = 10.0    # c of c * L_bg when editing
+    background_weight: float = 10.0    # c of c * L_bg (editing, or a mask without an inversion)
     # Recompute denoiser, decoder and feature-network activations in backward: True, False, or
     # "auto": only when the memory estimate says the run would not fit without it (memory.py).
     gradient_checkpointing: bool | str = "auto"
@@ -125,6 +125,10 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     With ``inversion`` (a PhotoInversion) it edits: every iteration denoises the inverted photo
     with its stored noises, and the loss adds ``background_weight`` * L_bg outside ``mask``
     (MASK, 1 = the subject to replace). Size, steps and sampler then come from the inversion.
+    With ``mask`` but no inversion (the refine route) it generates from the seed as usual, and
+    the loss adds ``background_weight`` * L_bg outside ``mask`` (width x height) against iteration
+    0's image: the picture the model makes before the LoRA moves it (the zero-shot picture, or
+    ``initial_lora``'s picture on a warm start); its background term is 0 at iteration 0.
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
     SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
     host.check_supported(model)
@@ -134,12 +138,11 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         keep = check_edit(inversion, model, mask, settings.background_weight, settings.grad_steps)
         height, width = inversion.size
         settings = replace(settings, steps=len(inversion.sigmas) - 1, width=width, height=height)
-    elif mask is not None:
-        raise ValueError("a mask is only used when editing: connect an inversion from SISO ReNoise Invert too, "
-                         "or disconnect the mask")
     settings.check()
     if inversion is None:
         host.check_size(vae, settings.width, settings.height)
+        if mask is not None:    # keep iteration 0's background: the mask must be the picture's size
+            keep = check_refine_mask(mask, settings.width, settings.height, settings.background_weight)
     if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
         raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
                          f"to {initial_lora.rank}")
@@ -186,6 +189,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 # clones: tensors made under the executor's inference_mode cannot enter autograd
                 score = EditScore(score, inversion.photo.to(device).clone(),
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
+            elif keep is not None:   # against iteration 0's image, kept by EditScore when it scores it
+                score = EditScore(score, None, keep.to(device).clone(), settings.background_weight)
             host.throw_if_interrupted()
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
                                             seed=settings.seed, checkpointing=checkpointing)

@@ -72,6 +72,8 @@ class OptimizationResult:
                 per_photo.append(f"{label} " + " / ".join(f"{v:.3f}" for v in values))
         if per_photo:   # several reference photos: how close the best image is to each
             text += "; similarity per reference photo: " + ", ".join(per_photo)
+        if "background" in best:   # a mask: how far the best image's background moved (0 = kept)
+            text += f"; background error {best['background']:.5f} (mean squared, outside the mask)"
         return text
 
 

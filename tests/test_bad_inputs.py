@@ -338,6 +338,17 @@ CASES = [
          edit=mask_from("other_size_mask.png", 72, 64)),
     Case("drawn mask everything", swap_drawn, "SISOOptimize", expect="the mask covers the whole photo",
          at="run", edit=load_image("all_painted.png", 64, 64, "5", alpha=0)),
+    # a mask without an inversion keeps iteration 0's background: it must be width x height (64 x 64)
+    Case("mask without inversion of another size", two_stage, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the picture SISO Optimize makes is 64x64 (width x height)",
+         edit=mask_from("refine_mask_72x64.png", 72, 64)),
+    # ... where only the run tells the mask's size (a stock SolidMask here; SISO Subject Mask on a
+    # VAE Decode in the refine templates): refused when the node starts, before any sampling
+    Case("mask made in the run of another size", two_stage, "SISOOptimize",
+         expect="the mask is 72x64 but the picture SISO Optimize makes (width x height) is 64x64", at="run",
+         edit=lambda prompt, server: (
+             prompt.__setitem__("903", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}}),
+             prompt[node_of(prompt, "SISOOptimize")]["inputs"].__setitem__("mask", ["903", 0]))),
 ]
 
 

@@ -339,3 +339,22 @@ def test_a_today_template_opens_lists_its_absent_models_and_queues(page, server,
     got = {k: {e["extra_info"]["input_name"] for e in v["errors"] if e["type"] == "value_not_in_list"}
            for k, v in answer.get("node_errors", {}).items()}
     assert got == files, answer
+
+    # the refine templates' optional mask (bypassed above: no mask in the prompt), turned on as
+    # Ctrl+B does (mode 0): the frontend's prompt then carries SISO Subject Mask and its MASK
+    bypassed = [n.id for n in spec.nodes if n.mode == graphs.BYPASS]
+    if bypassed:
+        assert "mask" not in prompt["14"]["inputs"] and not set(map(str, bypassed)) & set(prompt)
+        turned_on = page.evaluate("""async (ids) => {
+            for (const id of ids) app.graph.getNodeById(id).mode = 0;
+            try { return (await app.graphToPrompt()).output; }
+            finally { for (const id of ids) app.graph.getNodeById(id).mode = 4; }
+        }""", bypassed)
+        ui = json.loads((REPO / "example_workflows" / f"{spec.name}.json").read_text())
+        for node in ui["nodes"]:
+            if node["id"] in bypassed:
+                node["mode"] = 0
+        want = graphs.ui_to_api(ui, object_info)
+        assert turned_on["14"]["inputs"]["mask"] == ["29", 0]
+        assert {k: (v["class_type"], v["inputs"]) for k, v in turned_on.items()} == \
+            {k: (v["class_type"], v["inputs"]) for k, v in want.items()}

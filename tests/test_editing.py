@@ -158,7 +158,9 @@ def test_mismatched_editing_inputs_are_refused_before_any_work(sd15, subject, fe
         (dict(mask=torch.ones(1, H, W)), "covers the whole photo"),
         (dict(mask=torch.zeros(2, H, W)), "ONE mask"),
         (dict(mask=subject_mask(), grad_steps=4), r"grad_steps \(4\) cannot exceed the inversion's 3"),
-        (dict(mask=subject_mask(), inversion=None), "a mask is only used when editing"),
+        # no inversion: the mask keeps iteration 0's background, so it must be SISO Optimize's width x height
+        (dict(mask=subject_mask(), inversion=None), r"the mask is 72x64 but the picture SISO Optimize makes \(width x "
+                                                    r"height\) is 512x512"),
     ]
     for overrides, message in cases:
         args = dict(inversion=inversion)

@@ -12,9 +12,15 @@ downloads every template names for ComfyUI's missing-models dialog.
   stock VAELoader (tests/family_files.py). ComfyUI 0.3.75 fixes Flux.2's heads at 48 x 128 channels,
   so no tiny file is detected there: that test runs on 0.33. The text encoder is the CLIP-L of the
   suite's tiny SD1.5 checkpoint (klein's Qwen3-4B is 8 GB; nothing tiny loads through CLIPLoader
-  type flux2), so CLIPLoader is swapped for that checkpoint's CLIP in the prompt. Qwen-Image-Edit's
-  route is checked by validation only: its text encoder (Qwen2.5-VL 7B, widths fixed in ComfyUI's
-  code) has no tiny file either.
+  type flux2), so CLIPLoader is swapped for that checkpoint's CLIP in the prompt. It runs as the
+  template is (SISO Subject Mask bypassed: no mask) and with the mask turned on. Qwen-Image-Edit's
+  route is checked by validation only: CLIPLoader type qwen_image builds Qwen2.5-VL 7B from the
+  fixed widths of ``Qwen25_7BVLI_Config`` (comfy/text_encoders/llama.py; qwen_image.py passes an
+  empty config, and only the dtype and quantisation come from the file), so a file with the real
+  key names at tiny shapes fails load_state_dict's size check; the Qwen-Image diffusion model reads
+  only its input channels and depth from the file.
+- The refine templates' optional mask: SISO Subject Mask on the zero-shot picture, bypassed, its
+  MASK into SISO Optimize's mask; the default prompt (and the API twin) has no mask.
 """
 from __future__ import annotations
 
@@ -72,6 +78,16 @@ def test_every_loader_names_its_file_with_folder_and_public_url(spec):
     assert loaders, f"{spec.name} has no loader node"
     note = next(n for n in ui["nodes"] if n["type"] == "Note")["widgets_values"][0]
     assert "ir_features.pth" in note, "the note must name the IR file, which has no download"
+    # SISO Subject Mask's checkpoints: their folders and their publishers' URLs (.pth files the
+    # frontend lists but does not download; the BERT folder is named in the notes)
+    for node in ui["nodes"]:
+        if node["type"] in graphs.SEGMENTATION_WIDGETS:
+            files = [described[node["id"]].widgets[w] for w in graphs.SEGMENTATION_WIDGETS[node["type"]]]
+            models = node["properties"].get("models")
+            assert [m["name"] for m in models] == files == list(graphs.SEGMENTATION_DOWNLOADS), (node["id"], models)
+            for m in models:
+                assert (m["directory"], m["url"]) == graphs.SEGMENTATION_DOWNLOADS[m["name"]], m
+                assert m["directory"] in folder_paths.folder_names_and_paths and m["url"].endswith("/" + m["name"]), m
 
 
 @pytest.mark.parametrize("spec", TODAY, ids=[w.name for w in TODAY])
@@ -83,6 +99,44 @@ def test_the_note_names_every_file_and_where_to_get_it(spec):
             directory, url = graphs.MODEL_FILES[name]
             assert f"models/{directory}/{name}" in note and url in note, name
     assert "Kaggle" in note and "yairshp/SISO" in note
+
+
+REFINE = [graphs.FLUX2_KLEIN_REFINE, graphs.QWEN_EDIT_REFINE]
+MASK_NODE, MASK_PREVIEW, DECODE, OPTIMIZE = 29, 30, 13, 14
+
+
+@pytest.mark.parametrize("spec", REFINE, ids=[w.name for w in REFINE])
+def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_on(spec, object_info):
+    """SISO Subject Mask on the zero-shot picture, its MASK into SISO Optimize's mask, bypassed (mode
+    4) with its preview: the default route (and the API twin) has no mask; Ctrl+B on both gives
+    SISO Optimize the mask. The frontends (1.32 and 1.49) hand a bypassed node's output on only from
+    an input of the same type; SISO Subject Mask has no MASK input, so its MASK gives no value and
+    the optional input is left out of the prompt (graphs.resolve_link; tests/test_browser.py
+    compares graphs.ui_to_api with the frontend's own graphToPrompt)."""
+    ui = committed(spec)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert nodes[MASK_NODE]["type"] == "SubjectMask" and nodes[MASK_NODE]["mode"] == graphs.BYPASS
+    assert nodes[MASK_PREVIEW]["type"] == "PreviewImage" and nodes[MASK_PREVIEW]["mode"] == graphs.BYPASS
+    links = {l[0]: l for l in ui["links"]}
+    image = next(i for i in nodes[MASK_NODE]["inputs"] if i["name"] == "image")
+    assert links[image["link"]][1:3] == [DECODE, 0]                      # the zero-shot picture
+    mask = next(i for i in nodes[OPTIMIZE]["inputs"] if i["name"] == "mask")
+    assert links[mask["link"]][1:3] == [MASK_NODE, 0]
+    assert graphs.resolve_link(ui, mask["link"], "MASK") is None          # no MASK input to hand on
+    default = graphs.ui_to_api(ui, object_info)
+    assert "mask" not in default[str(OPTIMIZE)]["inputs"] and str(MASK_NODE) not in default
+    assert default == graphs.ui_to_api(ui, object_info) and api_twin(spec).keys() == default.keys()
+    assert "Ctrl+B" in spec.note and "ReNoise" not in spec.note
+    for node in nodes.values():
+        if node["id"] in (MASK_NODE, MASK_PREVIEW):
+            node["mode"] = 0
+    turned_on = graphs.ui_to_api(ui, object_info)
+    assert turned_on[str(OPTIMIZE)]["inputs"]["mask"] == [str(MASK_NODE), 0]
+    assert turned_on[str(MASK_NODE)]["inputs"]["image"] == [str(DECODE), 0]
+    # the mask is made at the size SISO Optimize makes its picture (KSampler's latent)
+    latent = default["11"]["inputs"]
+    assert (latent["width"], latent["height"]) == (default[str(OPTIMIZE)]["inputs"]["width"],
+                                                   default[str(OPTIMIZE)]["inputs"]["height"])
 
 
 # ----------------------------------------------------------------------------- against the server's nodes
@@ -132,19 +186,25 @@ def flux2_files(server):
     print(f"\nwrote the tiny Flux.2 files in {time.monotonic() - started:.1f} s")
 
 
-def test_refine_flux2_klein_route_runs_through_the_server(server, flux2_files):
-    from PIL import Image
-
-    from test_server import run_prompt
-    prompt = api_twin(graphs.FLUX2_KLEIN_REFINE)
+def with_the_tiny_text_encoder(prompt: dict) -> dict:
+    """The tiny files in the prompt, and the tiny SD1.5 checkpoint's CLIP-L (output 1) as the text
+    encoder instead of CLIPLoader's (output 0)."""
     assert prompt["1"]["inputs"]["unet_name"] == TINY_UNET and prompt["3"]["inputs"]["vae_name"] == TINY_VAE
-    # the text encoder: the tiny SD1.5 checkpoint's CLIP-L (output 1) instead of CLIPLoader's (output 0)
     assert prompt["2"]["class_type"] == "CLIPLoader"
     prompt["2"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}}
     for node in prompt.values():
         for name, value in node["inputs"].items():
             if value == ["2", 0]:
                 node["inputs"][name] = ["2", 1]
+    return prompt
+
+
+def test_refine_flux2_klein_route_runs_through_the_server(server, flux2_files):
+    from PIL import Image
+
+    from test_server import run_prompt
+    prompt = with_the_tiny_text_encoder(api_twin(graphs.FLUX2_KLEIN_REFINE))
+    assert "mask" not in prompt[str(OPTIMIZE)]["inputs"]     # the default route: the mask is bypassed
     started = time.monotonic()
     entry = run_prompt(server, prompt)
     outputs = entry["outputs"]
@@ -171,3 +231,27 @@ def test_refine_flux2_klein_route_runs_through_the_server(server, flux2_files):
         with Image.open(server.base / images[0]["type"] / images[0].get("subfolder", "") / images[0]["filename"]) as png:
             assert png.size == (64, 64), png.size
     print(f"\nrefine route (Flux.2 klein, tiny) through the server: {time.monotonic() - started:.1f} s; {report[0]}\n{table[0]}")
+
+
+def test_refine_flux2_klein_route_with_the_mask_turned_on_keeps_the_background(server, flux2_files, object_info):
+    """The template with SISO Subject Mask and its preview turned on (what Ctrl+B does: mode 0), as
+    the frontend sends it: the mask of the zero-shot picture (the tiny random Grounding DINO and
+    SAM of the test server, thresholds 0 so they find something) reaches SISO Optimize, whose
+    report gives the background error of its best iteration."""
+    from test_server import run_prompt
+    ui = committed(graphs.FLUX2_KLEIN_REFINE)
+    for node in ui["nodes"]:
+        if node["id"] in (MASK_NODE, MASK_PREVIEW):
+            node["mode"] = 0
+    overrides = dict(graphs.FLUX2_KLEIN_REFINE.test_overrides)
+    overrides[MASK_NODE] = dict(graphs.ANY_DETECTION, keep="most confident", grow_pixels=0)
+    prompt = with_the_tiny_text_encoder(graphs.ui_to_api(ui, object_info, overrides))
+    assert prompt[str(OPTIMIZE)]["inputs"]["mask"] == [str(MASK_NODE), 0]
+    started = time.monotonic()
+    outputs = run_prompt(server, prompt)["outputs"]
+    report = outputs.get(str(OPTIMIZE), {}).get("text", [])
+    assert report and "iteration cap reached after 3 iterations" in report[0], outputs.get(str(OPTIMIZE))
+    assert "background error" in report[0], report[0]
+    assert len(outputs.get(str(MASK_PREVIEW), {}).get("images", [])) == 1, outputs.get(str(MASK_PREVIEW))
+    print(f"\nrefine route with the mask (Flux.2 klein, tiny) through the server: {time.monotonic() - started:.1f} s; "
+          f"{report[0]}")

@@ -42,6 +42,7 @@ class Node:
     links: dict = field(default_factory=dict)          # input name -> (source node id, output slot)
     title: str | None = None
     color: str | None = None                           # "#232" green (positive), "#322" red (negative)
+    mode: int = 0                                      # litegraph's mode: 0 always, 2 never (muted), 4 bypass
 
 
 @dataclass
@@ -132,7 +133,7 @@ def build_ui(workflow: Workflow, object_info: dict) -> dict:
         for slot, (kind, name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
             outputs.append({"name": name, "type": kind, "slot_index": slot, "links": outgoing.get((node.id, slot))})
         entry = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
-                 "order": order[node.id], "mode": 0, "inputs": inputs, "outputs": outputs,
+                 "order": order[node.id], "mode": node.mode, "inputs": inputs, "outputs": outputs,
                  "properties": {"Node name for S&R": node.type}, "widgets_values": values}
         if node.title:
             entry["title"] = node.title
@@ -179,17 +180,28 @@ MODEL_FILES = {
     "qwen_image_vae.safetensors": ("vae", HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
     "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors": ("loras", HF + "lightx2v/Qwen-Image-Lightning/resolve/main/Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"),
 }
+# SISO Subject Mask's checkpoints, from their publishers (Meta's download server, IDEA-Research's
+# GitHub release). The frontend lists them with their folder and URL when they are absent but
+# offers no download (it downloads only .safetensors files from Hugging Face or Civitai); Grounding
+# DINO's config file and its BERT folder are not single files of a node's widget: the notes name them.
+SEGMENTATION_DOWNLOADS = {
+    "sam_vit_b_01ec64.pth": ("sams", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"),
+    "groundingdino_swint_ogc.pth": ("grounding-dino", "https://github.com/IDEA-Research/GroundingDINO/releases/download/"
+                                                      "v0.1.0-alpha/groundingdino_swint_ogc.pth"),
+}
+MODEL_FILES.update(SEGMENTATION_DOWNLOADS)
 # The loaders' file widgets: every one must name a file of MODEL_FILES. SISO's weight inputs carry
 # the entry where a public URL exists (DINOv2); the IR file needs a login and is named in the note.
 LOADER_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",), "CLIPLoader": ("clip_name",),
                   "VAELoader": ("vae_name",), "LoraLoaderModelOnly": ("lora_name",)}
 WEIGHT_WIDGETS = {"SISOOptimize": ("dino_weights",), "SISOSubjectScore": ("dino_weights",)}
+SEGMENTATION_WIDGETS = {"SubjectMask": ("sam_model", "grounding_dino_model")}
 
 
 def model_downloads(node: Node, workflow_name: str = "") -> list:
     """properties.models of a node: one {name, url, directory} per model file its widgets name."""
     out = []
-    for name in LOADER_WIDGETS.get(node.type, ()) + WEIGHT_WIDGETS.get(node.type, ()):
+    for name in LOADER_WIDGETS.get(node.type, ()) + WEIGHT_WIDGETS.get(node.type, ()) + SEGMENTATION_WIDGETS.get(node.type, ()):
         value = node.widgets.get(name)
         if value not in MODEL_FILES:
             if node.type in LOADER_WIDGETS:
@@ -215,9 +227,67 @@ def _topological_order(workflow: Workflow) -> dict:
 
 
 # ----------------------------------------------------------------------------- API format
+NEVER, BYPASS = 2, 4     # litegraph's modes the frontend leaves out of the prompt
+
+
+def _connects(a: str, b: str) -> bool:
+    """LiteGraph.isValidConnection for socket types: equal, a wildcard, or a shared type of a list."""
+    a, b = str(a), str(b)
+    if a == b or a in ("*", "") or b in ("*", ""):
+        return True
+    return bool(set(a.upper().split(",")) & set(b.upper().split(",")))
+
+
+def _bypass_input(node: dict, slot: int, wanted: str) -> int:
+    """The input of a bypassed node whose upstream value stands in for its output ``slot``, for an
+    input of type ``wanted`` (the frontends' rule, ExecutableNodeDTO's bypass slot index in 1.32
+    and 1.49): the same-numbered input when its type fits both, else the first input of the wanted
+    type, else the first that fits both; -1: none (the input then gets no value). Only socket
+    inputs are listed in these files; a widget's input (INT, COMBO, ...) fits no socket type."""
+    inputs, out_type = node["inputs"], node["outputs"][slot]["type"]
+    if wanted in ("*", ""):
+        return slot if len(inputs) > slot else 0
+    if slot < len(inputs) and _connects(inputs[slot]["type"], out_type) and _connects(inputs[slot]["type"], wanted):
+        return slot
+    same = next((k for k, i in enumerate(inputs) if i["type"] == wanted), -1)
+    if same != -1:
+        return same
+    return next((k for k, i in enumerate(inputs) if _connects(i["type"], out_type) and _connects(i["type"], wanted)), -1)
+
+
+def resolve_link(ui: dict, link_id: int, wanted: str):
+    """(source node id, output slot) that an input linked by ``link_id`` gets in the prompt the
+    frontend makes (app.graphToPrompt), or None: a muted node gives nothing, a bypassed one hands
+    on the value of its matching input (``_bypass_input``) or nothing."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {l[0]: l for l in ui["links"]}
+    seen = set()
+    while link_id is not None and link_id not in seen:
+        seen.add(link_id)
+        _, src, slot = links[link_id][:3]
+        node = nodes[src]
+        mode = node.get("mode", 0)
+        if mode == NEVER:
+            return None
+        if mode != BYPASS:
+            return src, slot
+        index = _bypass_input(node, slot, wanted)
+        if index == -1:
+            return None
+        link_id, wanted = node["inputs"][index].get("link"), node["inputs"][index]["type"]
+    return None
+
+
+def active_nodes(ui: dict) -> dict:
+    """The nodes the frontend puts into the prompt: not frontend-only, not muted, not bypassed."""
+    return {n["id"]: n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY and n.get("mode", 0) not in (NEVER, BYPASS)}
+
+
 def ui_to_api(ui: dict, object_info: dict, overrides: dict | None = None) -> dict:
-    nodes = {n["id"]: n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
-    link_source = {l[0]: (l[1], l[2]) for l in ui["links"]}
+    """What the frontend's graphToPrompt makes of the graph: the active nodes, each input linked to
+    where its value comes from after muted and bypassed nodes are left out (an input left with no
+    source is omitted, as the frontend omits it)."""
+    nodes = active_nodes(ui)
     api = {}
     for node_id, node in nodes.items():
         info = object_info[node["type"]]
@@ -227,8 +297,9 @@ def ui_to_api(ui: dict, object_info: dict, overrides: dict | None = None) -> dic
                 inputs[name] = value
         for socket in node["inputs"]:
             if socket.get("link") is not None:
-                src, slot = link_source[socket["link"]]
-                inputs[socket["name"]] = [str(src), slot]
+                source = resolve_link(ui, socket["link"], socket["type"])
+                if source is not None and source[0] in nodes:
+                    inputs[socket["name"]] = [str(source[0]), source[1]]
         api[str(node_id)] = {"class_type": node["type"], "_meta": {"title": node.get("title") or info.get("display_name", node["type"])},
                              "inputs": inputs}
     for node_id, values in (overrides or {}).items():
@@ -565,6 +636,19 @@ FLUX2_KLEIN_TWO_STAGE = split_two_stage(
      3: {"vae_name": "siso_tiny_flux2_vae.safetensors"}})
 
 
+KEEP_BACKGROUND_NOTE = (
+    "Keep the zero-shot picture's background (optional): 'SISO Subject Mask' and 'Mask check' are bypassed (purple), "
+    "so SISO Optimize gets no mask and may change the whole picture. Select both and press Ctrl+B: SISO Subject Mask "
+    "finds the subject (its text: your subject's class word) in the zero-shot picture, and SISO Optimize's loss adds "
+    "background_weight (10) x the squared error outside that mask against its iteration 0 (the zero-shot picture), so "
+    "mostly the subject changes; grow_pixels leaves its outline room to change. The mask must be the size SISO "
+    "Optimize makes (width x height, as KSampler's latent). Its files (not offered for download by ComfyUI):\n"
+    + "".join(f"- models/{folder}/{name}  ({url})\n" for name, (folder, url) in SEGMENTATION_DOWNLOADS.items()) +
+    "- the folder models/grounding-dino/bert-base-uncased/: config.json, vocab.txt, tokenizer.json, "
+    "tokenizer_config.json and model.safetensors of https://huggingface.co/google-bert/bert-base-uncased (Grounding "
+    "DINO's text encoder); optionally GroundingDINO_SwinT_OGC.cfg.py beside the checkpoint.\n")
+
+
 def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, positive, negative, latent_type,
                     steps, extra_note, tiny, stage2_nodes, stage2_positive) -> Workflow:
     """The refine route: the reference model makes its zero-shot picture of the subject (the subject
@@ -586,10 +670,8 @@ def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, p
               "photo by DINOv2 and image-retrieval similarity. Watch the live chart; Cancel stops within one iteration.\n"
               "3. SISO Subject Score scores both pictures against your photo: image 0 is the zero-shot one, image 1 the "
               "refined one (its table: DINO, IR and score; higher is closer).\n"
-              "4. Stage 2: the LoRA on the reference model renders another prompt and seed, with the same reference.\n"
-              "To keep the zero-shot picture's background as well, invert it with SISO ReNoise Invert and give SISO "
-              "Optimize that inversion and a mask from SISO Subject Mask (background_weight), as in siso_subject_swap.\n\n"
-              + extra_note),
+              "4. Stage 2: the LoRA on the reference model renders another prompt and seed, with the same reference.\n\n"
+              + KEEP_BACKGROUND_NOTE + "\n" + extra_note),
         nodes=[
             *loaders, *model_nodes,
             Node(5, "LoadImage", (-420, 380), (320, 330), {"image": "subject.png"}, title="Subject photo (the reference)"),
@@ -600,9 +682,13 @@ def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, p
                  {"model": (model_id, 0), "positive": positive, "negative": negative, "latent_image": (11, 0)},
                  "1. Zero-shot picture (reference model)"),
             Node(13, "VAEDecode", (420, 300), (210, 46), {}, {"samples": (12, 0), "vae": (3, 0)}),
+            # optional, bypassed: the subject's mask in the zero-shot picture keeps its background
+            Node(29, "SubjectMask", (420, 444), (340, 290), dict(SEGMENTATION, text="dog", grow_pixels=16),
+                 {"image": (13, 0)}, "Keep the background: the subject in the zero-shot picture", mode=BYPASS),
+            Node(30, "PreviewImage", (420, 770), (340, 200), {}, {"images": (29, 1)}, "Mask check", mode=BYPASS),
             Node(14, "SISOOptimize", (780, 0), (400, 740),
                  dict(WEIGHTS, width=1024, height=1024, steps=steps, grad_steps=1, max_iterations=optimise),
-                 {"model": (model_id, 0), "vae": (3, 0), "positive": positive, "subject": (6, 0)},
+                 {"model": (model_id, 0), "vae": (3, 0), "positive": positive, "subject": (6, 0), "mask": (29, 0)},
                  "2. SISO Optimize (same model, conditioning, seed, steps)"),
             Node(15, "ImageBatch", (1220, 0), (210, 46), {}, {"image1": (13, 0), "image2": (14, 1)}, "zero-shot, refined"),
             Node(16, "SISOSubjectScore", (1220, 100), (400, 300), WEIGHTS, {"images": (15, 0), "subject": (6, 0)},
@@ -619,11 +705,12 @@ def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, p
             Node(26, "SaveImage", (1240, 1140), (420, 420), {"filename_prefix": f"{name}_stage2"}, {"images": (25, 0)}),
         ],
         groups=[("Zero-shot picture, refined by SISO, scored", -440, -60, 2660, 1060, "#3f789e"),
+                ("Optional: keep the background (select both, Ctrl+B)", 400, 370, 380, 615, "#a1309b"),
                 ("Stage 2: the LoRA with another prompt and seed", -60, 1000, 1760, 600, "#8A8")],
         test_overrides={**tiny, 11: {"width": 64, "height": 64}, 12: {"steps": 2},
                         14: {"width": 64, "height": 64, "steps": 2, "max_iterations": 3},
                         19: {"name": f"{name}_test", "overwrite": True}, 24: {"steps": 2}},
-        note_size=(1300, 560),
+        note_size=(1300, 700),
     )
 
 

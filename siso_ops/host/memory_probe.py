@@ -194,20 +194,28 @@ def probe_environment():
     """While a shape-only pass runs: ComfyUI's free-memory query answers for the meta device
     (code that sizes its chunks by free memory, e.g. sub-quadratic attention, asks it; the answer
     is "plenty", so the pass takes the unchunked path a roomy device takes). Real devices are
-    answered as before."""
+    answered as before. Model code that turns autocast off for its tensors' device (0.33's Anima:
+    ``torch.autocast(device_type=x.device.type, enabled=False)``) gets the CPU's autocast for the
+    meta device, which torch has none of (the pass emulates autocast itself: _ShapeRun)."""
     management = comfy.model_management
-    original = management.get_free_memory
+    original, autocast = management.get_free_memory, torch.autocast
 
     def free_memory(dev=None, torch_free_too=False):
         if getattr(dev, "type", None) == "meta":
             plenty = 1 << 50
             return (plenty, plenty) if torch_free_too else plenty
         return original(dev, torch_free_too)
+
+    class MetaAutocast(autocast):
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
     management.get_free_memory = free_memory
+    torch.autocast = MetaAutocast
     try:
         yield
     finally:
         management.get_free_memory = original
+        torch.autocast = autocast
 
 
 def probe_decode(first_stage, model, model_latent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
