@@ -265,6 +265,7 @@ def gguf_model(base, model_name: str, layout: str):
     import asyncio
     import tarfile
     import torch
+    import comfy.model_management
     import nodes as comfy_nodes
     import conftest
     import quantised_files as qf
@@ -284,10 +285,11 @@ def gguf_model(base, model_name: str, layout: str):
           file=sys.stderr, flush=True)
     with torch.inference_mode():
         model = comfy_nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]().load_unet(name)[0]
-        # The loader maps the file: its pages enter RAM when a layer first reads them. Read every
-        # weight's bytes once now, as a first sample in ComfyUI would, so that the file is resident
-        # before the loop like the other layouts' weights (the memory estimate counts what the run
-        # adds to what is already in RAM).
+        # ComfyUI loads the weights when a sampler first asks for the model, and the file's pages
+        # enter RAM when a layer first reads them: both now, as a first sample in ComfyUI would,
+        # so that the weights are resident before the loop like the other layouts' (the memory
+        # estimate counts what the run adds to what is already in RAM).
+        comfy.model_management.load_models_gpu([model])
         touched = 0
         for tensor in model.model.diffusion_model.state_dict().values():
             if tensor.device.type == "meta":
