@@ -43,11 +43,13 @@ def model_weight_bytes(model) -> int:
 
 def model_weights_in_ram(model) -> bool:
     """Whether the model's weights already live in this process's RAM, shared by the training
-    clone (a regular patcher on a CPU); a dynamic VRAM patcher's clone reloads them."""
+    clone (a regular patcher on a CPU); a dynamic VRAM patcher's clone reloads them, and a model
+    ComfyUI has not loaded yet (ComfyUI 0.33 leaves a GGUF model's weights on the meta device
+    until its first sampler call) loads them inside the run."""
     if is_dynamic(model):
         return False
-    first = next(model.model.diffusion_model.parameters(), None)
-    return first is not None and first.device.type == "cpu"
+    devices = {p.device.type for p in model.model.diffusion_model.parameters()}
+    return devices == {"cpu"}
 
 
 def decoder_weight_bytes(vae, dtype: torch.dtype) -> int:
