@@ -111,18 +111,17 @@ class _ProbeForward:
         self.kind = kind
 
     def __call__(self, x):
-        if self.kind is not None and self.keeps_weight and not _stored_as_is(self.module, x):
-            # as the training forward: a stock layer whose weight is not used as stored (fp8
-            # storage cast to the compute dtype, a scale) goes through its own cast path and
-            # backward casts again, so no cast copy is kept
-            return _ProbeForward(self.module, self.op, self.cast, self.lora, self.clone_input, keeps_weight=False)(x)
+        # as the training forward: a stock layer whose weight is not used as stored (fp8 storage
+        # cast to the compute dtype, a scale) goes through its own cast path and backward casts
+        # again, so no cast copy is kept
+        keeps_weight = self.keeps_weight and (self.kind is None or _stored_as_is(self.module, x))
         weight, bias = self.module.weight, getattr(self.module, "bias", None)
         if self.cast and weight is not None:
             weight = weight.to(x.dtype)
             bias = None if bias is None else bias.to(x.dtype)
         if self.clone_input:
             x = x.clone()
-        if not self.keeps_weight:     # _ThroughOwnCast: the output is kept by its users, nothing else
+        if not keeps_weight:     # _ThroughOwnCast: the output is kept by its users, nothing else
             with torch.no_grad():
                 out = self.op(self.module, x, weight, bias)
             out = out + x.new_zeros(()).requires_grad_() if torch.is_grad_enabled() else out
