@@ -37,7 +37,7 @@ define install_torchaudio
 	  || $(1) -m pip install -q --disable-pip-version-check --no-deps "torchaudio<=$$torch"; fi
 endef
 
-.PHONY: run test bench env comfyui clean workflows screenshots browser
+.PHONY: run test test-method bench env comfyui clean workflows screenshots browser
 
 env: $(VENV)/.ready
 
@@ -48,6 +48,16 @@ $(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYU
 	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(BASE_VENV)/comfyui-requirements.txt
 	$(BASE_VENV)/bin/python -m pip install -q -r $(BASE_VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
 	$(call install_torchaudio,$(BASE_VENV)/bin/python,$(EMBEDDED_COMFYUI))
+	touch $@
+
+# The method alone (siso_ops outside host/): a venv with torch, timm and safetensors only (torchvision
+# comes with timm; pytest runs the tests), no ComfyUI. Its marker is made once: CI reuses it.
+METHOD_VENV := $(CURDIR)/.venv-method
+$(METHOD_VENV)/.ready:
+	rm -rf $(METHOD_VENV)
+	$(PYTHON) -m venv $(METHOD_VENV)
+	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check "timm>=1.0.9" "safetensors>=0.4.2" "pytest>=8"
 	touch $@
 
 # Another ComfyUI's venv, layered over .venv. torch and torchvision stay .venv's; torchaudio
@@ -85,6 +95,11 @@ browser:
 
 test: env browser
 	cd $(CURDIR) && SISO_COMFYUI_DIR=$(COMFYUI_DIR) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The method's unit tests (tests/method) without ComfyUI: the root tests/conftest.py, which loads
+# ComfyUI, is left out by --confcutdir.
+test-method: $(METHOD_VENV)/.ready
+	cd $(CURDIR) && $(METHOD_VENV)/bin/python -m pytest -q --confcutdir=tests/method tests/method $(PYTEST_ARGS)
 
 # Starts ComfyUI with this pack on $(HOST):$(PORT). The pack is linked into the runtime's
 # custom_nodes folder; with COMFYUI_DIR set, that is the user's own ComfyUI.

@@ -15,8 +15,8 @@ register_model_folders()
 class SISOExtension(ComfyExtension):
     async def get_node_list(self):
         from .nodes import NODES
-        from .nodes.checks import register_queue_check
-        register_queue_check(NODES)   # queue-time checks on the prompt as sent (nodes/checks.py)
+        from .nodes.queue_checks import register_queue_check
+        register_queue_check(NODES)   # queue-time checks on the prompt as sent (nodes/queue_checks.py)
         return NODES
 
 

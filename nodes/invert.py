@@ -1,6 +1,5 @@
 import logging
 
-import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
@@ -79,7 +78,7 @@ class ReNoiseInvert(CheckedNode):
         host.check_editing(model)
         host.check_vae(vae, model)
         check_photo(image, host.latent_scale(vae))
-        bar = comfy.utils.ProgressBar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))
+        bar = host.progress_bar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))
 
         def on_step(done, total):
             bar.update_absolute(done, total)

@@ -1,6 +1,5 @@
 import logging
 
-import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
@@ -73,7 +72,7 @@ class SubjectMask(CheckedNode):
                 when_nothing_found):
         settings = MaskSettings(text=text, box_threshold=box_threshold, text_threshold=text_threshold, keep=keep,
                                 grow_pixels=grow_pixels, when_nothing_found=when_nothing_found)
-        bar = comfy.utils.ProgressBar(2 * image.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
+        bar = host.progress_bar(2 * image.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
         result = host.subject_masks(image, settings, sam_model, grounding_dino_model, on_step=lambda: bar.update(1))
         for warning in result.warnings:
             log.warning(warning)

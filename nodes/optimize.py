@@ -9,7 +9,8 @@ from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
-from .checks import CheckedNode, checked, file_choice, linked_image_size
+from .checks import CheckedNode, checked, file_choice
+from .queue_checks import linked_image_size
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -189,10 +190,9 @@ class SISOOptimize(CheckedNode):
         report = result.describe()
         if warnings:
             report = "Warning: " + "; ".join(warnings) + ". " + report
-        plan = getattr(result, "memory", None)
-        if plan is not None:   # what the memory estimate said, and the low_memory it chose
-            report += f". {plan.describe()}"
-        if getattr(result, "loading", None):   # whether ComfyUI held the whole model or streamed it
+        if result.memory is not None:   # what the memory estimate said, and the low_memory it chose
+            report += f". {result.memory.describe()}"
+        if result.loading:   # whether ComfyUI held the whole model or streamed it
             report += f". Model {result.loading}"
         progress.finish(report)
         log.info("SISO: %s", report)

@@ -4,25 +4,11 @@ and the pack's own websocket event for the live chart in web/siso.js.
 Every ``siso.progress`` event carries the whole history so far (a few floats per iteration),
 so a page reloaded mid-run redraws the complete chart from the next event. With no browser
 attached (API use) the events go nowhere and cost nothing."""
-import comfy.model_management
-import comfy.utils
-from comfy.cli_args import LatentPreviewMethod, args
 from PIL import Image
 
 from ..siso_ops import host
 
 EVENT = "siso.progress"
-
-
-def _send(data: dict):
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None or getattr(instance, "loop", None) is None:
-        return   # no server (ComfyUI used as a library, tests)
-    instance.send_sync(EVENT, data, instance.client_id)
 
 
 class IterationProgress:
@@ -31,13 +17,13 @@ class IterationProgress:
         self.node_id = node_id
         self.patience = patience
         self.editing = editing
-        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.bar = host.progress_bar(total, node_id=node_id)
         self.history = {"loss": [], "dino": [], "ir": [], "background": []}
         self.best = 0
         self.iteration = 0
 
     def _event(self, state: str, reason: str = ""):
-        _send({"node": self.node_id, "state": state, "reason": reason, "iteration": self.iteration, "max": self.total,
+        host.send_event(EVENT, {"node": self.node_id, "state": state, "reason": reason, "iteration": self.iteration, "max": self.total,
                "best": self.best, "patience": self.patience, "editing": self.editing, "history": self.history})
 
     def __call__(self, report):
@@ -45,7 +31,7 @@ class IterationProgress:
         # (--preview-method other than none): API clients of a default server get no binary
         # frames from a stock graph, and must get none from ours.
         preview = None
-        if args.preview_method != LatentPreviewMethod.NoPreviews:
+        if host.previews_enabled():
             pixels = (report.image[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             preview = ("JPEG", Image.fromarray(pixels), 512)
         self.bar.update_absolute(report.iteration + 1, self.total, preview)
@@ -72,7 +58,7 @@ class IterationProgress:
         self._event("done", report)
 
     def failed(self, error: BaseException):
-        if isinstance(error, comfy.model_management.InterruptProcessingException):
+        if host.is_cancel(error):
             self._event("cancelled", f"cancelled after {self.iteration} iterations")
         else:
             self._event("failed", f"{type(error).__name__}: {error}")

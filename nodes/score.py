@@ -1,10 +1,7 @@
 import torch
 from comfy_api.v0_0_2 import io
 
-import comfy.utils
-
-from ..siso_ops import host
-from ..siso_ops.generation import networks
+from ..siso_ops import host, loaded_networks
 from ..siso_ops.precision import PRECISIONS, compute_dtype
 from ..siso_ops.score import score_images
 from .checks import CheckedNode, checked
@@ -59,26 +56,18 @@ class SISOSubjectScore(CheckedNode):
     def execute(cls, images, subject, dino_weights, ir_weights, dino_weight, ir_weight, precision="auto"):
         device = host.compute_device()
         dtype = compute_dtype(device, precision)
-        dino = networks.get("dino", host.weight_file_path("dino", dino_weights), dtype) if dino_weight > 0 else None
-        ir = networks.get("ir", host.weight_file_path("ir", ir_weights), dtype) if ir_weight > 0 else None
-        used = [n for n in (dino, ir) if n is not None]
-        bar = comfy.utils.ProgressBar(images.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
+        dino, ir = loaded_networks.load(host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None,
+                                        host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None,
+                                        dino_weight, ir_weight, dtype)
+        bar = host.progress_bar(images.shape[0], node_id=getattr(cls.hidden, "unique_id", None))
 
         def on_chunk(done, total):
             bar.update_absolute(done, total)
             host.throw_if_interrupted()
 
-        try:
-            for net in used:
-                net.to(device)
-                net.set_interrupt_check(host.throw_if_interrupted)
+        with loaded_networks.on_device((dino, ir), device):
             scores = score_images(images[..., :3].permute(0, 3, 1, 2), subject.images, dino, ir, dino_weight,
                                   ir_weight, device, dtype, on_chunk)
-        finally:
-            for net in used:
-                net.to("cpu")
-                net.set_interrupt_check(None)
-            host.free_cached_memory()
         table = scores.table()
         best_first = images[torch.tensor(scores.order)]
         dino_out = [v if v is not None else float("nan") for v in scores.dino]

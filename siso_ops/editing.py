@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import host
+from .runtime import host
 from .renoise import ReNoiseSettings, invert, reconstruct
 
 

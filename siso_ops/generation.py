@@ -1,22 +1,23 @@
 """SISO subject-driven generation: optimise a LoRA on the host model until its image from a
 fixed seed matches the subject photo. The node calls ``optimize_subject``; everything
-ComfyUI-specific goes through ``host``."""
+ComfyUI-specific goes through ``host`` (the interface of runtime.py).
+
+``optimize_subject`` runs its phases in order, one function each: the checks of every input,
+the memory plan, the similarity networks, the loss, the trainable clone, the decoder copy, and
+the loop. Cancel is checked between every two phases (``_between_phases``), inside the
+networks' blocks, before every denoiser call and after every iteration."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import gc
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from . import host
-from . import memory
+from .runtime import host
+from .targets import ATTENTION
+from . import loaded_networks, memory
 from .editing import EditScore, check_edit, check_refine_mask
-from .feature_networks import load_dino, load_ir
-from .optimize import OptimizationSettings, optimize
+from .loaded_networks import networks, release_freed_memory  # noqa: F401  (generation.networks: tests, benchmarks)
+from .optimize import OptimizationResult, OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
 from .similarity import SimilarityLoss
@@ -34,7 +35,7 @@ class GenerationSettings:
     scheduler: str = "simple"
     rank: int = 4
     alpha: float = 0.0          # 0 -> alpha = rank (scale 1)
-    target: str = host.TARGETS[0]
+    target: str = ATTENTION
     dino_weight: float = 1.0
     ir_weight: float = 1.0
     background_weight: float = 10.0    # c of c * L_bg (editing, or a mask without an inversion)
@@ -60,67 +61,25 @@ class GenerationSettings:
         self.optimization.check()
 
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
-def release_freed_memory():
-    """Hand memory that was freed back to the operating system. glibc keeps freed heap memory
-    for reuse, so after the similarity networks are loaded in float32 and converted to bfloat16
-    the process would go on holding the float32 copies' gigabytes of RAM, and after a CPU run its
-    activations'. Linux with glibc; elsewhere nothing to do."""
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+@dataclass
+class GenerationResult(OptimizationResult):
+    """What a run found (OptimizationResult) and how it ran, for the node's report."""
+    memory: memory.MemoryPlan | None = None   # the estimate and the low_memory choice
+    loading: str = ""                         # fully loaded, or streamed per layer by ComfyUI
 
 
-class _NetworkCache:
-    """Similarity networks stay loaded (on the CPU between runs) so a second run in the same
-    session skips the file read; keyed by path, modification time and the weights' dtype
-    (stored in the compute precision: bfloat16 halves their memory)."""
-
-    def __init__(self):
-        self.entries = {}
-
-    def get(self, kind: str, path: str, dtype: torch.dtype = torch.float32):
-        key = (kind, os.path.abspath(path), os.path.getmtime(path), dtype)
-        entry = self.entries.get(kind)
-        if entry is None or entry[0] != key:
-            self.entries.pop(kind, None)
-            gc.collect()
-            with torch.inference_mode(False):
-                network = (load_dino if kind == "dino" else load_ir)(path).to(dtype=dtype)
-            self.entries[kind] = (key, network)
-            release_freed_memory()
-        return self.entries[kind][1]
-
-    def peek(self, kind: str, path: str | None, dtype: torch.dtype = torch.float32):
-        """The cached network ``get`` would return without reading the file, or None."""
-        try:
-            key = (kind, os.path.abspath(path), os.path.getmtime(path), dtype)
-        except (OSError, TypeError):
-            return None
-        entry = self.entries.get(kind)
-        return entry[1] if entry is not None and entry[0] == key else None
-
-    def clear(self):
-        self.entries.clear()
-        release_freed_memory()
-
-
-networks = _NetworkCache()
+def _between_phases():
+    # Cancel between the phases before the loop too (the memory probe, each network read, the
+    # clone, the decoder copy), not only once the iterations run: each can take seconds to minutes.
+    host.throw_if_interrupted()
 
 
 def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str | None, ir_path: str | None,
                      settings: GenerationSettings, on_iteration=None, feature_networks=None, inversion=None, mask=None,
                      initial_lora=None):
-    """Returns (SubjectLoRA, best image BHWC, OptimizationResult).
+    """Returns (SubjectLoRA, best image BHWC, GenerationResult).
 
     With ``inversion`` (a PhotoInversion) it edits: every iteration denoises the inverted photo
     with its stored noises, and the loss adds ``background_weight`` * L_bg outside ``mask``
@@ -131,6 +90,50 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     ``initial_lora``'s picture on a warm start); its background term is 0 at iteration 0.
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
     SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
+    settings, keep = _check_inputs(model, vae, positive, settings, inversion, mask, initial_lora)
+    device = host.compute_device()
+    dtype = compute_dtype(device, settings.precision)
+    memory_plan = _plan_memory(model, vae, positive, settings, device, dtype, dino_path, ir_path, feature_networks)
+    checkpointing = memory_plan.checkpointing
+    _between_phases()
+    with host.training_mode():
+        if feature_networks is None:
+            dino, ir = loaded_networks.load(dino_path, ir_path, settings.dino_weight, settings.ir_weight, dtype,
+                                            between=_between_phases)
+        else:
+            dino, ir = feature_networks
+        _between_phases()
+        host.make_room_for_training(device)
+        with loaded_networks.on_device((dino, ir), device, checkpointing):
+            trainable = None
+            decoder = None
+            try:
+                score = _loss(dino, ir, subject, settings, device, dtype, inversion, keep)
+                _between_phases()
+                trainable = _trainable_clone(model, settings, checkpointing, initial_lora)
+                _between_phases()
+                decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype, checkpointing=checkpointing)
+                _between_phases()
+                found = _loop(trainable, decoder, score, model, vae, positive, settings, dtype, inversion,
+                              on_iteration)
+                result = GenerationResult(**{f.name: getattr(found, f.name) for f in fields(found)},
+                                          memory=memory_plan, loading=trainable.loading)
+                lora = SubjectLoRA(
+                    tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
+                    model=host.describe_model(model), best_iteration=result.best_iteration,
+                    iterations=result.iterations, best_loss=result.best_loss, stop_reason=result.stop_reason,
+                    history=result.history, **host.subject_lora_layouts(model))
+                return lora, result.best_image.permute(0, 2, 3, 1).contiguous(), result
+            finally:
+                if trainable is not None:
+                    trainable.unload()
+                if decoder is not None:
+                    decoder.release()
+
+
+def _check_inputs(model, vae, positive, settings: GenerationSettings, inversion, mask, initial_lora):
+    """Every check before any work; returns (the settings the run uses, the background weights
+    or None). When editing, size and steps come from the inversion."""
     host.check_supported(model)
     host.check_reference_path(model, positive)   # before any work, as the family check
     keep = None
@@ -146,10 +149,13 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
         raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
                          f"to {initial_lora.rank}")
-    device = host.compute_device()
-    dtype = compute_dtype(device, settings.precision)
-    # Before any work (networks read, clone and decoder copy built): will one iteration fit, and
-    # does it need gradient checkpointing to? Refuses with the estimate when nothing fits.
+    return settings, keep
+
+
+def _plan_memory(model, vae, positive, settings: GenerationSettings, device, dtype, dino_path, ir_path,
+                 feature_networks) -> memory.MemoryPlan:
+    """Before any work (networks read, clone and decoder copy built): will one iteration fit, and
+    does it need gradient checkpointing to? Refuses with the estimate when nothing fits."""
     uses = []
     for kind, weight, path, given in (("dino", settings.dino_weight, dino_path, 0), ("ir", settings.ir_weight, ir_path, 1)):
         if weight <= 0:
@@ -159,105 +165,79 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         else:
             cached = networks.peek(kind, path, dtype)
             uses.append(memory.NetworkUse(kind, cached, path, in_ram=cached is not None))
-    memory_plan = memory.plan(settings.gradient_checkpointing, model, vae, positive, settings.width, settings.height,
-                              device, dtype, settings.grad_steps, settings.rank, settings.alpha, settings.target, uses)
-    checkpointing = memory_plan.checkpointing
-    # Cancel between the phases before the loop too (the memory probe, each network read, the
-    # clone, the decoder copy), not only once the iterations run: each can take seconds to minutes.
-    host.throw_if_interrupted()
-    with host.training_mode():
-        if feature_networks is None:
-            dino = networks.get("dino", dino_path, dtype) if settings.dino_weight > 0 else None
-            host.throw_if_interrupted()
-            ir = networks.get("ir", ir_path, dtype) if settings.ir_weight > 0 else None
-        else:
-            dino, ir = feature_networks
-        used = [n for n in (dino, ir) if n is not None]
-        host.throw_if_interrupted()
-        host.make_room_for_training(device)
-        trainable = None
-        decoder = None
+    return memory.plan(settings.gradient_checkpointing, model, vae, positive, settings.width, settings.height,
+                       device, dtype, settings.grad_steps, settings.rank, settings.alpha, settings.target, uses)
+
+
+def _loss(dino, ir, subject: SubjectPhoto, settings: GenerationSettings, device, dtype, inversion, keep):
+    """The similarity to the subject's photos, plus the background term when editing or refining."""
+    with autocast(device, dtype):    # the subject's embeddings in the loop's precision
+        score = SimilarityLoss(dino, ir, [p.detach().clone().float().to(device) for p in subject.images],
+                               settings.dino_weight, settings.ir_weight)
+    if inversion is not None:
+        # clones: tensors made under the executor's inference_mode cannot enter autograd
+        score = EditScore(score, inversion.photo.to(device).clone(),
+                          None if keep is None else keep.to(device).clone(), settings.background_weight)
+    elif keep is not None:   # against iteration 0's image, kept by EditScore when it scores it
+        score = EditScore(score, None, keep.to(device).clone(), settings.background_weight)
+    return score
+
+
+def _trainable_clone(model, settings: GenerationSettings, checkpointing: bool, initial_lora):
+    """The host model's clone with the LoRA to train (the host's model is never changed)."""
+    trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
+                                    seed=settings.seed, checkpointing=checkpointing)
+    if initial_lora is not None:   # warm start: iteration 0 is the model with that LoRA
         try:
-            for net in used:
-                net.to(device)
-                net.set_checkpointing(checkpointing)
-                net.set_interrupt_check(host.throw_if_interrupted)   # Cancel within one block
-            with autocast(device, dtype):    # the subject's embeddings in the loop's precision
-                score = SimilarityLoss(dino, ir, [p.detach().clone().float().to(device) for p in subject.images],
-                                       settings.dino_weight, settings.ir_weight)
-            if inversion is not None:
-                # clones: tensors made under the executor's inference_mode cannot enter autograd
-                score = EditScore(score, inversion.photo.to(device).clone(),
-                                  None if keep is None else keep.to(device).clone(), settings.background_weight)
-            elif keep is not None:   # against iteration 0's image, kept by EditScore when it scores it
-                score = EditScore(score, None, keep.to(device).clone(), settings.background_weight)
+            trainable.start_from(initial_lora.tensors)
+        except BaseException:
+            trainable.unload()
+            raise
+    return trainable
+
+
+def _loop(trainable, decoder, score, model, vae, positive, settings: GenerationSettings, dtype, inversion,
+          on_iteration) -> OptimizationResult:
+    """The iterations, inside the host's own sampling loop: generate, score, step, stop early."""
+    latent = host.empty_latent(model, settings.width, settings.height, vae)
+    if inversion is None:
+        noise = host.seed_noise(latent, settings.seed)
+        sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
+    else:
+        noise = torch.zeros_like(latent)
+        sigmas = inversion.sigmas
+
+    def body(denoise, start, sigmas_on_device, clean):
+        noises, flow = None, False
+        if inversion is not None:   # editing: the inverted photo and its stored noises
+            start = inversion.latent.to(start).clone()
+            noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
+            flow = inversion.flow
+
+        def each_step(*args, **kwargs):   # Cancel before every denoiser call, the first one too
             host.throw_if_interrupted()
-            trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
-                                            seed=settings.seed, checkpointing=checkpointing)
-            if initial_lora is not None:   # warm start: iteration 0 is the model with that LoRA
-                trainable.start_from(initial_lora.tensors)
-            host.throw_if_interrupted()
-            decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype,
-                                                 checkpointing=checkpointing)
-            host.throw_if_interrupted()
-            latent = host.empty_latent(model, settings.width, settings.height, vae)
-            if inversion is None:
-                noise = host.seed_noise(latent, settings.seed)
-                sigmas = host.sigma_schedule(model, settings.scheduler, settings.steps)
-            else:
-                noise = torch.zeros_like(latent)
-                sigmas = inversion.sigmas
+            return denoise(*args, **kwargs)
 
-            def body(denoise, start, sigmas_on_device, clean):
-                noises, flow = None, False
-                if inversion is not None:   # editing: the inverted photo and its stored noises
-                    start = inversion.latent.to(start).clone()
-                    noises = None if inversion.noises is None else [n.to(start).clone() for n in inversion.noises]
-                    flow = inversion.flow
+        # a model class no table row names: its path is checked on this run's first call
+        with autocast(start.device, dtype):
+            path = trainable.self_check(each_step, start, sigmas_on_device[0], dtype)
+        if path:
+            trainable.loading += f"; {path}"
 
-                def each_step(*args, **kwargs):   # Cancel before every denoiser call, the first one too
-                    host.throw_if_interrupted()
-                    return denoise(*args, **kwargs)
+        first = []
 
-                # a model class no table row names: its path is checked on this run's first call
-                with autocast(start.device, dtype):
-                    path = trainable.self_check(each_step, start, sigmas_on_device[0], dtype)
-                if path:
-                    trainable.loading += f"; {path}"
+        def generate():
+            with autocast(start.device, dtype):
+                image = decoder(sample(each_step, start, sigmas_on_device, settings.grad_steps, noises, flow))
+            if not first:    # before any step: every LoRA layer is on the model's path
+                trainable.check_lora_reached()
+                first.append(True)
+            return image
 
-                first = []
+        def scored(image):
+            with autocast(image.device, dtype):
+                return score(image)
 
-                def generate():
-                    with autocast(start.device, dtype):
-                        image = decoder(sample(each_step, start, sigmas_on_device, settings.grad_steps, noises, flow))
-                    if not first:    # before any step: every LoRA layer is on the model's path
-                        trainable.check_lora_reached()
-                        first.append(True)
-                    return image
+        return optimize(trainable.parameters(), generate, scored, settings.optimization, on_iteration)
 
-                def scored(image):
-                    with autocast(image.device, dtype):
-                        return score(image)
-
-                return optimize(trainable.parameters(), generate, scored, settings.optimization, on_iteration)
-
-            result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
-            result.memory = memory_plan     # the estimate and the low_memory choice, for the report
-            result.loading = trainable.loading   # fully loaded, or streamed per layer by ComfyUI
-            lora = SubjectLoRA(
-                tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
-                model=host.describe_model(model), best_iteration=result.best_iteration,
-                iterations=result.iterations, best_loss=result.best_loss, stop_reason=result.stop_reason,
-                history=result.history, **host.subject_lora_layouts(model))
-            return lora, result.best_image.permute(0, 2, 3, 1).contiguous(), result
-        finally:
-            if trainable is not None:
-                trainable.unload()
-            if decoder is not None:
-                decoder.release()
-            for net in used:
-                net.to("cpu")
-                net.set_checkpointing(False)
-                net.set_interrupt_check(None)
-            release_freed_memory()
-            host.free_cached_memory()
+    return host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)

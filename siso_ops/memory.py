@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import host
+from .runtime import host
+from .targets import ATTENTION
 
 log = logging.getLogger("siso")
 
@@ -388,7 +389,7 @@ def _signature(tensors: dict) -> tuple:
 
 
 def denoiser_activations(model, positive, latent: torch.Tensor, device_type: str, dtype: torch.dtype, rank: int = 4,
-                         alpha: float = 0.0, target: str = host.TARGETS[0]) -> ActivationCount:
+                         alpha: float = 0.0, target: str = ATTENTION) -> ActivationCount:
     """One denoiser pass with gradients at the run's latent size, the LoRA on its layers."""
     real_conds = host.model_conditioning(model, positive, latent)
 
@@ -549,7 +550,7 @@ class MemoryEstimate:
 
 
 def estimate_iteration(model, vae, positive, width: int, height: int, device, dtype: torch.dtype, grad_steps: int = 1,
-                       rank: int = 4, alpha: float = 0.0, target: str = host.TARGETS[0], networks=()) -> MemoryEstimate:
+                       rank: int = 4, alpha: float = 0.0, target: str = ATTENTION, networks=()) -> MemoryEstimate:
     """The estimate for one iteration of ``optimize_subject`` with these settings (see the module
     docstring). ``networks``: NetworkUse of each network the loss uses."""
     device = torch.device(device)

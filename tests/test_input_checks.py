@@ -202,7 +202,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_earlier_file(monkeypatch):
 
 def test_subject_score_with_no_images_is_refused_before_the_networks_load(monkeypatch):
     opened = []
-    monkeypatch.setattr(siso("nodes.score").networks, "get", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(siso("siso_ops.loaded_networks").networks, "get", lambda *a, **k: opened.append(a))
     with pytest.raises(checks.InputError, match=r"SISO Subject Score: images is an empty batch \(0 images or masks\)"):
         NODE["SISOSubjectScore"].execute(torch.zeros(0, 64, 64, 3), None, "dino.safetensors", "ir.pth", 1.0, 1.0)
     assert opened == []

@@ -12,11 +12,14 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
     sampling             sigma schedules, stock noise, the guider-driven loop
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
-    prompts              the server's on-prompt hook (the pack's queue-time checks)
+    prompts              the server's on-prompt hook and the refused value its validation reports (queue-time checks)
+    progress             progress bars with previews, the pack's websocket events, Cancel told apart from failure
     references           reference images in the conditioning (Flux.2 / Kontext / Qwen-Image-Edit): what is refused
     memory_probe         what the memory estimate (../memory.py) measures on shape-only copies
 
-Callers use ``from siso_ops import host`` and ``host.<name>``; the names below are the interface.
+The nodes use ``from siso_ops import host`` and ``host.<name>``. The method (siso_ops outside this
+package) never imports it: it calls the operations of ``siso_ops.runtime.Host``, which this package
+implements and registers on import (the end of this file).
 """
 from .folders import (  # noqa: F401
     WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices,
@@ -34,7 +37,8 @@ from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
 from .decoding import (  # noqa: F401
     encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
-from .prompts import add_prompt_check  # noqa: F401
+from .prompts import add_prompt_check, RefusedValue  # noqa: F401
+from .progress import progress_bar, previews_enabled, send_event, is_cancel  # noqa: F401
 from .references import check_reference_path, reference_latents  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)
@@ -42,3 +46,10 @@ from .memory_probe import (  # noqa: F401
     device_memory, memory_reserve, model_weight_bytes, model_weights_in_ram, decoder_weight_bytes,
     lora_parameter_count, model_conditioning, prepare_denoiser_probe, probe_apply_model, prepare_decoder_probe,
     probe_environment, probe_decode, vae_first_stage)
+
+# This package is the method's host (siso_ops/runtime.py): the method reaches the names above
+# through that interface, never by importing this package.
+import sys as _sys  # noqa: E402
+from .. import runtime as _runtime  # noqa: E402
+
+_runtime.register(_sys.modules[__name__])

@@ -23,7 +23,7 @@ SUPPORTED_SAMPLING = (comfy.model_sampling.EPS, comfy.model_sampling.V_PREDICTIO
                       comfy.model_sampling.COSMOS_RFLOW)
 
 
-TARGETS = ("attention (DiT: + context and MLP)", "all linear layers")
+from ..targets import TARGETS  # noqa: E402,F401  (the method's names; re-exported for the nodes)
 
 
 def describe_model(model) -> str:

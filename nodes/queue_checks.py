@@ -1,0 +1,126 @@
+"""Queue-time checks: each prompt as it arrives at POST /prompt, before ComfyUI validates (and
+casts) it; the schema checks themselves are in checks.py.
+
+One refusal, under the input it is about, once: ComfyUI reports whatever ``validate_inputs``
+returns under EVERY input the function receives (with ``**kwargs``, all of them). So the pack
+checks each prompt in an on-prompt handler (``PromptServer.add_on_prompt_handler``, which runs
+before validation) and puts a ``RefusedValue`` in place of each refused value: ComfyUI's own
+per-input unwrapping of a widget value (``"__value__" in value``, both 0.3.75 and 0.33) raises
+our message, which ComfyUI reports once, under that input ("Failed to convert an input value").
+A value from a stock Primitive node is a constant and is checked there too.
+"""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.v0_0_2 import io
+
+from ..siso_ops import host
+from .checks import InputError, schema_inputs, schema_problems
+
+
+# Stock nodes whose output is their own widget ``value``: a constant, known at queue time.
+PRIMITIVES = {"PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveStringMultiline", "PrimitiveBoolean"}
+
+
+def _as_comfyui_casts(spec, value):
+    """The widget value as ComfyUI's validation hands it on (int(), float(), str()); booleans
+    are kept as sent, to be checked strictly. Raises what ComfyUI's own cast would."""
+    if isinstance(value, dict) and "__value__" in value:
+        value = value["__value__"]
+    if isinstance(spec, io.Int.Input):
+        return int(value)
+    if isinstance(spec, io.Float.Input):
+        return float(value)
+    if isinstance(spec, io.String.Input):
+        return str(value)
+    return value
+
+
+def _constant(prompt: dict, value):
+    """(True, value) for a widget value or a link from a stock Primitive node; (False, None) else."""
+    if not isinstance(value, list):
+        return True, value
+    source = prompt.get(value[0]) if len(value) == 2 and isinstance(value[0], str) else None
+    if isinstance(source, dict) and source.get("class_type") in PRIMITIVES:
+        inner = source.get("inputs", {}).get("value")
+        if inner is not None and not isinstance(inner, list):
+            return True, inner
+    return False, None
+
+
+def _input_named_by(message: str, names) -> str | None:
+    """The input a ``check_values`` message is about: the one it starts with, else the first it names."""
+    starting = [n for n in names if message.startswith(n)]
+    if starting:
+        return max(starting, key=len)
+    return next((n for n in names if f"{n} " in message or f"{n}:" in message), None)
+
+
+def node_refusals(node, prompt: dict, inputs: dict) -> dict:
+    """{input: message} for the constant inputs of one node of a prompt that the pack refuses."""
+    specs = schema_inputs(node)
+    values, sent = {}, {}
+    for name, raw in inputs.items():
+        if name not in specs:
+            continue
+        known, value = _constant(prompt, raw)
+        if not known:
+            continue
+        try:
+            values[name] = _as_comfyui_casts(specs[name], value)
+        except Exception:
+            continue   # ComfyUI refuses it itself ("Failed to convert an input value")
+        sent[name] = value
+    refusals = dict(schema_problems(node, values))
+    remaining = {k: v for k, v in values.items() if k not in refusals}
+    problem = node.check_values(**remaining)
+    if problem:
+        name = _input_named_by(problem, list(remaining)) or next(iter(remaining), None)
+        if name is not None:
+            refusals[name] = problem
+    return {name: (message, sent[name]) for name, message in refusals.items()}
+
+
+def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
+    """(width, height) of the IMAGE or MASK a link carries, where the prompt tells it before it runs:
+    LoadImage's image or mask (its file's size), SISO Subject Mask's masks (its photo's); else None."""
+    if not (isinstance(link, list) and len(link) == 2 and isinstance(prompt.get(link[0]), dict)):
+        return None
+    source = prompt[link[0]]
+    inputs = source.get("inputs", {})
+    if source.get("class_type") == "LoadImage" and link[1] in (0, 1) and isinstance(inputs.get("image"), str):
+        return size_of_file(inputs["image"])
+    if source.get("class_type") == "SubjectMask" and link[1] == 0:
+        return linked_image_size(prompt, inputs.get("image"), size_of_file)
+    return None
+
+
+def queue_check(pack_nodes):
+    """An on-prompt handler: marks each refused constant input of the pack's nodes (see the module
+    docstring). Never raises: ComfyUI would only log it and queue the prompt unchecked."""
+    by_id = {node.define_schema().node_id: node for node in pack_nodes}
+
+    def check(json_data):
+        try:
+            prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+            if not isinstance(prompt, dict):
+                return json_data
+            for key, entry in prompt.items():
+                node = by_id.get(entry.get("class_type")) if isinstance(entry, dict) else None
+                if node is None or not isinstance(entry.get("inputs"), dict):
+                    continue
+                refusals = node_refusals(node, prompt, entry["inputs"])
+                for name, message in node.check_prompt(prompt, key).items():
+                    refusals.setdefault(name, (message, entry["inputs"].get(name)))
+                for name, (message, value) in refusals.items():
+                    entry["inputs"][name] = host.RefusedValue(value, message, InputError)
+        except Exception:   # a check that fails must not stop the prompt: execute checks again
+            logging.getLogger(__name__).exception("SISO: the queue-time input check failed")
+        return json_data
+    return check
+
+
+def register_queue_check(pack_nodes):
+    """Adds ``queue_check`` to the running server once (no server: in-process tests)."""
+    host.add_prompt_check(queue_check(pack_nodes))
