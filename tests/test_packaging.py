@@ -32,20 +32,86 @@ def test_no_exact_pins_on_the_hosts_shared_libraries():
     assert "torch" not in requirement_names((REPO / "requirements.txt").read_text().splitlines())
 
 
+COMFYUI_INTERNALS = ("comfy", "folder_paths", "server")
+
+
+def _imports(path):
+    """(level, module, names) of every import in a file, those inside functions included."""
+    import ast
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield 0, alias.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            yield node.level, node.module or "", tuple(a.name for a in node.names)
+
+
 def test_only_the_host_package_touches_comfyui_internals():
     """The method (siso_ops/) is plain torch; ComfyUI's internals are reached through siso_ops/host
-    only, so a change in ComfyUI is a change in one package."""
-    import ast
+    only, so a change in ComfyUI is a change in one package. The nodes use ComfyUI's public node
+    API (comfy_api) and the host; the method uses neither, and reaches the host only through
+    siso_ops/runtime.py (never `import host`, not even inside a function)."""
     offenders = []
-    for path in sorted((REPO / "siso_ops").rglob("*.py")):
-        if "host" in path.relative_to(REPO / "siso_ops").parts:
+    host = REPO / "siso_ops" / "host"
+    files = [REPO / "__init__.py", *sorted((REPO / "nodes").rglob("*.py")), *sorted((REPO / "siso_ops").rglob("*.py"))]
+    for path in files:
+        if host in path.parents:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("comfy", "comfy_api", "folder_paths")]
+        method = (REPO / "siso_ops") in path.parents
+        forbidden = COMFYUI_INTERNALS + (("comfy_api",) if method else ())
+        for level, module, names in _imports(path):
+            where = f"{path.relative_to(REPO)}: {'.' * level}{module}"
+            if not level and module.split(".")[0] in forbidden:
+                offenders.append(where)
+            if method and level and (module.split(".")[0] == "host" or (not module and "host" in names)):
+                offenders.append(where + " (the host, imported by the method)")
     assert (REPO / "siso_ops" / "host" / "__init__.py").is_file()
     assert offenders == []
+
+
+def test_the_method_imports_with_comfyui_unimportable():
+    """Every siso_ops module outside host/ imports as the top-level package ``siso_ops`` in a
+    process where comfy, comfy_api, folder_paths and server cannot be imported (ComfyUI's tree is
+    on sys.path, so only the blocker stops them), and imports neither ComfyUI nor the host."""
+    import subprocess
+    from conftest import COMFYUI
+    code = f"""
+import importlib, importlib.abc, pathlib, sys
+BLOCKED = {{"comfy", "comfy_api", "folder_paths", "server"}}
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+        return None
+
+sys.meta_path.insert(0, Blocker())
+sys.path[:0] = [{str(REPO)!r}, {str(COMFYUI)!r}]
+for name in BLOCKED:
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        assert "blocked" in str(error), error
+    else:
+        raise AssertionError(name + " was importable")
+names = sorted(p.stem for p in pathlib.Path({str(REPO / "siso_ops")!r}).glob("*.py") if p.stem != "__init__")
+for name in names:
+    importlib.import_module("siso_ops." + name)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith("siso_ops.host"))
+assert not leaked, leaked
+print("imported", len(names))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = len([p for p in (REPO / "siso_ops").glob("*.py") if p.stem != "__init__"])
+    assert proc.stdout.split() == ["imported", str(count)] and count > 20
+
+
+def test_the_host_package_is_the_registered_host_of_the_method():
+    from conftest import siso
+    runtime = siso("siso_ops.runtime")
+    host = siso("siso_ops.host")
+    assert runtime.current() is host and isinstance(host, runtime.Host)
 
 
 def test_loading_the_pack_imports_no_heavy_library():
