@@ -1,80 +1,15 @@
-"""ReNoise inversion against an analytic Gaussian denoiser, where the exact answer is known.
-
-Data x0 ~ N(mu, s^2) elementwise has the closed-form optimal denoiser E[x0 | x_sigma], so
-inversion followed by denoising must give back x0 exactly when every step is inverted
-exactly. Plain DDIM inversion cannot (it predicts the noise at the wrong latent); ReNoise's
-fixed-point iterations can."""
+"""SISO's sampler against ComfyUI's own k-diffusion samplers (Euler and Euler-ancestral with the
+same stored noises), on the analytic Gaussian denoiser of tests/method/gaussian.py. The ReNoise
+inversion's own tests are pure torch: tests/method/test_renoise.py."""
 import pytest
 import torch
 
 import comfy.k_diffusion.sampling as kd
 import comfy.model_sampling
 from conftest import siso
+from method.gaussian import SHAPE, GaussianData, turbo_sigmas
 
-R = siso("siso_ops.renoise")
 S = siso("siso_ops.sampler")
-
-SHAPE = (1, 4, 16, 16)
-
-
-def turbo_sigmas(timesteps, flow=False):
-    """SD's discrete schedule (scaled-linear betas) at the given timesteps, then 0; for flow
-    models the timestep fraction itself."""
-    if flow:
-        return torch.tensor([t / 1000 for t in timesteps] + [0.0])
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0)
-    sigma = ((1 - alphas) / alphas) ** 0.5
-    return torch.tensor([float(sigma[t]) for t in timesteps] + [0.0])
-
-
-class GaussianData:
-    def __init__(self, flow=False, seed=0, spread=0.6):
-        g = torch.Generator().manual_seed(seed)
-        self.mu = torch.randn(SHAPE, generator=g) * 0.5
-        self.s = spread
-        self.flow = flow
-        self.x0 = self.mu + spread * torch.randn(SHAPE, generator=g)
-
-    def __call__(self, x, sigma):
-        sigma, var = float(sigma), self.s ** 2
-        if self.flow:        # x = (1 - sigma) x0 + sigma eps
-            a = 1.0 - sigma
-            return self.mu + a * var / (a * a * var + sigma * sigma) * (x - a * self.mu)
-        return self.mu + var / (var + sigma * sigma) * (x - self.mu)
-
-
-def reconstruction_error(data, sigmas, settings):
-    inversion = R.invert(data, data.x0, sigmas, settings, flow=data.flow)
-    return float((R.reconstruct(data, inversion, sigmas, flow=data.flow) - data.x0).abs().mean()), inversion
-
-
-EXACT = dict(average=False, kl_weight=0.0, ac_weight=0.0, renoise_iterations=30, first_step_iterations=30)
-
-
-@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
-@pytest.mark.parametrize("ancestral", [False, True], ids=["euler", "euler_ancestral"])
-def test_converged_renoise_inverts_every_step_exactly(flow, ancestral):
-    data = GaussianData(flow)
-    sigmas = turbo_sigmas([749, 499, 249], flow)
-    error, _ = reconstruction_error(data, sigmas, R.ReNoiseSettings(ancestral=ancestral, **EXACT))
-    ddim, _ = reconstruction_error(data, sigmas, R.ReNoiseSettings.ddim(ancestral=ancestral))
-    assert error < 1e-5 and ddim > 0.05, (error, ddim)
-
-
-@pytest.mark.parametrize("timesteps", [[749, 499, 249], [999, 749, 499, 249]], ids=["strength0.75", "strength1"])
-def test_default_renoise_reconstructs_far_better_than_ddim(timesteps):
-    """The figures quoted in the README (mean absolute latent error, this data, seed 0)."""
-    data = GaussianData()
-    sigmas = turbo_sigmas(timesteps)
-    ddim, _ = reconstruction_error(data, sigmas, R.ReNoiseSettings.ddim())
-    renoise_euler, _ = reconstruction_error(data, sigmas, R.ReNoiseSettings(ancestral=False))
-    renoise, inversion = reconstruction_error(data, sigmas, R.ReNoiseSettings())
-    print(f"\n{timesteps}: DDIM {ddim:.4f}  ReNoise (euler) {renoise_euler:.4f}  ReNoise (euler_ancestral) {renoise:.4f}")
-    assert renoise_euler < 0.5 * ddim
-    assert renoise < 0.3 * ddim
-    # K + 1 = 10 predictions per step, 6 on the first, one more per noise correction
-    assert inversion.predictions == 6 + 10 * (len(timesteps) - 1) + (len(timesteps) - 1)
 
 
 class _Wrapped:
@@ -109,24 +44,3 @@ def test_ancestral_steps_with_stored_noises_equal_comfyui_euler_ancestral(flow):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     euler = kd.sample_euler(_Wrapped(data, flow), start.clone(), sigmas, disable=True)
     torch.testing.assert_close(S.sample(data, start.clone(), sigmas, grad_steps=0, flow=flow), euler, atol=1e-5, rtol=1e-5)
-
-
-def test_noise_regularisers_pull_toward_white_noise():
-    g = torch.Generator().manual_seed(0)
-    correlated = torch.nn.functional.avg_pool2d(torch.randn(1, 4, 34, 34, generator=g), 3, 1)
-    white = torch.randn(1, 4, 32, 32, generator=g)
-    faint = white * 0.2
-    assert R.patch_kl(faint) > 5 * R.patch_kl(white)
-    regularised = R.regularise_noise(faint, 0.065, 0.0, 4, 5, torch.Generator().manual_seed(2))
-    assert R.patch_kl(regularised) < 0.8 * R.patch_kl(faint)
-    smooth = correlated / correlated.std()
-    assert R.auto_correlation(smooth, torch.Generator().manual_seed(1)) > 5 * R.auto_correlation(white, torch.Generator().manual_seed(1))
-    regularised = R.regularise_noise(smooth, 0.065, 20.0, 4, 5, torch.Generator().manual_seed(2))
-    assert R.auto_correlation(regularised, torch.Generator().manual_seed(1)) < R.auto_correlation(smooth, torch.Generator().manual_seed(1))
-
-
-def test_bad_renoise_settings_are_refused():
-    with pytest.raises(ValueError, match="average_other"):
-        R.ReNoiseSettings(average_other=(5, 5)).check()
-    with pytest.raises(ValueError, match="negative"):
-        R.ReNoiseSettings(renoise_iterations=-1).check()
