@@ -61,8 +61,6 @@ class GenerationSettings:
         self.optimization.check()
 
 
-
-
 @dataclass
 class GenerationResult(OptimizationResult):
     """What a run found (OptimizationResult) and how it ran, for the node's report."""
