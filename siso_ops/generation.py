@@ -20,7 +20,7 @@ from .optimize import OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
 from .similarity import SimilarityLoss
-from .lora import SubjectLoRA
+from .lora import SubjectLoRA, check_warm_start_rank
 from .subject import SubjectPhoto
 
 
@@ -143,9 +143,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
         host.check_size(vae, settings.width, settings.height)
         if mask is not None:    # keep iteration 0's background: the mask must be the picture's size
             keep = check_refine_mask(mask, settings.width, settings.height, settings.background_weight)
-    if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
-        raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
-                         f"to {initial_lora.rank}")
+    if initial_lora is not None:   # the layers are checked on the clone
+        check_warm_start_rank(initial_lora.rank, settings.rank)
     device = host.compute_device()
     dtype = compute_dtype(device, settings.precision)
     # Before any work (networks read, clone and decoder copy built): will one iteration fit, and
