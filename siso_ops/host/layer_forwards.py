@@ -223,6 +223,14 @@ class TrainingForward:
         self.lora = lora
         self.calls = 0
 
+    @property
+    def op(self):
+        return self.layer.op
+
+    @property
+    def kind(self) -> str | None:
+        return self.layer.kind
+
     def __call__(self, x):
         layer = self.layer
         module = layer.module
