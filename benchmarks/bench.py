@@ -470,6 +470,22 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             if isinstance(m, torch.nn.LayerNorm):
                 m.forward = (lambda f: lambda x, *a, **k: f(x.clone(), *a, **k))(m.forward)
 
+        class MergedLoRA:
+            """The paper's text-encoder LoRA as a ComfyUI weight wrapper: merged into the weight at
+            every call, moved with the text encoder (ComfyUI calls move_to on weight wrappers)."""
+
+            def __init__(self, delta):
+                self.delta = delta
+
+            def __call__(self, weight):
+                delta = (self.delta.up @ self.delta.down) * self.delta.scale
+                return weight + delta.reshape(weight.shape).to(weight.dtype)
+
+            def move_to(self, device=None):
+                if device is not None:
+                    self.delta.to(device)
+                return sum(p.numel() * p.element_size() for p in self.delta.parameters())
+
         class PaperTrainable(host.TrainableModel):
             def __init__(self, model, rank=4, alpha=None, target=host.TARGETS[0], seed=0, checkpointing=False):
                 super().__init__(model, rank, alpha, target, seed, checkpointing)
@@ -478,7 +494,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                 for m in lora_targets:
                     delta = lora_mod.LoRADelta(m.weight.shape[0], m.weight.shape[1], self.rank, self.alpha,
                                                device=te_device, generator=g)
-                    m.weight_function = [delta]
+                    m.weight_function = [MergedLoRA(delta)]
                     self.te_deltas.append(delta)
                 self.patcher.set_model_unet_function_wrapper(self.reencode)
 

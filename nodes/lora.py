@@ -1,15 +1,11 @@
 import datetime
-import math
 import os
 import re
 
-import safetensors.torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
-from ..siso_ops.lora import (LORA_FORMATS, SubjectLoRA as SubjectLoRAData, file_metadata, header_number, lora_layers,
-                             to_diffusers, write_lora_file)
-from ..siso_ops.weights import read_checkpoint
+from ..siso_ops.lora import LORA_FORMATS, file_metadata, load_subject_lora, to_diffusers, write_lora_file
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
 
@@ -146,16 +142,7 @@ class LoadSISOLoRA(CheckedNode):
     @classmethod
     @checked
     def execute(cls, model, lora_name):
-        path = host.lora_file(lora_name)
-        tensors = read_checkpoint(path, "SISO LoRA")
-        rank = host.check_lora_fits(model, tensors, lora_name)
-        with safetensors.safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-        alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
-        best = header_number(header, "siso.best_iteration", int, 1, lora_name)
-        iterations = header_number(header, "siso.iterations", int, 0, lora_name)
-        loss = header_number(header, "siso.best_loss", float, math.nan, lora_name)
-        lora = SubjectLoRAData(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank),
-                               model=host.describe_model(model), best_iteration=max(best - 1, 0), iterations=iterations,
-                               best_loss=loss, stop_reason=f"loaded from {lora_name}", **host.subject_lora_layouts(model))
+        lora = load_subject_lora(host.lora_file(lora_name), lora_name,
+                                 lambda tensors: host.check_lora_fits(model, tensors, lora_name),
+                                 host.describe_model(model), host.subject_lora_layouts(model))
         return io.NodeOutput(lora)

@@ -21,7 +21,7 @@ from .optimize import OptimizationResult, OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
 from .similarity import SimilarityLoss
-from .lora import SubjectLoRA
+from .lora import SubjectLoRA, check_warm_start_rank
 from .subject import SubjectPhoto
 
 
@@ -144,9 +144,8 @@ def _check_inputs(model, vae, positive, settings: GenerationSettings, inversion,
         host.check_size(vae, settings.width, settings.height)
         if mask is not None:    # keep iteration 0's background: the mask must be the picture's size
             keep = check_refine_mask(mask, settings.width, settings.height, settings.background_weight)
-    if initial_lora is not None and initial_lora.rank != settings.rank:   # the layers are checked on the clone
-        raise ValueError(f"initial_lora has rank {initial_lora.rank} but lora_rank is {settings.rank}: set lora_rank "
-                         f"to {initial_lora.rank}")
+    if initial_lora is not None:   # the layers are checked on the clone
+        check_warm_start_rank(initial_lora.rank, settings.rank)
     return settings, keep
 
 

@@ -1,13 +1,14 @@
 """A trainable LoRA delta, and its file format.
 
-Each delta adds ``alpha / rank * up @ down`` to one weight: on the input side (``on_input``) in
-ComfyUI's own layers while training, as a ComfyUI weight wrapper in other packs' layers. ``up``
+Each delta adds ``alpha / rank * up @ down`` to one weight, computed on the input side
+(``lora_output``) in every layer it trains. ``up``
 starts at zero and ``down`` random (Kaiming uniform), so iteration 0 equals the base model exactly. Exported
 keys are the generic ``diffusion_model.<module>.lora_up.weight / .lora_down.weight /
 .alpha`` form that ComfyUI's stock LoRA loaders read for every model family.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
+
+from .weights import read_checkpoint
 
 
 class LoRADelta(torch.nn.Module):
@@ -33,27 +36,22 @@ class LoRADelta(torch.nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = (self.up @ self.down) * self.scale
-        return weight + delta.reshape(weight.shape).to(weight.dtype)
-
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The delta's contribution to a linear layer's output, ``scale * up (down x)``: the same
-        function as adding it to the weight, at rank-sized cost."""
-        hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
-        out = torch.nn.functional.linear(hidden, self.up.to(x.dtype))
-        return out if self.scale == 1.0 else out * self.scale
+        """The delta's contribution to a linear layer's output (see lora_output)."""
+        return lora_output(x, self.down, self.up, self.scale)
 
-    def passive_memory_usage(self):
-        # ComfyUI asks weight wrappers for their size when it plans memory.
-        return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def move_to(self, device=None):
-        # ComfyUI moves weight wrappers with the model; .to() keeps the Parameter objects,
-        # so the optimizer still holds them.
-        if device is not None:
-            self.to(device)
-        return self.passive_memory_usage()
+def lora_output(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """A LoRA's contribution to a linear layer's output, ``scale * up (down x)``: the same
+    function as adding ``scale * up @ down`` to the layer's weight, at rank-sized cost, and in
+    the layer's output units whatever its weight is stored as. The one place SISO computes a
+    LoRA: the training clone's layers, SISO Apply LoRA's on-the-fly layers and the memory
+    estimate's shape-only layers all call it, so what is estimated, trained and applied is one
+    function. ``up`` and ``down`` are cast to the input's dtype (float32 parameters under a
+    bfloat16 autocast, a float32 file's LoRA on a half-precision model)."""
+    hidden = torch.nn.functional.linear(x, down.to(x.dtype))
+    out = torch.nn.functional.linear(hidden, up.to(x.dtype))
+    return out if scale == 1.0 else out * scale
 
 
 def export_lora(deltas: dict, dtype=torch.float32) -> dict:
@@ -68,6 +66,38 @@ def export_lora(deltas: dict, dtype=torch.float32) -> dict:
 
 
 LORA_FORMATS = ("comfyui", "diffusers")
+
+
+def check_warm_start_rank(rank: int, lora_rank: int, what: str = "initial_lora"):
+    """A warm start's LoRA must have the run's rank (its layers are checked on the clone)."""
+    if int(rank) != int(lora_rank):
+        raise ValueError(f"{what} has rank {rank} but lora_rank is {lora_rank}: set lora_rank to {rank}")
+
+
+def warm_start_tensors(tensors: dict, shapes: dict, rank: int, alpha: float, what: str = "initial_lora") -> dict:
+    """Warm start: a LoRA's values (ComfyUI layout, e.g. an earlier run's) as this run's starting
+    point, so iteration 0 is the model with that LoRA. ``shapes``: {layer: (up shape, down
+    shape)} of the layers this run trains, at ``rank`` and ``alpha``. The LoRA must cover
+    exactly those layers, at this rank and these shapes; its alpha may differ: up is rescaled by
+    its alpha / ours, the same delta. Returns {layer: (up, down)} to copy into the run's LoRA."""
+    layers = lora_layers(tensors)
+    missing, extra = sorted(set(shapes) - set(layers)), sorted(set(layers) - set(shapes))
+    if missing or extra:
+        raise ValueError(
+            f"{what} does not fit this run: it has {len(layers)} LoRA layers, this model with this lora_target "
+            f"trains {len(shapes)}" + (f"; not in it: {missing[0]}" if missing else "")
+            + (f"; not trained here: {extra[0]}" if extra else "")
+            + ". Use the model and lora_target it was made with.")
+    out = {}
+    for base, (up_shape, down_shape) in shapes.items():
+        up, down, file_alpha = layers[base]
+        check_warm_start_rank(down.shape[0], rank, what)
+        if tuple(up.shape) != tuple(up_shape) or tuple(down.shape) != tuple(down_shape):
+            raise ValueError(f"{what}: layer {base} has shape {tuple(up.shape)} x {tuple(down.shape)}, this "
+                             f"model's needs {tuple(up_shape)} x {tuple(down_shape)}: it was made "
+                             "for another model")
+        out[base] = (up.float() * (file_alpha / alpha), down)
+    return out
 
 
 def lora_layers(tensors: dict) -> dict:
@@ -285,6 +315,41 @@ def header_number(header: dict, key: str, kind, default, name: str):
         raise LoRAFileError(f"{name}: its header field {key} is {text!r}, not {what}: the header was edited or "
                             "damaged. Save the LoRA again with SISO Save LoRA, or fix that field.")
     return value
+
+
+def read_lora_file(path: str, name: str) -> tuple:
+    """(tensors, header) of a LoRA file, read from disk once: the tensors and the safetensors
+    header's metadata come from the same bytes. A file that is not a readable, finite
+    safetensors file is refused by the pack's weight reader (weights.read_checkpoint), which
+    names what is wrong with it (empty, cut short, renamed, NaN, unreadable)."""
+    tensors, header = None, {}
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        tensors = safetensors.torch.load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+    except Exception:   # noqa: BLE001  (the reader below says what is wrong, in words)
+        tensors = None
+    if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
+        read_checkpoint(path, "SISO LoRA")      # raises, naming the file's problem
+        raise LoRAFileError(f"{name} could not be read as a LoRA file (safetensors).")
+    return tensors, header
+
+
+def load_subject_lora(path: str, name: str, fits, model: str, layouts: dict) -> SubjectLoRA:
+    """SISO Load LoRA: a LoRA file as a SubjectLoRA. ``fits(tensors)`` checks the file against
+    the model, layer by layer, and returns its rank (host.check_lora_fits); ``model`` is the
+    model's description and ``layouts`` what SISO Save LoRA needs of it (subject_lora_layouts).
+    The header's SISO fields (best iteration, iterations, loss) are read where present."""
+    tensors, header = read_lora_file(path, name)
+    rank = fits(tensors)
+    alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
+    best = header_number(header, "siso.best_iteration", int, 1, name)
+    iterations = header_number(header, "siso.iterations", int, 0, name)
+    loss = header_number(header, "siso.best_loss", float, math.nan, name)
+    return SubjectLoRA(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank), model=model,
+                       best_iteration=max(best - 1, 0), iterations=iterations, best_loss=loss,
+                       stop_reason=f"loaded from {name}", **layouts)
 
 
 def write_lora_file(tensors: dict, path: str, metadata: dict):

@@ -59,3 +59,24 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference (max |a - b| over the output's scale) the pack's self-checks
+    accept between two computations of one function in ``dtype`` that differ only in the order
+    of float operations: the training clone against the stock model (self_check.py, the whole
+    denoiser) and each LoRA layer of the clone against its stock layer plus the LoRA
+    (host/training.py's check of the LoRA path, one layer). One rule for both, written once.
+
+    Each reordering rounds at the dtype's unit roundoff u (half its machine epsilon), and a deep
+    network carries those roundings to its output amplified: the bound is 2**10 u, in float32
+    (u = 2**-24) 2**-14, about 6e-5 of the output's scale: room for that amplification (SISO's
+    tiny models measure below 1e-6, one layer far below), while a path that computes something
+    else (a layer skipped, a block taking another branch while gradients are on, a LoRA added in
+    the wrong units) moves the output by far more. In half precision 2**10 u is 0.5 (float16,
+    u = 2**-11) or 4 (bfloat16, u = 2**-8), too loose to catch anything: there the bound is capped
+    at 2**-3, an eighth of the output's scale, still below the changes a wrong path makes. (The
+    one-layer check used 1e-4 in float32 and 2**-6 in half precision before this rule; the
+    whole-denoiser bounds, which tests pin, are this rule's values.)"""
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    return min(2.0 ** 10 * unit_roundoff, 2.0 ** -3)

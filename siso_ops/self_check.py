@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import agreement_tolerance
+
 
 class SelfCheckFailed(ValueError):
     """The self-checked path is wrong for this model class: refused before the loop."""
@@ -34,17 +36,8 @@ def forward_tolerance(dtype: torch.dtype) -> float:
     Both calls run the same layers on the same inputs in the same dtype; what may differ is the
     order of float operations: the training clone's attention (PyTorch's fused kernel where
     ComfyUI chose a chunked one), a LoRA adding its zero product, layers computing on views or
-    copies of their inputs. Each reordering rounds at the dtype's unit roundoff u, and a deep
-    network carries those roundings to its output amplified. In float32 (u = 2**-24) the bound is
-    2**10 u = 2**-14, about 6e-5 of the output's scale: room for that amplification (SISO's tiny
-    models measure below 1e-6), while a path that computes something else (a layer skipped, a
-    block taking another branch while gradients are on) moves the output by far more. In half
-    precision 2**10 u is 0.5 (float16, u = 2**-11) or 4 (bfloat16, u = 2**-8), too loose to
-    catch anything: there the bound is 2**-3, an eighth of the output's scale, still below the
-    changes of the size a wrong path makes."""
-    if dtype == torch.float32:
-        return 2.0 ** -14
-    return 2.0 ** -3
+    copies of their inputs. The bound is the pack's one rule for that (precision.py)."""
+    return agreement_tolerance(dtype)
 
 
 def check_training_path(model_class: str, training_call, stock_call, lora_layers: dict, host_parameters,

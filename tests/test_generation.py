@@ -145,7 +145,7 @@ def test_training_first_asks_comfyui_to_unload_the_other_models_from_a_gpu(sd15,
     assert comfy.model_management.current_loaded_models == loaded
     # what a GPU gets: ComfyUI unloads every model it holds on that device, and they still work
     cpu = torch.device("cpu")
-    assert host._unload_everything_from(cpu) == len(loaded)
+    assert host.unload_everything_from(cpu) == len(loaded)
     assert not [m for m in comfy.model_management.current_loaded_models if m.device == cpu]
     assert torch.equal(ksampler(model, positive, negative), before)
     # a GPU device goes to ComfyUI's free_memory for that device

@@ -231,7 +231,7 @@ def _saved_weight_copies(model, positive) -> tuple:
     that has the shape of a weight of the model's linear and convolution layers and is a copy
     (a zero-copy view of a weight stored as it is computed with costs nothing)."""
     shapes = {tuple(m.weight.shape) for m in model.model.diffusion_model.modules()
-              if host.training.layer_kind(m) is not None}
+              if host.layer_forwards.layer_kind(m) is not None}
     stored = {p.untyped_storage().data_ptr() for p in model.model.parameters()
               if type(p) in (torch.Tensor, torch.nn.Parameter)}
     kept = []

@@ -8,7 +8,10 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
 
     folders              model folders and file lookup (similarity networks, LoRAs, SAM, Grounding DINO)
     models               family checks (the table in ../families.py), VAE / LoRA fit, LoRA layers and key layouts
-    training             the trainable clone, its layer forwards, checkpointing, training mode
+    training             the trainable clone, checkpointing, the checks that its LoRA is on the path
+    layer_forwards       how each of the clone's layers computes, and what it keeps for backward
+    environment          training mode, differentiable RoPE, the clone's attention, the stock path
+    device_memory        unloading other models to make room for training
     sampling             sigma schedules, stock noise, the guider-driven loop
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
@@ -30,9 +33,9 @@ from .models import (  # noqa: F401
     check_lora_fits, model_family, check_supported, check_editing, check_vae, compute_device,
     throw_if_interrupted, is_flow, latent_channels, lora_target_names, checkpoint_block_classes,
     diffusers_lora_targets, apply_lora, stored_quantised, is_dynamic, self_checked_path)
-from .training import (  # noqa: F401
-    training_clone, TrainableModel, free_cached_memory, make_room_for_training, training_mode,
-    _unload_everything_from)
+from .training import training_clone, TrainableModel  # noqa: F401
+from .device_memory import free_cached_memory, make_room_for_training, unload_everything_from  # noqa: F401
+from .environment import training_mode  # noqa: F401
 from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
 from .decoding import (  # noqa: F401

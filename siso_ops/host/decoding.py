@@ -10,7 +10,7 @@ import torch
 import comfy.sample
 
 from .models import model_family, throw_if_interrupted
-from .training import _checkpointed
+from .training import checkpointed
 
 
 def encode_photo(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class DifferentiableDecoder:
             blocks = model_family(model).decoder_blocks
             for block in self.module.modules():
                 if type(block).__name__ in blocks:
-                    block.forward = _checkpointed(block.forward)
+                    block.forward = checkpointed(block.forward)
         # Cancel within one block's work: ComfyUI's stock layers check its interrupt flag, other
         # layer classes and the work between layers need not, so every block of the copy checks
         # it before it runs. Blocks are found from the structure, so this holds for every VAE

@@ -10,9 +10,11 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
+from ..lora import LoRADelta
+from .environment import training_attention
+from .layer_forwards import AS_STORED, OWN_CAST, CloneInput, training_layer
 from .models import is_dynamic, lora_target_names, model_family
-from .sampling import _detach_copy
-from .training import _CloneInput, _conv, _linear, _pytorch_attention, _stored_as_is, _training_op, layer_kind
+from .sampling import detach_copy
 
 
 def device_memory(device) -> dict:
@@ -75,7 +77,7 @@ def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
     """The keyword tensors ComfyUI's guider hands ``apply_model`` for this prompt and latent
     (cross-attention context, SDXL's size vector, Flux's guidance, ...), on the CPU."""
     import comfy.sampler_helpers
-    conds = comfy.sampler_helpers.convert_cond(_detach_copy(positive))
+    conds = comfy.sampler_helpers.convert_cond(detach_copy(positive))
     conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, latent, torch.device("cpu"),
                                               "positive", latent_image=latent, seed=0)
     out = {}
@@ -84,49 +86,33 @@ def model_conditioning(model, positive, latent: torch.Tensor) -> dict:
     return out
 
 
-class _ProbeLoRA(torch.nn.Module):
-    """LoRADelta.on_input on shapes: the same operations, so autograd keeps the same tensors
-    (a LoRA layer keeps its input for the LoRA's gradient, which a frozen layer does not)."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int, scale: float):
-        super().__init__()
-        self.down = torch.nn.Parameter(torch.empty(rank, in_features, device="meta"))
-        self.up = torch.nn.Parameter(torch.empty(out_features, rank, device="meta"))
-        self.scale = scale
-
-    def on_input(self, x):
-        out = torch.nn.functional.linear(torch.nn.functional.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
-        return out if self.scale == 1.0 else out * self.scale
-
-
 class _ProbeForward:
-    """A stock layer's forward on a shape-only copy, as _TrainingForward computes it: the weight
-    itself, or a copy in the input's dtype where ComfyUI would cast (manual cast), the LoRA on
-    the input side, the input copied where the training forward copies it."""
+    """A stock layer's forward on a shape-only copy, as the training forward computes it, from
+    the training path's own decision for the layer (layer_forwards.training_layer): the weight
+    itself, or a copy in the input's dtype where ComfyUI would cast, or nothing of the weight
+    where the layer goes through its own cast path; the LoRA on the input side (lora.lora_output,
+    through LoRADelta); the input copied where the training forward copies it."""
 
-    def __init__(self, module, op, cast: bool, lora=None, clone_input: bool = False, keeps_weight: bool = True,
-                 kind: str | None = None):
-        self.module, self.op, self.cast, self.lora, self.clone_input = module, op, cast, lora, clone_input
-        self.keeps_weight = keeps_weight
-        self.kind = kind
+    def __init__(self, layer, lora=None):
+        self.layer, self.lora = layer, lora
 
     def __call__(self, x):
-        # as the training forward: a stock layer whose weight is not used as stored (fp8 storage
-        # cast to the compute dtype, a scale) goes through its own cast path and backward casts
-        # again, so no cast copy is kept
-        keeps_weight = self.keeps_weight and (self.kind is None or _stored_as_is(self.module, x))
-        weight, bias = self.module.weight, getattr(self.module, "bias", None)
-        if self.cast and weight is not None:
+        layer = self.layer
+        module = layer.module
+        keeps = layer.keeps(x)
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if keeps != AS_STORED and weight is not None:
             weight = weight.to(x.dtype)
             bias = None if bias is None else bias.to(x.dtype)
-        if self.clone_input:
+        if layer.clone_input:
             x = x.clone()
-        if not keeps_weight:     # _ThroughOwnCast: the output is kept by its users, nothing else
+        op = layer.functional()
+        if keeps == OWN_CAST:     # _ThroughOwnCast: the output is kept by its users, nothing else
             with torch.no_grad():
-                out = self.op(self.module, x, weight, bias)
+                out = op(module, x, weight, bias)
             out = out + x.new_zeros(()).requires_grad_() if torch.is_grad_enabled() else out
-            return out if self.lora is None else out + self.lora.on_input(x)
-        out = self.op(self.module, x, weight, bias)
+        else:
+            out = op(module, x, weight, bias)
         return out if self.lora is None else out + self.lora.on_input(x)
 
 
@@ -137,29 +123,24 @@ def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):
     targets = lora_target_names(model, target)
     in_place = model_family(model).in_place
     for name, module in list(base.diffusion_model.named_modules()):
-        dit_norm = in_place and isinstance(module, torch.nn.LayerNorm)
+        layer = training_layer(module, in_place)
         lora = None
         if name in targets:
-            lora = _ProbeLoRA(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank) / int(rank))
+            # the training clone's own LoRA class, on shapes (drawn from a generator of its own:
+            # the estimate leaves the global random state alone)
+            lora = LoRADelta(module.weight.shape[0], module.weight.shape[1], int(rank), float(alpha or rank),
+                             device="meta", generator=torch.Generator())
             module.siso_probe_lora = lora      # a child, so its parameters count as weights, not activations
-        op = _training_op(module)
-        kind = layer_kind(module)
-        if op is None and kind is not None:
-            # another class's linear or convolution layer (GGUF, ComfyUI's quantised ops): computed
-            # as the training forward takes it, through its own cast path, keeping no weight copy
-            module.forward = _ProbeForward(module, _linear if kind == "linear" else _conv, True, lora,
-                                           clone_input=dit_norm, keeps_weight=False)
-        elif op is not None:
-            cast = bool(getattr(module, "comfy_cast_weights", False))
-            module.forward = _ProbeForward(module, op, cast, lora, clone_input=dit_norm, kind=kind)
-        elif dit_norm:
-            module.forward = _CloneInput(module.forward)
+        if layer.computed:
+            module.forward = _ProbeForward(layer, lora)
+        elif layer.clone_input:
+            module.forward = CloneInput(module.forward)
     return base
 
 
 def probe_apply_model(base, x: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
     """``apply_model`` as the guider calls it, with the training clone's attention."""
-    options = {"optimized_attention_override": _pytorch_attention}
+    options = {"optimized_attention_override": training_attention}
     return base.apply_model(x, sigma, transformer_options=options, **conds)
 
 

@@ -11,7 +11,7 @@ import comfy.model_sampling
 import comfy.sd
 import comfy.utils
 
-from .. import families
+from .. import families, lora
 from ..lora import lora_file_rank, lora_layers
 
 
@@ -260,8 +260,7 @@ class LoRAOnTheFly:
             type(self.module).forward(self.module, layer_input, *args, **kwargs)
         if self.up.device != x.device:
             self.up, self.down = self.up.to(x.device), self.down.to(x.device)
-        hidden = torch.nn.functional.linear(x, self.down.to(x.dtype))
-        return out + torch.nn.functional.linear(hidden, self.up.to(x.dtype)) * self.scale
+        return out + lora.lora_output(x, self.down, self.up, self.scale)
 
 
 def apply_lora(model, lora_tensors: dict, strength: float):

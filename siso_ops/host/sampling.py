@@ -14,16 +14,16 @@ from .training import TrainableModel
 SCHEDULERS = tuple(comfy.samplers.SCHEDULER_NAMES)
 
 
-def _detach_copy(obj):
+def detach_copy(obj):
     """Normal (non-inference) copies of every tensor in a conditioning structure."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().clone()
     if isinstance(obj, dict):
-        return {k: _detach_copy(v) for k, v in obj.items()}
+        return {k: detach_copy(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_detach_copy(v) for v in obj]
+        return [detach_copy(v) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_detach_copy(v) for v in obj)
+        return tuple(detach_copy(v) for v in obj)
     return obj
 
 
@@ -74,7 +74,7 @@ def run_with_denoiser(model, positive, latent: torch.Tensor, noise: torch.Tensor
         trainable.loading = trainable.load()
         trainable.check_lora_path()
     guider = comfy.samplers.CFGGuider(model if trainable is None else trainable.patcher)
-    guider.set_conds(_detach_copy(positive), [])
+    guider.set_conds(detach_copy(positive), [])
     guider.set_cfg(1.0)
     sampler = _LoopSampler(body, trainable)
     guider.sample(noise, latent, sampler, sigmas, seed=seed)

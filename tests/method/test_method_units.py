@@ -66,13 +66,16 @@ def test_preprocessing_keeps_gradients_of_an_unclamped_image():
 def test_lora_delta_starts_as_identity_and_exports_stock_keys():
     delta = lora_mod.LoRADelta(8, 6, rank=4, alpha=4)
     w = torch.randn(8, 6)
-    assert torch.equal(delta(w), w)
+
+    def merged(weight):     # the delta merged into the weight, as ComfyUI's LoRA loaders apply a file
+        return weight + (delta.up @ delta.down) * delta.scale
+    assert torch.equal(merged(w), w)
     with torch.no_grad():
         delta.up.normal_()
-    assert not torch.equal(delta(w), w)
+    assert not torch.equal(merged(w), w)
     x = torch.randn(5, 6, dtype=torch.float64)
     # on the input side it is the same function as merged into the weight
-    torch.testing.assert_close(x @ w.T.double() + delta.on_input(x.float()).double(), x @ delta(w).T.double(),
+    torch.testing.assert_close(x @ w.T.double() + delta.on_input(x.float()).double(), x @ merged(w).T.double(),
                                atol=1e-5, rtol=1e-5)
     out = lora_mod.export_lora({"diffusion_model.a.to_q.weight": delta})
     assert set(out) == {"diffusion_model.a.to_q.lora_up.weight", "diffusion_model.a.to_q.lora_down.weight",
