@@ -76,7 +76,6 @@ class ReNoiseInvert(CheckedNode):
             kl_weight=kl_weight, ac_weight=autocorrelation_weight, regularisation_passes=regularisation_passes,
             ancestral=sampler == "euler_ancestral", noise_correction=noise_correction, seed=seed))
         settings.check()
-        host.check_editing(model)
         host.check_vae(vae, model)
         check_photo(image, host.latent_scale(vae))
         bar = comfy.utils.ProgressBar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))

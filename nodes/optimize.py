@@ -9,6 +9,7 @@ from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
+from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice, linked_image_size
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
@@ -122,8 +123,8 @@ class SISOOptimize(CheckedNode):
                 return f"{name} {value} is not a multiple of 8: use {value - value % 8} or {value - value % 8 + 8}"
         # grad_steps <= steps is checked when the node runs (before any work): when editing,
         # steps come from the linked inversion, which validation cannot see.
-        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
-            return "dino_weight and ir_weight are both 0: nothing would judge the subject; set at least one above 0"
+        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)):
+            return weights_problem(dino_weight, ir_weight, "judge the subject")
         return None
 
     @classmethod

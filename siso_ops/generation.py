@@ -19,7 +19,7 @@ from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
-from .similarity import SimilarityLoss
+from .similarity import SimilarityLoss, check_weights
 from .lora import SubjectLoRA
 from .subject import SubjectPhoto
 
@@ -53,8 +53,7 @@ class GenerationSettings:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 1 <= self.grad_steps <= self.steps:
             raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
-        if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
-            raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+        check_weights(self.dino_weight, self.ir_weight, "judge the subject")
         check_precision(self.precision)
         memory.check_mode(self.gradient_checkpointing)
         self.optimization.check()
