@@ -29,7 +29,7 @@ class ReNoiseInvert(CheckedNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model you will optimise with (the inversion is only valid for it)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used to encode the photo."),
-                io.Image.Input("image", tooltip="ONE photo; width and height must be multiples of 8."),
+                io.Image.Input("image", tooltip="ONE photo; width and height must be multiples of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the photo, e.g. 'a photo of a cat'; use the same conditioning in SISO Optimize."),
                 io.Int.Input("steps", default=4, min=1, max=100, tooltip="The full sampling schedule (4 for turbo models). Denoise with the same count."),
                 io.Float.Input("strength", default=0.75, min=0.01, max=1.0, step=0.01, tooltip="Fraction of the schedule that is inverted: int(steps x strength) steps. Lower keeps more of the photo's layout but leaves less room for the new subject."),
