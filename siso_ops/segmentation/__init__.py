@@ -40,9 +40,9 @@ from .config import (  # noqa: F401
     BERT_FOLDER, BERT_REQUIRED, BERT_SOURCE, BERT_TOKENIZER, BERT_WEIGHTS, GROUNDING_DINO_SOURCE, KNOWN_CONFIGS,
     SAM_SOURCE, SHIPPED_CONFIGS, SWIN_PATCH_KEY, check_bert_folder, config_path_for, grounding_dino_config,
     missing_bert_message, read_checkpoint, read_config, shipped_config_path)
+# (Grounding DINO's test-time resize, DETECTOR_SIZE, is read where it is used: grounding_dino.DETECTOR_SIZE)
 from .grounding_dino import (  # noqa: F401
-    DETECTOR_SIZE, GroundingTextEncoder, build_grounding_dino, detect, detector_input_size, detector_outputs,
-    load_grounding_dino)
+    GroundingTextEncoder, build_grounding_dino, detect, detector_input_size, detector_outputs, load_grounding_dino)
 from .sam import SAM_TOKENS_PER_SIDE, SamArchitecture, build_sam, load_sam, sam_architecture, segment_boxes  # noqa: F401
 
 
