@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from .. import masks as M
+from ..weights import WeightFileError  # noqa: F401  (callers catch it from here)
 from .cache import MODELS, ModelCache, cached_models, file_key  # noqa: F401
 from .config import (  # noqa: F401
     BERT_FOLDER, BERT_REQUIRED, BERT_SOURCE, BERT_TOKENIZER, BERT_WEIGHTS, GROUNDING_DINO_SOURCE, KNOWN_CONFIGS,
