@@ -359,7 +359,6 @@ def test_memory_freed_by_the_bfloat16_conversion_goes_back_to_the_system():
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         from conftest import siso
-from siso_runs import SIZE, assert_shared_modules_are_stock, host_state, ksampler, run_node
         gen = siso("siso_ops.generation")
         def rss():
             with open("/proc/self/status") as f:
