@@ -28,7 +28,7 @@ class ReNoiseInvert(CheckedNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model you will optimise with (the inversion is only valid for it)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used to encode the photo."),
-                io.Image.Input("image", tooltip="ONE photo; width and height must be multiples of 8."),
+                io.Image.Input("image", tooltip="ONE photo; width and height must be multiples of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the photo, e.g. 'a photo of a cat'; use the same conditioning in SISO Optimize."),
                 io.Int.Input("steps", default=4, min=1, max=100, tooltip="The full sampling schedule (4 for turbo models). Denoise with the same count."),
                 io.Float.Input("strength", default=0.75, min=0.01, max=1.0, step=0.01, tooltip="Fraction of the schedule that is inverted: int(steps x strength) steps. Lower keeps more of the photo's layout but leaves less room for the new subject."),
@@ -75,7 +75,6 @@ class ReNoiseInvert(CheckedNode):
             kl_weight=kl_weight, ac_weight=autocorrelation_weight, regularisation_passes=regularisation_passes,
             ancestral=sampler == "euler_ancestral", noise_correction=noise_correction, seed=seed))
         settings.check()
-        host.check_editing(model)
         host.check_vae(vae, model)
         check_photo(image, host.latent_scale(vae))
         bar = host.progress_bar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))

@@ -9,6 +9,7 @@ from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
+from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
 from .queue_checks import linked_image_size
 from .progress import IterationProgress
@@ -71,8 +72,8 @@ class SISOOptimize(CheckedNode):
                 io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
                 io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The ONE noise seed reused at every iteration."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8, tooltip="Image width during optimisation (multiple of 8)."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Image height during optimisation (multiple of 8)."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=8, tooltip="Image width during optimisation: a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Image height during optimisation: a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
                 io.Int.Input("steps", default=1, min=1, max=50, tooltip="Denoising steps per iteration (1 for turbo/schnell models). Editing: taken from the inversion."),
                 io.Int.Input("grad_steps", default=1, min=1, max=50, tooltip="Gradients flow through the last this-many steps only (1 for distilled models, about 3 for 20-step models)."),
                 io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
@@ -118,13 +119,15 @@ class SISOOptimize(CheckedNode):
 
     @classmethod
     def check_values(cls, width=None, height=None, dino_weight=None, ir_weight=None, **values):
+        # 8 is the smallest VAE block; the VAE is a link here, so its own block (16 for Flux.2) is
+        # checked when the run starts, before any work (host.check_size)
         for name, value in (("width", width), ("height", height)):
             if isinstance(value, int) and value % 8:
                 return f"{name} {value} is not a multiple of 8: use {value - value % 8} or {value - value % 8 + 8}"
         # grad_steps <= steps is checked when the node runs (before any work): when editing,
         # steps come from the linked inversion, which validation cannot see.
-        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
-            return "dino_weight and ir_weight are both 0: nothing would judge the subject; set at least one above 0"
+        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)):
+            return weights_problem(dino_weight, ir_weight, "judge the subject")
         return None
 
     @classmethod

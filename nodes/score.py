@@ -4,6 +4,7 @@ from comfy_api.v0_0_2 import io
 from ..siso_ops import host, loaded_networks
 from ..siso_ops.precision import PRECISIONS, compute_dtype
 from ..siso_ops.score import score_images
+from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked
 from .graph_types import CATEGORY, Subject
 from .optimize import WEIGHT_FILE_CHECKS
@@ -47,8 +48,8 @@ class SISOSubjectScore(CheckedNode):
 
     @classmethod
     def check_values(cls, dino_weight=None, ir_weight=None, **values):
-        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)) and dino_weight + ir_weight == 0:
-            return "dino_weight and ir_weight are both 0: nothing would score the images; set at least one above 0"
+        if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)):
+            return weights_problem(dino_weight, ir_weight, "score the images")
         return None
 
     @classmethod

@@ -98,7 +98,7 @@ def invert_photo(model, vae, image: torch.Tensor, positive, settings: InversionS
     """Returns (PhotoInversion, reconstruction IMAGE BHWC): the reconstruction is the inversion
     denoised by the unchanged model, decoded by the stock VAE."""
     settings.check()
-    host.check_editing(model)
+    host.check_supported(model)
     photo = check_photo(image, host.latent_scale(vae))
     flow = host.is_flow(model)
     # Inference mode, as ComfyUI runs a stock KSampler: the host model is only read here (ReNoise's

@@ -46,7 +46,6 @@ class Family:
     decoder_blocks: tuple = KL_DECODER_BLOCKS
     diffusers: str = ""       # the diffusers LoRA layout ComfyUI's key maps know: "unet", "flux", "mmdit", "pixart",
                               # "auraflow", or none
-    editing: str = ""         # why subject swap (ReNoise inversion) is refused; "" = supported
     optimise: str = ""        # steps / grad_steps while optimising
     stage2: str = ""          # stage-2 sampling
     source: str = ""          # where the settings come from
@@ -185,6 +184,39 @@ def structural_family(class_name: str) -> Family:
                   checked="no table row, structural rules")
 
 
+def unlisted_family(ancestors: list, latent_dimensions: int, described: str) -> Family:
+    """The family of a model class no row names, decided from its class name and its ComfyUI
+    model ancestors' names (``ancestors``: the class first, then its parents nearest first), or a
+    ValueError naming the class (``described``: the model in the user's words): a refused class
+    or a subclass of one; video, audio and 3D classes (listed, or by their latent's shape); a
+    subclass of a row's class takes that row, self-checked; any other image class takes the
+    structural rules, self-checked."""
+    name = ancestors[0]
+    supported = "; ".join(f.name for f in FAMILIES)
+    # a class the self-checked list names is an image model whatever its ancestors are (Kandinsky
+    # 5 Image derives from the video Kandinsky 5) or its latent's shape (a one-frame Wan latent)
+    listed = name in SELF_CHECKED
+    for depth, own in enumerate(ancestors):
+        derived = f" (a subclass of {own})" if depth else ""
+        if depth:
+            row = family_of(own)
+            if row is not None:
+                return inherited_family(row, name, own)
+            if listed:
+                continue
+        if own in REFUSED:
+            raise ValueError(f"SISO cannot optimise {described}{derived}: {REFUSED[own]}. Supported: {supported}.")
+        kind = next((k for k, names in NOT_IMAGE.items() if own in names), None)
+        if kind is not None:
+            raise ValueError(f"SISO optimises image models; {described}{derived} is a {kind} model. "
+                             f"Supported: {supported}.")
+    if latent_dimensions != 2 and not listed:
+        kind = {1: "an audio", 3: "a video or 3D"}.get(latent_dimensions, f"a {latent_dimensions}-D")
+        raise ValueError(f"SISO optimises image models; {described} is {kind} model (its latent is not "
+                         f"an image's). Supported: {supported}.")
+    return structural_family(name)
+
+
 # A modulation (adaLN) layer: it turns the timestep / pooled text into per-block scales and
 # shifts; the paper's FLUX LoRA leaves these alone (attention, context and MLP layers learn).
 _MODULATION = re.compile(r"(^|\.)(mod[A-Z0-9]*|\w+_mod|\w*modulation\w*|\w*ada_?ln\w*)(\.|$)", re.IGNORECASE)
@@ -256,8 +288,8 @@ def supported_models_markdown() -> str:
     for f in FAMILIES:
         blocks = ", ".join(f.blocks) if f.blocks else "every repeated block"
         decoder = " + decoder blocks" if f.decoder_blocks else " (decoder kept: it carries state)"
-        swap = "yes" if not f.editing else f"refused: {f.editing}"
-        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {lora_words[f.lora]} | {blocks}{decoder} | {swap} | "
+        # every row inverts (tests/test_families.py inverts and edits on each)
+        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {lora_words[f.lora]} | {blocks}{decoder} | yes | "
                     f"{f.optimise} | {f.stage2} | {f.source} |")
     for name, what in SELF_CHECKED.items():
         rows.append(f"| self-checked | {name} | {what} | every repeated block | | | {UNKNOWN_SETTINGS} | |")

@@ -22,13 +22,12 @@ token count, head size) is checked and a mismatch is reported with the file name
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .weights import WeightFileError, read_checkpoint  # noqa: F401  (WeightFileError: re-exported)
+from .weights import WeightFileError, block_count, load_exactly, read_checkpoint  # noqa: F401  (WeightFileError: re-exported)
 
 DINO_IMAGE_SIZE = 518
 DINO_PATCH = 14
@@ -60,30 +59,6 @@ def _strip_prefix(state_dict: dict, prefix: str) -> dict:
     if state_dict and all(k.startswith(prefix) for k in state_dict):
         return {k[len(prefix):]: v for k, v in state_dict.items()}
     return state_dict
-
-
-def _block_count(keys, pattern: str) -> int:
-    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
-def _load_strict(model: torch.nn.Module, state_dict: dict, path: str, what: str, source: str):
-    missing, unexpected = [], []
-    own = model.state_dict()
-    for key in own:
-        if key not in state_dict:
-            missing.append(key)
-    for key, value in state_dict.items():
-        if key not in own:
-            unexpected.append(key)
-        elif own[key].shape != value.shape:
-            unexpected.append(f"{key} (shape {tuple(value.shape)}, expected {tuple(own[key].shape)})")
-    if missing or unexpected:
-        raise WeightFileError(
-            f"{os.path.basename(path)} is not {what} checkpoint: "
-            f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected or mis-shaped "
-            f"keys {unexpected[:4]}. Expected {source}.")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _holds_layers(module: torch.nn.Module) -> bool:
@@ -147,7 +122,7 @@ def load_dino(path: str) -> FeatureNetwork:
         raise WeightFileError(f"{name} is not a DINOv2 ViT checkpoint (no cls_token / pos_embed / "
                               f"patch_embed.proj.weight). Expected {DINO_SOURCE}.")
     width = sd["cls_token"].shape[-1]
-    depth = _block_count(sd, r"blocks\.(\d+)\.")
+    depth = block_count(sd, r"blocks\.(\d+)\.")
     tokens = (DINO_IMAGE_SIZE // DINO_PATCH) ** 2 + 1
     if sd["patch_embed.proj.weight"].shape[-1] != DINO_PATCH or sd["pos_embed"].shape[-2] != tokens:
         raise WeightFileError(
@@ -160,7 +135,7 @@ def load_dino(path: str) -> FeatureNetwork:
                               embed_dim=width, depth=depth, num_heads=width // DINO_HEAD_DIM,
                               num_classes=0)
     converted = checkpoint_filter_fn(dict(sd), model)
-    _load_strict(model, converted, path, "a DINOv2 ViT/14", DINO_SOURCE)
+    load_exactly(model, converted, os.path.basename(path), "DINOv2 ViT/14", DINO_SOURCE)
     model.eval().requires_grad_(False)
     return FeatureNetwork(model, DINO_IMAGE_SIZE, IMAGENET_MEAN, IMAGENET_STD, f"DINOv2 {name}")
 
@@ -230,7 +205,7 @@ def load_ir(path: str) -> FeatureNetwork:
                               f"{[k.replace('visual.', 'backbone.', 1) for k in absent]}; its keys start with "
                               f"{found[:6]}. Expected {IR_SOURCE}.")
     width = sd["visual.class_embedding"].shape[-1]
-    depth = _block_count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
+    depth = block_count(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
     proj_dim = sd["visual.proj"].shape[-1]
     grid = (IR_IMAGE_SIZE - IR_PATCH) // IR_STRIDE + 1
     if sd["visual.conv1.weight"].shape[-1] != IR_PATCH or sd["visual.positional_embedding"].shape[0] != grid * grid + 1:
@@ -250,7 +225,8 @@ def load_ir(path: str) -> FeatureNetwork:
         raise WeightFileError(f"{name} has keys the IR network does not use: {leftovers[:4]} (expected only "
                               "backbone.* or visual.*, fc1.* and fc2.*). "
                               f"Expected {IR_SOURCE}.")
-    _load_strict(backbone, _convert_openai_clip(visual, backbone), path, "an IR ViT-H/14", IR_SOURCE)
+    load_exactly(backbone, _convert_openai_clip(visual, backbone), os.path.basename(path), "IR ViT-H/14",
+                 IR_SOURCE)
     head = torch.nn.Linear(proj_dim, IR_EMBED_DIM)
     head.load_state_dict({"weight": sd["fc1.weight"], "bias": sd["fc1.bias"]}, strict=True)
     model = IRNetwork(backbone, head).eval().requires_grad_(False)

@@ -20,7 +20,7 @@ from .loaded_networks import networks, release_freed_memory  # noqa: F401  (gene
 from .optimize import OptimizationResult, OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
 from .sampler import sample
-from .similarity import SimilarityLoss
+from .similarity import SimilarityLoss, check_weights
 from .lora import SubjectLoRA, check_warm_start_rank
 from .subject import SubjectPhoto
 
@@ -54,8 +54,7 @@ class GenerationSettings:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 1 <= self.grad_steps <= self.steps:
             raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
-        if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
-            raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+        check_weights(self.dino_weight, self.ir_weight, "judge the subject")
         check_precision(self.precision)
         memory.check_mode(self.gradient_checkpointing)
         self.optimization.check()

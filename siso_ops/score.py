@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .precision import autocast
-from .similarity import reference_similarities
+from .similarity import check_weights, reference_similarities
 
 CHUNK = 4   # images embedded at once: bounds the activations of a large batch
 
@@ -41,8 +41,7 @@ def score_images(images: torch.Tensor, references: list, dino, ir, dino_weight: 
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, on_chunk=None) -> Scores:
     """images: BCHW in [0, 1]; references: the subject's photos (1x3xHxW each); dino / ir: the
     feature networks (None where the weight is 0). ``on_chunk(done, total)`` may raise to cancel."""
-    if dino_weight < 0 or ir_weight < 0 or dino_weight + ir_weight <= 0:
-        raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
+    check_weights(dino_weight, ir_weight, "score the images")
     nets = [(name, net, w) for name, net, w in (("dino", dino, dino_weight), ("ir", ir, ir_weight)) if w > 0]
     device = torch.device(device)
     sims = {name: [] for name, _, _ in nets}

@@ -12,6 +12,23 @@ import torch
 import torch.nn.functional as F
 
 
+def weights_problem(dino_weight: float, ir_weight: float, purpose: str) -> str | None:
+    """Why a pair of similarity weights cannot work, in the user's words, or None. Neither may be
+    negative (a negative weight would reward looking UNLIKE the subject), and a weight of 0 skips
+    its network, so at least one must be above 0. ``purpose``: what the networks would do."""
+    if dino_weight < 0 or ir_weight < 0:
+        return f"dino_weight and ir_weight must be >= 0, got {dino_weight} and {ir_weight}"
+    if dino_weight + ir_weight == 0:
+        return f"dino_weight and ir_weight are both 0: nothing would {purpose}; set at least one above 0"
+    return None
+
+
+def check_weights(dino_weight: float, ir_weight: float, purpose: str):
+    problem = weights_problem(dino_weight, ir_weight, purpose)
+    if problem:
+        raise ValueError(problem)
+
+
 def reference_similarities(embedding: torch.Tensor, references: list) -> torch.Tensor:
     """Cosine similarity of the generated images' embeddings to each reference, averaged over
     the generated batch: one value per reference. The per-reference expression is the one a
@@ -23,9 +40,8 @@ def reference_similarities(embedding: torch.Tensor, references: list) -> torch.T
 class SimilarityLoss:
     def __init__(self, dino, ir, subject_images, dino_weight: float = 1.0, ir_weight: float = 1.0):
         """subject_images: one 1x3xHxW photo, or a list of them (the same subject)."""
+        check_weights(dino_weight, ir_weight, "be optimised")
         self.terms = [(name, net, w) for name, net, w in (("dino", dino, dino_weight), ("ir", ir, ir_weight)) if w != 0]
-        if not self.terms:
-            raise ValueError("both similarity weights are 0: nothing would be optimised; set dino_weight or ir_weight above 0")
         photos = list(subject_images) if isinstance(subject_images, (list, tuple)) else [subject_images]
         if not photos:
             raise ValueError("no reference photo of the subject")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import zipfile
 
 import torch
+
+log = logging.getLogger("siso")
 
 
 class WeightFileError(ValueError):
@@ -271,3 +274,34 @@ def read_checkpoint(path: str, what: str, allowed=(), source: str | None = None)
             f"holds NaN or infinite values in {count} of its {total} floating-point tensors (the first: "
             f"'{first}'), which a broken download or conversion leaves")
     return data
+
+
+# ----------------------------------------------------------------------------- loading
+def block_count(keys, pattern: str) -> int:
+    """How many numbered blocks a state dict's ``keys`` hold: one past the highest index that
+    ``pattern``'s first group captures (0 when no key matches)."""
+    indices = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(indices) + 1 if indices else 0
+
+
+def load_exactly(model: torch.nn.Module, state: dict, name: str, what: str, source: str | None = None,
+                 optional_prefixes: tuple = (), unused_ok: bool = False):
+    """Load ``state`` into ``model`` only when it fits: no tensor of the model is missing (except
+    under ``optional_prefixes``, which keep the model's own: Grounding DINO's local BERT) and none
+    has another shape. Tensors the model does not have are refused, or with ``unused_ok`` logged
+    and left out (detector checkpoints carry training-only extras). ``name``: the file in messages;
+    ``what``: the model it should fit; ``source``: the published file(s)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not (optional_prefixes and k.startswith(tuple(optional_prefixes)))]
+    misshaped = [f"{k} (shape {tuple(v.shape)}, expected {tuple(own[k].shape)})" for k, v in state.items()
+                 if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    refused = [] if unused_ok else unexpected
+    if missing or misshaped or refused:
+        extra = f", {len(refused)} unexpected keys {refused[:4]}" if refused else ""
+        expected = f". Expected {source}." if source else "."
+        raise WeightFileError(f"{name} does not fit the {what} model built for it: {len(missing)} missing keys "
+                              f"{missing[:4]}, {len(misshaped)} of another shape {misshaped[:4]}{extra}{expected}")
+    if unexpected:
+        log.info("%s: %d unused tensors ignored (%s)", name, len(unexpected), ", ".join(unexpected[:5]))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not optional_prefixes)

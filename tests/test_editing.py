@@ -7,7 +7,7 @@ import comfy.model_management
 import nodes as comfy_nodes
 import tiny
 from conftest import siso
-from test_generation import assert_shared_modules_are_stock, host_state, ksampler
+from siso_runs import assert_shared_modules_are_stock, host_state, ksampler
 
 editing = siso("siso_ops.editing")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS

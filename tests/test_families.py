@@ -5,7 +5,10 @@ whichever ComfyUI the suite runs against.
 Per family: an optimisation runs; its iteration 0 is the stock KSampler + VAEDecode image (same
 seed, euler, 1 step, cfg 1); the LoRA is on the family's layers and learns; the host MODEL and a
 stock sampler's output are bitwise unchanged afterwards; the saved LoRA loads through ComfyUI's
-stock LoRA path with every key mapped. Families that are refused are refused before any work."""
+stock LoRA path with every key mapped; ReNoise inverts and an edit keeps the background. The suite's
+first tiny models (tests/tiny.py: SD1.x, SD2, SDXL, Flux) run an iteration and checkpoint here too.
+What is refused (classes the table refuses, video models, ...) is in test_refusals.py; classes no
+row names in test_self_checked.py; the census of this ComfyUI's classes in test_model_classes.py."""
 import numpy as np
 import pytest
 import torch
@@ -13,8 +16,10 @@ import torch
 import comfy.lora
 import comfy.model_management
 import nodes as comfy_nodes
+import tiny
 import tiny_families as tf
 from conftest import siso
+from siso_runs import SIZE, assert_shared_modules_are_stock, host_state
 
 host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
@@ -36,15 +41,11 @@ def _stock_image(model, vae, positive, name, size, seed=42):
     return image.reshape(-1, *image.shape[-3:])[:1].float()     # one frame of a video VAE: BHWC
 
 
-def _host_state(model):
-    return {k: v.clone() for k, v in model.model.state_dict().items()}
-
-
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(name, subject, tiny_networks):
     model, vae, positive = tf.build_model(name), tf.build_vae(name), tf.conditioning(name)
     size = _size(name)
-    before = _host_state(model)
+    before = host_state(model)
     stock = _stock_image(model, vae, positive, name, size)
     images = []
     settings = gen.GenerationSettings(width=size, height=size, seed=42, precision="fp32", gradient_checkpointing=False,
@@ -73,7 +74,7 @@ def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(nam
     assert any(float((images[i] - images[0]).abs().max()) > 0 for i in (1, 2)), "the LoRA changed nothing"
     if family.lora == "blocks":
         assert not any(families._MODULATION.search(k) for k in ups), "modulation layers got a LoRA"
-    after = _host_state(model)
+    after = host_state(model)
     assert all(torch.equal(before[k], after[k]) for k in after)
     assert torch.equal(_stock_image(model, vae, positive, name, size), stock)
     # the file loads through ComfyUI's stock LoRA path (LoraLoaderModelOnly) with every key mapped
@@ -123,42 +124,6 @@ def test_family_memory_estimate_runs_and_checkpointing_lowers_it(name):
     assert denoiser.peak(True, 1.0) < denoiser.peak(False, 1.0)
 
 
-def _tiny_wan21_video_model():
-    """A tiny Wan 2.1 text-to-video MODEL (ComfyUI's WAN21_T2V config): a video model."""
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    with torch.inference_mode():
-        config = sm.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16,
-                                   dim=32, ffn_dim=64, freq_dim=16, text_dim=48, out_dim=16, num_heads=2, num_layers=1,
-                                   dtype=torch.float32))
-        config.set_inference_dtype(torch.float32, None)
-        return comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"),
-                                                offload_device=torch.device("cpu"))
-
-
-def test_a_refused_image_family_and_a_video_model_are_named_before_any_work(subject, tiny_networks, monkeypatch):
-    """A model class the table refuses is refused with the table's reason, a video model with its
-    class named, both before the similarity networks load. (No image family is refused today but
-    Stable Cascade, whose two-stage model is not built here: a Cosmos model stands in for a
-    refused class, with the row taken out of the table.)"""
-    loaded = []
-    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: loaded.append(a))
-    settings = gen.GenerationSettings(width=64, height=64)
-    monkeypatch.setattr(families, "FAMILIES", tuple(f for f in families.FAMILIES if "CosmosPredict2" not in f.model_classes))
-    monkeypatch.setitem(families.REFUSED, "CosmosPredict2", "a reason given in the table")
-    cosmos = tf.build_model("cosmos_predict2")
-    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise CosmosPredict2 .*: a reason given "
-                                                                 "in the table. Supported: "):
-        gen.optimize_subject(cosmos, tf.build_vae("cosmos_predict2"), tf.conditioning("cosmos_predict2"), subject,
-                             "d", "i", settings)
-    video = _tiny_wan21_video_model()
-    with torch.inference_mode(), pytest.raises(ValueError, match="SISO optimises image models; WAN21 .* is a video "
-                                                                 "model. Supported: "):
-        gen.optimize_subject(video, tf.build_vae("qwen_image"), tf.conditioning("cosmos_predict2"), subject,
-                             "d", "i", settings)
-    assert not loaded
-
-
 def test_the_family_table_covers_every_family_the_tests_build():
     built = {type(tf.build_model(name).model).__name__ for name in tf.FAMILIES}
     listed = {c for f in families.FAMILIES for c in f.model_classes} | set(families.REFUSED)
@@ -174,21 +139,64 @@ def test_the_readme_shows_the_family_table_as_generated():
     assert shown == families.supported_models_markdown(), "README's table is stale: paste supported_models_markdown()"
 
 
+# The families of tests/tiny.py (SD1.x, SD2, SDXL, Flux), the suite's first tiny models
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_every_model_family_runs_an_optimisation_iteration(family, subject, tiny_networks):
+    model = tiny.build_model(family)
+    vae = tiny.build_vae(16 if family.startswith("flux") else 4)
+    before = host_state(model)
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=1e-2))
+    with torch.inference_mode():
+        lora, image, result = gen.optimize_subject(model, vae, tiny.conditioning(family), subject, None, None, settings,
+                                                   feature_networks=tiny_networks)
+    assert result.iterations == 2 and np.isfinite(result.best_loss)
+    assert image.shape == (1, SIZE, SIZE, 3)
+    keys = [k for k in lora.tensors if k.endswith(".lora_up.weight")]
+    if family.startswith("flux"):
+        assert any("txt_attn.qkv" in k for k in keys) and any("img_mlp.0" in k for k in keys) and any("linear1" in k for k in keys)
+    else:
+        assert keys and all(".attn" in k for k in keys)
+    after = host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert_shared_modules_are_stock(model)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_schnell"])
+def test_gradient_checkpointing_gives_the_same_optimisation(family, subject, tiny_networks):
+    """Recomputing the denoiser's, the decoder's and the feature networks' activations in backward
+    changes memory, not results: same losses and same LoRA after 3 iterations (to 1e-5)."""
+    model = tiny.build_model(family)
+    vae = tiny.build_vae(16 if family.startswith("flux") else 4)
+    positive = tiny.conditioning(family)
+    before = host_state(model)
+    checkpointed = host.TrainableModel(model, checkpointing=True)
+    blocks = {type(m).__name__ for m in checkpointed.forward_patched}
+    checkpointed.unload()
+    assert blocks >= ({"DoubleStreamBlock", "SingleStreamBlock"} if family.startswith("flux")
+                      else {"ResBlock", "BasicTransformerBlock"})
+    runs = []
+    for checkpointing in (False, True):
+        settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=3, gradient_checkpointing=checkpointing,
+                                          precision="fp32",
+                                          optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=1e-2,
+                                                                                  early_stop_patience=10))
+        with torch.inference_mode():
+            runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
+                                             feature_networks=tiny_networks))
+    (lora_a, _, result_a), (lora_b, _, result_b) = runs
+    assert [h["loss"] for h in result_a.history] == pytest.approx([h["loss"] for h in result_b.history], abs=1e-5)
+    assert lora_a.tensors.keys() == lora_b.tensors.keys()
+    for key in lora_a.tensors:
+        torch.testing.assert_close(lora_a.tensors[key], lora_b.tensors[key], atol=1e-5, rtol=1e-4)
+    assert any(t.abs().sum() > 0 for k, t in lora_b.tensors.items() if k.endswith("lora_up.weight"))
+    dino, ir = tiny_networks
+    assert not dino.module.grad_checkpointing and not ir.module.grad_checkpointing   # switched back off
+    after = host_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
+    assert_shared_modules_are_stock(model)
+
+
 EDITING = SUPPORTED
-
-
-def test_subject_swap_is_refused_where_the_table_says_so_before_any_work(monkeypatch):
-    """Every family of the table inverts today; a row with a reason set (how a family whose
-    inversion cannot work would be listed) is refused by SISO ReNoise Invert before any work."""
-    import dataclasses
-    from test_editing import invert
-    row = dataclasses.replace(families.family_of("QwenImage"), editing="a reason given in the table")
-    monkeypatch.setattr(families, "FAMILIES", tuple(row if f.name == row.name else f for f in families.FAMILIES))
-    model = tf.build_model("qwen_image")
-    monkeypatch.setattr(host, "encode_photo", lambda *a: pytest.fail("work started"))
-    with pytest.raises(ValueError, match="subject swap .* is not available for Qwen-Image yet: a reason given in the "
-                                         "table. .*SISO Optimize .* works"):
-        invert(model, tf.build_vae("qwen_image"), tf.conditioning("qwen_image"), torch.rand(1, 64, 64, 3))
 
 
 @pytest.mark.parametrize("name", EDITING)
@@ -213,7 +221,7 @@ def test_family_inverts_with_renoise_and_edits_keeping_the_background(name, subj
     # 0.8 leaves room for other CPUs' rounding while a ReNoise no better than DDIM fails.
     bound = 0.5 if not renoise.flow else 0.8
     assert renoise.latent_error < bound * ddim.latent_error, (renoise.latent_error, ddim.latent_error)
-    before = _host_state(model)
+    before = host_state(model)
     # the paper's editing learning rate (3e-4): at the 1e-2 of test_editing's longer runs, AdamW's
     # first full-size step moved PixArt's background before the term could hold it (two iterations)
     lora, edited, _, report = edit(model, vae, positive, subject, feature_files, renoise, mask, max_iterations=2,
@@ -226,7 +234,7 @@ def test_family_inverts_with_renoise_and_edits_keeping_the_background(name, subj
     print(f"\n{name}: latent error ReNoise {renoise.latent_error:.4f}, DDIM {ddim.latent_error:.4f}; "
           f"background MSE reconstruction {start:.4f}, edited {kept:.4f}")
     assert kept <= 1.01 * start, (kept, start)
-    after = _host_state(model)
+    after = host_state(model)
     assert all(torch.equal(before[k], after[k]) for k in after)
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,45 +18,13 @@ import folder_paths
 import nodes as comfy_nodes
 import tiny
 from conftest import siso
+from siso_runs import SIZE, assert_shared_modules_are_stock, host_state, ksampler, run_node
 
 host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 subject_mod = siso("siso_ops.subject")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
-SIZE = 64
-
-
-
-
-def ksampler(model, positive, negative, steps=1, seed=42):
-    with torch.inference_mode():
-        latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
-        return comfy_nodes.common_ksampler(model, seed, steps, 1.0, "euler", "simple", positive, negative, latent)[0]["samples"]
-
-
-def run_node(model, vae, positive, subject, feature_files, **overrides):
-    args = dict(dino_weights=feature_files[0], ir_weights=feature_files[1], seed=42, width=SIZE, height=SIZE, steps=1,
-                grad_steps=1, scheduler="simple", max_iterations=3, learning_rate=2e-4, lora_rank=4, lora_alpha=0.0,
-                lora_target=host.TARGETS[0], dino_weight=1.0, ir_weight=1.0, early_stop_percent=3.0, early_stop_patience=7)
-    args.update(overrides)
-    with torch.inference_mode():
-        return NODE["SISOOptimize"].execute(model, vae, positive, subject, **args).args
-
-
-def host_state(model):
-    return {k: v.clone() for k, v in model.model.state_dict().items()}
-
-
-def assert_shared_modules_are_stock(model):
-    for name, module in model.model.diffusion_model.named_modules():
-        assert not getattr(module, "weight_function", []), name
-        assert not getattr(module, "bias_function", []), name
-        assert "forward" not in vars(module), name
-    # the training clone's attention choice stays on the clone
-    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
-    assert not any(lm.model.model is model.model and lm.model is not model
-                   for lm in comfy.model_management.current_loaded_models)
 
 
 def test_host_model_and_stock_ksampler_are_bitwise_unchanged_after_optimisation(sd15, subject, feature_files):
@@ -200,50 +167,6 @@ def test_iteration_zero_is_the_stock_ksampler_image(precision, sd15, subject, ti
         assert 0 < difference.mean() <= 0.005 and difference.max() <= 0.05
 
 
-@pytest.mark.parametrize("family", list(tiny.FAMILIES))
-def test_every_model_family_runs_an_optimisation_iteration(family, subject, tiny_networks):
-    model = tiny.build_model(family)
-    vae = tiny.build_vae(16 if family.startswith("flux") else 4)
-    before = host_state(model)
-    settings = gen.GenerationSettings(width=SIZE, height=SIZE, optimization=optim.OptimizationSettings(max_iterations=2, learning_rate=1e-2))
-    with torch.inference_mode():
-        lora, image, result = gen.optimize_subject(model, vae, tiny.conditioning(family), subject, None, None, settings,
-                                                   feature_networks=tiny_networks)
-    assert result.iterations == 2 and np.isfinite(result.best_loss)
-    assert image.shape == (1, SIZE, SIZE, 3)
-    keys = [k for k in lora.tensors if k.endswith(".lora_up.weight")]
-    if family.startswith("flux"):
-        assert any("txt_attn.qkv" in k for k in keys) and any("img_mlp.0" in k for k in keys) and any("linear1" in k for k in keys)
-    else:
-        assert keys and all(".attn" in k for k in keys)
-    after = host_state(model)
-    assert all(torch.equal(before[k], after[k]) for k in after)
-    assert_shared_modules_are_stock(model)
-
-
-def test_an_unsupported_model_is_refused_before_any_work(sd15, subject, feature_files):
-    model, vae, positive, _ = sd15
-    import comfy.model_sampling
-
-    class OddPrediction:   # a prediction type the differentiable sampler does not know (x0 directly)
-        def calculate_input(self, sigma, noise):
-            return noise
-
-        def calculate_denoised(self, sigma, model_output, model_input):
-            return model_output
-
-    class RFlowSampling(comfy.model_sampling.ModelSamplingDiscrete, OddPrediction):
-        pass
-
-    with torch.inference_mode():
-        odd = model.clone()
-        odd.add_object_patch("model_sampling", RFlowSampling(model.model.model_config))
-    with pytest.raises(ValueError, match="SISO cannot optimise BaseModel .*RFlowSampling.*is not EPS, V-prediction, flow"):
-        run_node(odd, vae, positive, subject, feature_files)
-    with pytest.raises(TypeError, match="expected a ComfyUI MODEL"):
-        run_node(vae, vae, positive, subject, feature_files)
-
-
 def test_a_missing_weight_file_names_the_folder_and_the_expected_file(sd15, subject, feature_files):
     model, vae, positive, _ = sd15
     with pytest.raises(ValueError) as error:
@@ -301,41 +224,6 @@ def test_load_subject_handles_rgba_gray_masks_and_batches():
             subject_mod.prepare_subject(batch, torch.ones(2, 40, 48))
         with pytest.raises(ValueError, match="mask is empty"):
             subject_mod.prepare_subject(torch.rand(1, 40, 40, 3), torch.zeros(1, 40, 40))
-
-
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux_schnell"])
-def test_gradient_checkpointing_gives_the_same_optimisation(family, subject, tiny_networks):
-    """Recomputing the denoiser's, the decoder's and the feature networks' activations in backward
-    changes memory, not results: same losses and same LoRA after 3 iterations (to 1e-5)."""
-    model = tiny.build_model(family)
-    vae = tiny.build_vae(16 if family.startswith("flux") else 4)
-    positive = tiny.conditioning(family)
-    before = host_state(model)
-    checkpointed = host.TrainableModel(model, checkpointing=True)
-    blocks = {type(m).__name__ for m in checkpointed.forward_patched}
-    checkpointed.unload()
-    assert blocks >= ({"DoubleStreamBlock", "SingleStreamBlock"} if family.startswith("flux")
-                      else {"ResBlock", "BasicTransformerBlock"})
-    runs = []
-    for checkpointing in (False, True):
-        settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=3, gradient_checkpointing=checkpointing,
-                                          precision="fp32",
-                                          optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=1e-2,
-                                                                                  early_stop_patience=10))
-        with torch.inference_mode():
-            runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
-                                             feature_networks=tiny_networks))
-    (lora_a, _, result_a), (lora_b, _, result_b) = runs
-    assert [h["loss"] for h in result_a.history] == pytest.approx([h["loss"] for h in result_b.history], abs=1e-5)
-    assert lora_a.tensors.keys() == lora_b.tensors.keys()
-    for key in lora_a.tensors:
-        torch.testing.assert_close(lora_a.tensors[key], lora_b.tensors[key], atol=1e-5, rtol=1e-4)
-    assert any(t.abs().sum() > 0 for k, t in lora_b.tensors.items() if k.endswith("lora_up.weight"))
-    dino, ir = tiny_networks
-    assert not dino.module.grad_checkpointing and not ir.module.grad_checkpointing   # switched back off
-    after = host_state(model)
-    assert all(torch.equal(before[k], after[k]) for k in after)
-    assert_shared_modules_are_stock(model)
 
 
 def test_precision_choices():

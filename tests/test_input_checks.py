@@ -1,5 +1,5 @@
 """The pack's input checks in-process (issue 14), for what the server table cannot send: NaN
-pixels (no stock loader makes them), a VAE of another family, the NaN-loss diagnosis, and the
+pixels (no stock loader makes them), the NaN-loss diagnosis, and the
 schema check itself (every node's defaults pass it)."""
 import math
 import os
@@ -59,26 +59,6 @@ def test_a_linked_nan_strength_is_refused_before_patching():
     model = tiny.build_model("sd15")
     with pytest.raises(checks.InputError, match="SISO Apply LoRA: strength is nan, not a number: use a value between -4 and 4"):
         NODE["ApplySISOLoRA"].execute(model, None, float("nan"))
-
-
-def test_a_vae_of_another_family_is_refused_before_any_work(monkeypatch):
-    """Flux's 16-channel VAE with an SD1.5 model: refused naming both, before the networks load."""
-    model, vae = tiny.build_model("sd15"), tiny.build_vae(latent_channels=16)
-    loaded = []
-    monkeypatch.setattr(host, "weight_file_path", lambda kind, name: f"/nowhere/{name}")
-    monkeypatch.setattr(siso("siso_ops.generation").networks, "get", lambda *a, **k: loaded.append(a))
-    with pytest.raises(ValueError, match="the VAE makes 16-channel latents but .* works on 4 channels: the VAE "
-                                         "belongs to another model family"):
-        host.check_vae(vae, model)
-    subject = subject_mod.prepare_subject(torch.rand(1, 64, 64, 3))
-    with torch.inference_mode(), pytest.raises(ValueError, match="16-channel latents"):
-        NODE["SISOOptimize"].execute(
-            model, vae, tiny.conditioning("sd15"), subject, dino_weights="d", ir_weights="i", seed=0, width=64,
-            height=64, steps=1, grad_steps=1, scheduler="simple", max_iterations=1, learning_rate=2e-4, lora_rank=4,
-            lora_alpha=0.0, lora_target=host.TARGETS[0], dino_weight=1.0, ir_weight=1.0, early_stop_percent=3.0,
-            early_stop_patience=7)
-    assert not loaded
-    host.check_vae(tiny.build_vae(latent_channels=4), model)   # the matching one passes
 
 
 def _nan_run(nan_at: int, nan_image: bool, lr=2e-4):

@@ -32,6 +32,7 @@ import comfy.supported_models
 import nodes as comfy_nodes
 import tiny_families as tf
 from conftest import siso
+from reference_conditioning import encode, flux2_with_references, photo, reference, stock_node
 
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
@@ -41,22 +42,6 @@ references = siso("siso_ops.host.references")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 SIZE = 64
 ITERATIONS = 3
-
-
-def _stock_node(module: str, name: str):
-    """A node class of ComfyUI's comfy_extras (the suite does not load ComfyUI's extra nodes)."""
-    import importlib
-    try:
-        return getattr(importlib.import_module(f"comfy_extras.{module}"), name)
-    except (ImportError, AttributeError):
-        pytest.skip(f"this ComfyUI has no {name} in comfy_extras/{module}.py")
-
-
-def _photo(seed, height=64, width=64):
-    g = torch.Generator().manual_seed(seed)
-    # smooth random pictures (a few colour blobs), so the VAE sees image-like input
-    small = torch.rand(1, 3, 4, 4, generator=g)
-    return torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear").permute(0, 2, 3, 1).contiguous()
 
 
 def _flux1_dev():
@@ -93,32 +78,13 @@ class _StandInQwenEncoder:
         return tf.conditioning("qwen_image", 0)
 
 
-def _encode(vae, image):
-    with torch.inference_mode():
-        return comfy_nodes.VAEEncode().encode(vae, image)[0]
-
-
-def _reference(conditioning, latent):
-    with torch.inference_mode():
-        return _stock_node("nodes_edit_model", "ReferenceLatent").execute(conditioning, latent).args[0]
-
-
-def _flux2(count):
-    model, vae = tf.build_model("flux2"), tf.build_vae("flux2")
-    positive = tf.conditioning("flux2", 0)       # guidance 4.0, as FluxGuidance sets it for Flux.2 [dev]
-    # two references of different sizes: Flux.2 places each at its own RoPE index (ref_index_scale)
-    for seed, (h, w) in list(zip((11, 12), ((64, 64), (48, 80))))[:count]:
-        positive = _reference(positive, _encode(vae, _photo(seed, h, w)))
-    return model, vae, positive, "flux2"
-
-
 def _kontext():
     model, vae = _flux1_dev(), tf.build_vae("chroma")     # the 16-channel Flux.1 VAE kind
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():    # CLIPTextEncode's Flux.1 output: T5 context + CLIP-L pooled
         positive = [[torch.randn(1, 8, 48, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
-        positive = _stock_node("nodes_flux", "FluxGuidance").execute(positive, 2.5).args[0]   # Kontext's guidance
-    return model, vae, _reference(positive, _encode(vae, _photo(11))), "chroma"
+        positive = stock_node("nodes_flux", "FluxGuidance").execute(positive, 2.5).args[0]   # Kontext's guidance
+    return model, vae, reference(positive, encode(vae, photo(11))), "chroma"
 
 
 def _qwen_edit(plus):
@@ -127,11 +93,11 @@ def _qwen_edit(plus):
     with torch.inference_mode():
         if plus:
             # two pictures: Qwen-Image places each reference at its own RoPE index
-            node = _stock_node("nodes_qwen", "TextEncodeQwenImageEditPlus")
-            positive = node.execute(encoder, "the subject on a beach", vae, _photo(11), _photo(12)).args[0]
+            node = stock_node("nodes_qwen", "TextEncodeQwenImageEditPlus")
+            positive = node.execute(encoder, "the subject on a beach", vae, photo(11), photo(12)).args[0]
         else:
-            node = _stock_node("nodes_qwen", "TextEncodeQwenImageEdit")
-            positive = node.execute(encoder, "the subject on a beach", vae, _photo(11)).args[0]
+            node = stock_node("nodes_qwen", "TextEncodeQwenImageEdit")
+            positive = node.execute(encoder, "the subject on a beach", vae, photo(11)).args[0]
     assert encoder.images == [2 if plus else 1]     # the node handed its pictures to the text encoder too
     return model, vae, positive, "qwen_image"
 
@@ -149,7 +115,7 @@ def _omnigen2():
     ``reference_latents`` into ``ref_latents``, which its ``ref_image_refiner`` blocks run on (only
     with references: their LoRA layers train here, not text-to-image)."""
     model, vae, positive = _self_checked("omnigen2", "Omnigen2")
-    return model, vae, _reference(positive, _encode(vae, _photo(11))), "omnigen2"
+    return model, vae, reference(positive, encode(vae, photo(11))), "omnigen2"
 
 
 def _krea2():
@@ -158,9 +124,9 @@ def _krea2():
     it sets the method, as a user chains them. Krea 2 appends the reference tokens at RoPE index 1
     for any method; "index_timestep_zero" also modulates them with timestep 0: "index" here."""
     model, vae, positive = _self_checked("krea2", "Krea2")
-    positive = _reference(positive, _encode(vae, _photo(11)))
+    positive = reference(positive, encode(vae, photo(11)))
     with torch.inference_mode():
-        node = _stock_node("nodes_flux", "FluxKontextMultiReferenceLatentMethod")
+        node = stock_node("nodes_flux", "FluxKontextMultiReferenceLatentMethod")
         return model, vae, node.execute(positive, "index").args[0], "krea2"
 
 
@@ -171,12 +137,12 @@ def _joyimage():
     latents, appended to the image tokens). Not exercised: the stock node's bucket resize of the
     picture and the image tokens it hands its text encoder (the text side here is tiny random states)."""
     model, vae, positive = _self_checked("joyimage", "JoyImage")
-    return model, vae, _reference(positive, _encode(vae, _photo(11))), "joyimage"
+    return model, vae, reference(positive, encode(vae, photo(11))), "joyimage"
 
 
 CASES = {
-    "flux2_one_reference": lambda: _flux2(1),
-    "flux2_two_references": lambda: _flux2(2),
+    "flux2_one_reference": lambda: flux2_with_references(1),
+    "flux2_two_references": lambda: flux2_with_references(2),
     "flux1_kontext": _kontext,
     "qwen_image_edit": lambda: _qwen_edit(False),
     "qwen_image_edit_plus": lambda: _qwen_edit(True),
@@ -240,7 +206,7 @@ def _without_references(positive):
 @pytest.fixture(scope="module")
 def subject():
     with torch.inference_mode():
-        return NODE["LoadSubject"].execute(_photo(11), "subject", "white").args[0]
+        return NODE["LoadSubject"].execute(photo(11), "subject", "white").args[0]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -367,34 +333,3 @@ def test_gradient_checkpointing_with_references_gives_the_same_iterations(name, 
     assert len(runs[0]) == len(runs[1]) == 2
     for a, b in zip(*runs):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
-
-
-def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_work(subject, tiny_networks,
-                                                                                     monkeypatch):
-    """ComfyUI 0.33's Flux KV Cache keeps the reference tokens' keys and values from the first
-    denoiser call for every later one; SISO's iterations all run in one sampling run, so that state
-    would outlive iteration 0. SISO Optimize refuses before the memory estimate, the networks or the
-    clone (each would be work, and the estimate's pass would fill the cache)."""
-    kv_cache = _stock_node("nodes_flux", "FluxKVCache")
-    model, vae, positive, _ = _flux2(1)
-    with torch.inference_mode():
-        cached = kv_cache.execute(model).args[0]
-    monkeypatch.setattr(gen.memory, "plan", lambda *a, **k: pytest.fail("work started"))
-    monkeypatch.setattr(gen.networks, "get", lambda *a, **k: pytest.fail("work started"))
-    settings = gen.GenerationSettings(width=SIZE, height=SIZE)
-    with torch.inference_mode(), pytest.raises(ValueError, match="SISO cannot optimise through Flux KV Cache: .*"
-                                                                 "Connect SISO Optimize to the model before Flux KV Cache"):
-        gen.optimize_subject(cached, vae, positive, subject, "d", "i", settings)
-    # why: let through, the loop breaks at the backward of the first iteration that attends to the
-    # cached keys and values: it reaches the graph of the call that cached them, already freed
-    monkeypatch.undo()      # the memory estimate runs now; only the check is taken out
-    monkeypatch.setattr(gen.host, "check_reference_path", lambda *a: None)
-    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=42, precision="fp32", gradient_checkpointing=False,
-                                      optimization=optim.OptimizationSettings(max_iterations=3, learning_rate=5e-2,
-                                                                              early_stop_patience=10))
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        gen.optimize_subject(cached, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
-    # without references the patch does nothing (it only caches reference tokens): not refused there
-    references.check_reference_path(cached, tf.conditioning("flux2", 0))
-    # the model before Flux KV Cache (the node patches a clone) is not refused
-    references.check_reference_path(model, positive)

@@ -1,8 +1,6 @@
 """The self-checked path (siso_ops/self_check.py): a model class no row of the family table names
 trains after two checks on the run's own inputs, or is refused before the loop naming the class
 and the check that failed. Tiny random-weight models built through ComfyUI's own classes."""
-import dataclasses
-
 import pytest
 import torch
 
@@ -213,23 +211,3 @@ def test_the_forward_tolerance_comes_from_the_compute_dtype():
     # 2**10 unit roundoffs in float32; an eighth of the output's scale in half precision
     assert self_check.forward_tolerance(torch.float32) == 2.0 ** -14
     assert self_check.forward_tolerance(torch.bfloat16) == self_check.forward_tolerance(torch.float16) == 2.0 ** -3
-
-
-class TinySubclassOfCosmosPredict2(comfy.model_base.CosmosPredict2):
-    pass
-
-
-def test_refusals_reach_subclasses_and_unlisted_classes_with_a_video_latent(subject, monkeypatch):
-    """A subclass of a refused class is refused with its ancestor's reason; a class no list names
-    whose latent is not an image's (Cosmos Predict2's one-frame Wan latent, its row taken out)
-    is refused as video, both before any work."""
-    monkeypatch.setattr(families, "FAMILIES", tuple(f for f in families.FAMILIES if "CosmosPredict2" not in f.model_classes))
-    cosmos = tf.build_model("cosmos_predict2")
-    with pytest.raises(ValueError, match=r"SISO optimises image models; CosmosPredict2 .* is a video or 3D model \(its "
-                                         r"latent is not an image's\)"):
-        host.model_family(cosmos)
-    monkeypatch.setitem(families.REFUSED, "CosmosPredict2", "a reason given in the table")
-    _as_class(cosmos, TinySubclassOfCosmosPredict2)
-    with pytest.raises(ValueError, match=r"SISO cannot optimise TinySubclassOfCosmosPredict2 .* \(a subclass of "
-                                         r"CosmosPredict2\): a reason given in the table"):
-        optimise(cosmos, tf.build_vae("cosmos_predict2"), tf.conditioning("cosmos_predict2"), subject, None)

@@ -51,7 +51,7 @@ def files():
 
 @pytest.fixture
 def fast(monkeypatch):
-    monkeypatch.setattr(seg, "DETECTOR_SIZE", FAST_DETECTOR)
+    monkeypatch.setattr(seg.grounding_dino, "DETECTOR_SIZE", FAST_DETECTOR)
 
 
 @pytest.fixture
@@ -628,7 +628,7 @@ sys.path.insert(0, sys.argv[1])
 import torch, transformers
 from groundingdino.models.GroundingDINO.bertwarper import BertModelWarper
 from siso_ops import segmentation as seg
-seg.DETECTOR_SIZE = tuple(json.loads(sys.argv[4]))
+seg.grounding_dino.DETECTOR_SIZE = tuple(json.loads(sys.argv[4]))
 image = torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(0))
 detector = seg.load_grounding_dino(sys.argv[2], sys.argv[3])
 with torch.inference_mode():

@@ -30,7 +30,7 @@ from .folders import (  # noqa: F401
     grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for, input_image_size)
 from .models import (  # noqa: F401
     SUPPORTED_SAMPLING, TARGETS, describe_model, ARCHITECTURES, model_architecture, subject_lora_layouts,
-    check_lora_fits, model_family, check_supported, check_editing, check_vae, compute_device,
+    check_lora_fits, model_family, check_supported, check_vae, compute_device,
     throw_if_interrupted, is_flow, latent_channels, lora_target_names, checkpoint_block_classes,
     diffusers_lora_targets, apply_lora, stored_quantised, is_dynamic, self_checked_path)
 from .training import training_clone, TrainableModel  # noqa: F401

@@ -65,37 +65,9 @@ def _model_classes(cls) -> list:
 
 
 def _unlisted_family(model, cls) -> families.Family:
-    """The family of a model class no row names, or a refusal naming the class: a refused class
-    or a subclass of one; video, audio and 3D classes (listed, or by their latent's shape); a
-    subclass of a row's class takes that row, self-checked; any other image class takes the
-    structural rules, self-checked."""
-    name = cls.__name__
-    supported = "; ".join(f.name for f in families.FAMILIES)
-    # a class the self-checked list names is an image model whatever its ancestors are (Kandinsky
-    # 5 Image derives from the video Kandinsky 5) or its latent's shape (a one-frame Wan latent)
-    listed = name in families.SELF_CHECKED
-    for ancestor in _model_classes(cls):
-        own = ancestor.__name__
-        derived = f" (a subclass of {own})" if ancestor is not cls else ""
-        if ancestor is not cls:
-            row = families.family_of(own)
-            if row is not None:
-                return families.inherited_family(row, name, own)
-        if listed and ancestor is not cls:
-            continue
-        if own in families.REFUSED:
-            raise ValueError(f"SISO cannot optimise {describe_model(model)}{derived}: {families.REFUSED[own]}. "
-                             f"Supported: {supported}.")
-        kind = next((k for k, names in families.NOT_IMAGE.items() if own in names), None)
-        if kind is not None:
-            raise ValueError(f"SISO optimises image models; {describe_model(model)}{derived} is a {kind} model. "
-                             f"Supported: {supported}.")
+    """The family table's policy for a class no row names (families.unlisted_family)."""
     dimensions = getattr(getattr(model.model, "latent_format", None), "latent_dimensions", 2)
-    if dimensions != 2 and not listed:
-        kind = {1: "an audio", 3: "a video or 3D"}.get(dimensions, f"a {dimensions}-D")
-        raise ValueError(f"SISO optimises image models; {describe_model(model)} is {kind} model (its latent is not "
-                         f"an image's). Supported: {supported}.")
-    return families.structural_family(name)
+    return families.unlisted_family([c.__name__ for c in _model_classes(cls)], dimensions, describe_model(model))
 
 
 def model_family(model) -> families.Family:
@@ -126,14 +98,6 @@ def self_checked_path(model) -> str:
 def check_supported(model):
     """Raise before any work when the MODEL has no differentiable path we know."""
     model_family(model)
-
-
-def check_editing(model):
-    """Raise before any work when subject swap (ReNoise inversion) is not available for the MODEL."""
-    family = model_family(model)
-    if family.editing:
-        raise ValueError(f"subject swap (SISO ReNoise Invert) is not available for {family.name} yet: "
-                         f"{family.editing}. Generating with SISO Optimize (no inversion connected) works.")
 
 
 def check_vae(vae, model):
