@@ -14,6 +14,7 @@ import torch
 
 from . import host
 from . import memory
+from . import compiled
 from .editing import EditScore, check_edit, check_refine_mask
 from .feature_networks import load_dino, load_ir
 from .optimize import OptimizationSettings, optimize
@@ -42,6 +43,7 @@ class GenerationSettings:
     # "auto": only when the memory estimate says the run would not fit without it (memory.py).
     gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"                # compute precision of the forward passes, see precision.py
+    compile: str = "auto"                  # torch.compile the similarity networks: auto / on / off, see compiled.py
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -56,6 +58,7 @@ class GenerationSettings:
         if self.dino_weight < 0 or self.ir_weight < 0 or self.dino_weight + self.ir_weight == 0:
             raise ValueError("dino_weight and ir_weight must be >= 0 and not both 0")
         check_precision(self.precision)
+        compiled.check_compile(self.compile)
         memory.check_mode(self.gradient_checkpointing)
         self.optimization.check()
 
@@ -191,6 +194,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                                   None if keep is None else keep.to(device).clone(), settings.background_weight)
             elif keep is not None:   # against iteration 0's image, kept by EditScore when it scores it
                 score = EditScore(score, None, keep.to(device).clone(), settings.background_weight)
+            compiling = compiled.prepare_networks(used, settings.compile, device, dtype, checkpointing)
             host.throw_if_interrupted()
             trainable = host.TrainableModel(model, settings.rank, settings.alpha or settings.rank, settings.target,
                                             seed=settings.seed, checkpointing=checkpointing)
@@ -244,6 +248,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             result = host.run_with_denoiser(trainable, positive, latent, noise, sigmas, settings.seed, body)
             result.memory = memory_plan     # the estimate and the low_memory choice, for the report
             result.loading = trainable.loading   # fully loaded, or streamed per layer by ComfyUI
+            result.compiled = "; ".join(filter(None, (compiling, host.user_compile_note(model))))
             lora = SubjectLoRA(
                 tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
                 model=host.describe_model(model), best_iteration=result.best_iteration,
@@ -259,5 +264,6 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 net.to("cpu")
                 net.set_checkpointing(False)
                 net.set_interrupt_check(None)
+            compiled.finish_networks(used)
             release_freed_memory()
             host.free_cached_memory()

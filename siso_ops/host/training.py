@@ -15,6 +15,7 @@ import comfy.model_management
 import comfy.ops
 
 from .. import families
+from .compiled_models import drop_user_compile
 from ..lora import LoRADelta, export_lora, lora_layers
 from ..self_check import SelfCheckFailed, check_training_path, refusal
 from .models import (TARGETS, check_supported, describe_model, is_dynamic, lora_target_names, model_family,
@@ -361,6 +362,7 @@ class TrainableModel:
         self.rank = int(rank)
         self.alpha = float(alpha if alpha else rank)
         self.patcher = training_clone(model)
+        drop_user_compile(self.patcher)   # TorchCompileModel's wrapper: training runs the uncompiled module
         self.deltas = {}
         self.lora_layers = {}     # weight key -> the layer its delta acts on
         self.training_forwards = {}   # weight key -> the _TrainingForward that applies its delta
