@@ -89,7 +89,9 @@ VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointi
             "fp8-checkpointing-on": {"weights": "float8_e4m3fn", "gradient_checkpointing": True},
             "q8_0-checkpointing-on": {"weights": "gguf_q8_0", "gradient_checkpointing": True},
             "reference-checkpointing-on": {"references": 1, "gradient_checkpointing": True},
-            "reference-checkpointing-off": {"references": 1, "gradient_checkpointing": False}}
+            "reference-checkpointing-off": {"references": 1, "gradient_checkpointing": False},
+            # the similarity networks compiled (siso_ops/compiled.py), with the fastest memory setting
+            "compiled": {"compile": "on", "gradient_checkpointing": False}}
 PATHS = ("generation", "editing")
 PROMPT = "a photo of a dog"
 

@@ -1,12 +1,14 @@
 """The part of a SISO iteration after the denoiser, at full size: the SD VAE decoder (random
 weights, the real architecture, through the pack's DifferentiableDecoder), DINOv2 ViT-L/14 at
 518 px and the IR ViT-H/14 at 290 px (random weights, real architectures), similarity loss and
-backward into the latent. Compares gradient checkpointing off (the authors' setting) and on.
+backward into the latent. Compares gradient checkpointing off (the authors' setting) and on, or
+with --compile the similarity networks eager and compiled (siso_ops/compiled.py, checkpointing
+off, the decoder eager in both), with the compile time apart.
 
 Each configuration runs in its own fresh process so its peak memory (ru_maxrss) is its own; the
 two alternate. CPU only here; a GPU run would use torch.cuda.max_memory_allocated instead.
 
-    python benchmarks/loss_path.py [image size] [iterations]    (default 256, 2)
+    python benchmarks/loss_path.py [image size] [iterations] [--compile]    (default 256, 2)
 """
 import json
 import os
@@ -21,7 +23,7 @@ import conftest
 import torch
 import tiny
 from conftest import siso
-size, iterations, checkpointing = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+size, iterations, checkpointing, compile = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"
 host, fn, sim = siso("siso_ops.host"), siso("siso_ops.feature_networks"), siso("siso_ops.similarity")
 pre = siso("siso_ops.preprocess")
 import timm
@@ -44,6 +46,10 @@ with torch.inference_mode(False):
         net.set_checkpointing(checkpointing)
     decoder = host.DifferentiableDecoder(vae, model, torch.device("cpu"), checkpointing=checkpointing)
     score = sim.SimilarityLoss(dino, ir, torch.rand(1, 3, 512, 512))
+    start = time.perf_counter()
+    if compile:   # as a run does it: after the reference embeddings, before iteration 0
+        siso("siso_ops.compiled").prepare_networks([dino, ir], "on", torch.device("cpu"), torch.float32, checkpointing)
+    compile_seconds = time.perf_counter() - start
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = []
     for i in range(iterations + 1):
@@ -54,14 +60,14 @@ with torch.inference_mode(False):
         times.append(time.perf_counter() - start)
         del loss, latent
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": times[1:], "peak_mb": peak, "before_mb": before}))
+print(json.dumps({"seconds": times[1:], "peak_mb": peak, "before_mb": before, "compile_s": compile_seconds}))
 """
 
 
-def run(size: int, iterations: int, checkpointing: bool) -> dict:
+def run(size: int, iterations: int, checkpointing: bool, compile: bool = False) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", CHILD, repo, str(size), str(iterations), "1" if checkpointing else "0"],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, repo, str(size), str(iterations), "1" if checkpointing else "0",
+                          "1" if compile else "0"], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -84,5 +90,22 @@ def main(size=256, iterations=2):
           f"activation memory {on[2] / max(off[2], 1):.2f}")
 
 
+def main_compile(size=256, iterations=2):
+    """Eager, then compiled, one fresh process each (a compile on 2 CPU cores takes minutes)."""
+    rows = {}
+    for compile in (False, True):
+        result = run(size, iterations, False, compile)
+        rows[compile] = result
+        print(f"{'compiled' if compile else 'eager   '}: {statistics.median(result['seconds']):.2f} s/iteration "
+              f"(forward + backward, {iterations} timed iterations after one untimed: {result['seconds']}), "
+              f"peak RSS {result['peak_mb']:.0f} MB" + (f", compile {result['compile_s']:.1f} s" if compile else ""),
+              flush=True)
+    eager, compiled = (statistics.median(rows[c]["seconds"]) for c in (False, True))
+    print(f"compiled / eager at {size} px: {compiled / eager:.2f}; compile time {rows[True]['compile_s']:.1f} s pays back "
+          f"after {rows[True]['compile_s'] / max(eager - compiled, 1e-9):.0f} iterations" if compiled < eager else
+          f"compiled / eager at {size} px: {compiled / eager:.2f} (compiled is not faster)")
+
+
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    numbers = [int(a) for a in sys.argv[1:] if not a.startswith("--")]
+    (main_compile if "--compile" in sys.argv else main)(*numbers[:2])

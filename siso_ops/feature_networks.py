@@ -84,11 +84,32 @@ class FeatureNetwork:
     std: tuple
     name: str
     interrupt_hooks: list = field(default_factory=list, repr=False, compare=False)
+    interrupt_check: Callable | None = field(default=None, repr=False, compare=False)
+    # compiled forwards kept across runs (compiled.py): key -> torch.compile'd module, and the one in use
+    compiled: dict = field(default_factory=dict, repr=False, compare=False)
+    active: Callable | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def role(self) -> str:
+        return self.name.split(" ")[0]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         from .preprocess import prepare_for_network
         x = prepare_for_network(images, self.image_size, self.mean, self.std)
-        return self.module(x.to(next(self.module.parameters()).dtype))
+        x = x.to(next(self.module.parameters()).dtype)
+        if self.active is None:
+            return self.module(x)
+        if self.interrupt_check is not None:   # once per call: the compiled blocks cannot check
+            self.interrupt_check()
+        # the reference photos' embeddings (no gradient, once per run) stay eager: a no-grad call
+        # would compile a second graph for one use
+        return self.active(x) if torch.is_grad_enabled() else self.module(x)
+
+    def use_compiled(self, key):
+        """Run the compiled forward stored under ``key`` from now on (None: the eager module). The
+        per-block Cancel hooks come off while compiled (torch.compile cannot trace the check)."""
+        self.active = None if key is None else self.compiled[key]
+        self._hook_blocks()
 
     def to(self, *args, **kwargs):
         self.module.to(*args, **kwargs)
@@ -102,10 +123,17 @@ class FeatureNetwork:
         """From now on call ``check()`` (which raises to cancel: ComfyUI's Cancel) before every
         transformer block, its attention and its MLP run, in forward passes and in the
         recomputation of gradient checkpointing; ``None`` takes the checks off (at the end of a
-        run, so a cached network keeps no hook of a finished run)."""
+        run, so a cached network keeps no hook of a finished run). A compiled network checks once
+        per call instead (use_compiled)."""
+        self.interrupt_check = check
+        self._hook_blocks()
+
+    def _hook_blocks(self):
         for handle in self.interrupt_hooks:
             handle.remove()
-        self.interrupt_hooks = [] if check is None else check_before_blocks(self.module, check)
+        eager = self.active is None
+        self.interrupt_hooks = check_before_blocks(self.module, self.interrupt_check) \
+            if eager and self.interrupt_check is not None else []
 
     def __repr__(self):
         return f"FeatureNetwork({self.name}, {self.image_size}px)"

@@ -14,7 +14,7 @@ import torch
 
 from .runtime import host
 from .targets import ATTENTION
-from . import loaded_networks, memory
+from . import compiled, loaded_networks, memory
 from .editing import EditScore, check_edit, check_refine_mask
 from .loaded_networks import networks, release_freed_memory  # noqa: F401  (generation.networks: tests, benchmarks)
 from .optimize import OptimizationResult, OptimizationSettings, optimize
@@ -43,6 +43,7 @@ class GenerationSettings:
     # "auto": only when the memory estimate says the run would not fit without it (memory.py).
     gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"                # compute precision of the forward passes, see precision.py
+    compile: str = "auto"                  # torch.compile the similarity networks: auto / on / off, see compiled.py
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -56,6 +57,7 @@ class GenerationSettings:
             raise ValueError(f"grad_steps must be between 1 and steps ({self.steps}), got {self.grad_steps}")
         check_weights(self.dino_weight, self.ir_weight, "judge the subject")
         check_precision(self.precision)
+        compiled.check_compile(self.compile)
         memory.check_mode(self.gradient_checkpointing)
         self.optimization.check()
 
@@ -65,6 +67,7 @@ class GenerationResult(OptimizationResult):
     """What a run found (OptimizationResult) and how it ran, for the node's report."""
     memory: memory.MemoryPlan | None = None   # the estimate and the low_memory choice
     loading: str = ""                         # fully loaded, or streamed per layer by ComfyUI
+    compiled: str = ""                        # what was compiled or reused, and a TorchCompileModel input
 
 
 def _between_phases():
@@ -101,11 +104,12 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
             dino, ir = feature_networks
         _between_phases()
         host.make_room_for_training(device)
-        with loaded_networks.on_device((dino, ir), device, checkpointing):
+        with loaded_networks.on_device((dino, ir), device, checkpointing) as used:
             trainable = None
             decoder = None
             try:
                 score = _loss(dino, ir, subject, settings, device, dtype, inversion, keep)
+                compiling = compiled.prepare_networks(used, settings.compile, device, dtype, checkpointing)
                 _between_phases()
                 trainable = _trainable_clone(model, settings, checkpointing, initial_lora)
                 _between_phases()
@@ -114,7 +118,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 found = _loop(trainable, decoder, score, model, vae, positive, settings, dtype, inversion,
                               on_iteration)
                 result = GenerationResult(**{f.name: getattr(found, f.name) for f in fields(found)},
-                                          memory=memory_plan, loading=trainable.loading)
+                                          memory=memory_plan, loading=trainable.loading,
+                                          compiled="; ".join(filter(None, (compiling, host.user_compile_note(model)))))
                 lora = SubjectLoRA(
                     tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
                     model=host.describe_model(model), best_iteration=result.best_iteration,
@@ -126,6 +131,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                     trainable.unload()
                 if decoder is not None:
                     decoder.release()
+                compiled.finish_networks(used)   # eager again; the compiled code stays for the next run
 
 
 def _check_inputs(model, vae, positive, settings: GenerationSettings, inversion, mask, initial_lora):

@@ -42,6 +42,7 @@ from .decoding import (  # noqa: F401
     encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
 from .prompts import add_prompt_check, RefusedValue  # noqa: F401
 from .progress import progress_bar, previews_enabled, send_event, is_cancel  # noqa: F401
+from .compiled_models import user_compiled, drop_user_compile, user_compile_note  # noqa: F401
 from .references import check_reference_path, reference_latents  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)

@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 import comfy.model_management
 
 from .. import families
+from .compiled_models import drop_user_compile
 from ..lora import LoRADelta, export_lora, warm_start_tensors
 from ..precision import agreement_tolerance
 from ..self_check import SelfCheckFailed, check_training_path, refusal
@@ -87,6 +88,7 @@ class TrainableModel:
         self.rank = int(rank)
         self.alpha = float(alpha if alpha else rank)
         self.patcher = training_clone(model)
+        drop_user_compile(self.patcher)   # TorchCompileModel's wrapper: training runs the uncompiled module
         self.deltas = {}
         self.lora_layers = {}     # weight key -> the layer its delta acts on
         self.training_forwards = {}   # weight key -> the TrainingForward that applies its delta

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The one GPU check of issue 27 (a lent GPU machine: no network, about 15 minutes in all; this
+# script takes at most 8). SDXL-Turbo at 512 px, generation, 3 iterations: the paper's settings,
+# the defaults, checkpointing off and the similarity networks compiled, all in one run so the
+# figures compare; operator counts and a profile per configuration under $OUT/prof.
+#   OUT=/some/dir benchmarks/gpu.sh            (on the device machine: run from the repository root)
+#   benchmarks/gpu.sh --tiny                   (CPU dry run of the same command on tiny models)
+set -euo pipefail
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-.venv/bin/python}
+export SISO_COMFYUI_DIR=${SISO_COMFYUI_DIR:-$PWD/.comfyui}
+mkdir -p "$OUT/prof"
+if [ "${1:-}" = "--tiny" ]; then
+  exec timeout 600 "$PY" benchmarks/bench.py --tiny --configs paper,defaults,checkpointing-off,compiled \
+    --paths generation --iterations 1 --json "$OUT/tiny.json"
+fi
+export SISO_DEVICE=cuda
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || true
+timeout 470 "$PY" benchmarks/bench.py --models sdxl_turbo --configs paper,defaults,checkpointing-off,compiled \
+  --paths generation --iterations 3 --count-ops --profile "$OUT/prof" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu_table.txt"
