@@ -13,7 +13,8 @@ from PIL import Image
 
 import nodes as comfy_nodes
 from conftest import siso
-from test_references import SIZE, _flux2, _stock_image
+from reference_conditioning import flux2_with_references as _flux2
+from test_references import SIZE, _stock_image
 
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")

@@ -53,7 +53,6 @@ from .memory_probe import (  # noqa: F401
 
 # This package is the method's host (siso_ops/runtime.py): the method reaches the names above
 # through that interface, never by importing this package.
-import sys as _sys  # noqa: E402
-from .. import runtime as _runtime  # noqa: E402
+from .. import runtime  # noqa: E402
 
-_runtime.register(_sys.modules[__name__])
+runtime.register(__import__("sys").modules[__name__])
