@@ -641,20 +641,38 @@ PHASES = ("denoise", "decode", "embed", "backward")
 
 
 @contextlib.contextmanager
-def phases_marked(gen, host, fn, mark):
+def phases_marked(gen, host, fn, mark, detailed: bool = False):
     """While inside: each phase's function (denoise, decode, embed, backward) is replaced by
-    ``mark(label, function)``; restored on the way out."""
+    ``mark(label, function)``; restored on the way out. ``detailed``: the two similarity networks
+    are told apart ("dino", "ir" instead of "embed") and AdamW's step is a phase ("optimiser")."""
     import torch
     patches = [(host.DifferentiableDecoder, "__call__", "decode"), (fn.FeatureNetwork, "embed", "embed"),
                (gen, "sample", "denoise"), (torch.Tensor, "backward", "backward")]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    if detailed:
+        patches.append((torch.optim.AdamW, "step", "optimiser"))
+    originals = [(owner, name, vars(owner).get(name, getattr(owner, name))) for owner, name, _ in patches]
     for owner, name, label in patches:
-        setattr(owner, name, mark(label, getattr(owner, name)))
+        if detailed and label == "embed":
+            setattr(owner, name, _network_marked(mark, getattr(owner, name)))
+        else:
+            setattr(owner, name, mark(label, getattr(owner, name)))
     try:
         yield
     finally:
         for owner, name, f in originals:
             setattr(owner, name, f)
+
+
+def _network_marked(mark, embed):
+    """FeatureNetwork.embed marked "dino" or "ir" by the network it runs (its name says which)."""
+    dino, ir = mark("dino", embed), mark("ir", embed)
+
+    def marked(network, *args, **kwargs):
+        return (dino if network.name.startswith("DINO") else ir)(network, *args, **kwargs)
+    return marked
+
+
+PROFILE_PHASES = ("denoise", "decode", "dino", "ir", "backward", "optimiser")
 
 
 # Operators that only make tensor metadata (views, an empty tensor re-pointed at a storage):
@@ -735,19 +753,57 @@ def profile_iteration(run, stem: str, gen, host, fn) -> dict:
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             prof.step()
-        with phases_marked(gen, host, fn, marked), torch.inference_mode():
+        with phases_marked(gen, host, fn, marked, detailed=True), torch.inference_mode():
             run(step)
     events = captured[0]
-    device_busy_us = sum(e.self_device_time_total for e in events if e.device_type.name != "CPU") \
-        if torch.cuda.is_available() else 0.0
+    on_device = [e for e in events if e.device_type.name != "CPU"]
+    device_busy_us = sum(e.self_device_time_total for e in on_device)
+    launches = sum(e.count for e in on_device)      # kernels, copies and fills the device ran
     wall_s = stamps[2] - stamps[1]
+    # Each phase's share: of the iteration's wall time (the host thread inside the phase's range)
+    # and, on a GPU, of the device's busy time (kernels launched inside the range). "other" is the
+    # rest: Python between the phases, the loss bookkeeping, waiting.
+    by_name = {e.key: e for e in events}
+    phases = {}
+    for label in PROFILE_PHASES:
+        e = by_name.get(f"siso:{label}")
+        phases[label] = {"wall_share": (e.cpu_time_total / 1e6 / wall_s) if e else 0.0,
+                         "device_share": (e.device_time_total / device_busy_us) if e and device_busy_us else 0.0}
+    phases["other"] = {"wall_share": max(0.0, 1 - sum(p["wall_share"] for p in phases.values())),
+                       "device_share": max(0.0, 1 - sum(p["device_share"] for p in phases.values()))
+                       if device_busy_us else 0.0}
     with open(stem + ".txt", "w") as f:
-        f.write(f"iteration wall {wall_s:.3f} s; device kernels busy {device_busy_us / 1e6:.3f} s\n\n")
+        f.write(f"iteration wall {wall_s:.3f} s; device kernels busy {device_busy_us / 1e6:.3f} s "
+                f"({device_busy_us / 1e6 / wall_s:.0%}); {launches} device launches\n")
+        f.write("phase shares (wall, device): " + ", ".join(
+            f"{k} {v['wall_share']:.0%} / {v['device_share']:.0%}" for k, v in phases.items()) + "\n\n")
         f.write(events.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=60) + "\n")
         if torch.cuda.is_available():
             f.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60) + "\n")
-    return {"wall_s": wall_s, "device_busy_s": device_busy_us / 1e6}
+    return {"wall_s": wall_s, "device_busy_s": device_busy_us / 1e6, "device_busy_fraction": device_busy_us / 1e6 / wall_s,
+            "device_launches": launches, "phases": phases}
+
+
+def profile_table(results: list) -> list:
+    """--profile: where one generation iteration's time went, per configuration."""
+    rows = [(r["model"], r["config"], r["paths"]["generation"]["profile"]) for r in results
+            if "profile" in r.get("paths", {}).get("generation", {})]
+    if not rows:
+        return []
+    names = PROFILE_PHASES + ("other",)
+    lines = ["Where one generation iteration's time goes (`--profile`, torch.profiler, one iteration after a "
+             "warm-up): its wall time, the share of it the device was busy, the device launches (kernels, copies, "
+             "fills), and each phase's share of the wall time / of the device's busy time (backward is every "
+             "network's backward together; other = Python between phases, bookkeeping, waiting).", "",
+             "| model | configuration | wall s | device busy | launches | " + " | ".join(names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(names)]
+    for model_name, config, p in rows:
+        lines.append(f"| {model_name} | {config} | {p['wall_s']:.3f} | {p.get('device_busy_fraction', 0):.0%} | "
+                     f"{p.get('device_launches', 0)} | " + " | ".join(
+                         f"{p['phases'][n]['wall_share']:.0%} / {p['phases'][n]['device_share']:.0%}"
+                         for n in names) + " |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -832,6 +888,7 @@ def summarise(results: list, args, device: str) -> str:
     if getattr(args, "estimate", False):
         lines += estimate_table(results, args, device)
     lines += operator_table(results, args)
+    lines += profile_table(results)
     for r in results:
         if "paths" not in r:
             continue
