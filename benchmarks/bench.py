@@ -302,30 +302,9 @@ def gguf_model(base, model_name: str, layout: str):
 
 
 # ----------------------------------------------------------------------------- the child process
-def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
-          paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import conftest  # noqa: F401  (ComfyUI in-process with the pack loaded; device from SISO_DEVICE)
+def random_filler(device):
+    """``fill_random(module, seed)`` for this device."""
     import torch
-    import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sd
-    import tiny
-    from conftest import siso
-
-    host, gen, opt, fn, pre, editing, lora_mod, subject_mod, renoise = (siso(f"siso_ops.{m}") for m in (
-        "host", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
-        "renoise"))
-    device = host.compute_device()
-    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    memory = Memory(device, total_mb - 1536 if device.type == "cpu" else None)
-    paper = config == "paper"
-    variant = dict(VARIANTS.get(config, {}))
-    weights = variant.pop("weights", None)       # a storage dtype for the diffusion weights, not a setting
-    references = variant.pop("references", 0)    # reference images in the conditioning, not a setting
-    gguf = weights is not None and weights.startswith("gguf_")
-    torch.manual_seed(0)
 
     def fill_random(module, seed):
         """Deterministic weights at a scale that keeps deep random networks finite (std
@@ -346,13 +325,18 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                     p.copy_(torch.randn(p.shape, generator=g, device=where) / max(p[0].numel(), 1) ** 0.5)
         return module
 
-    # --- the diffusion model, as ComfyUI's checkpoint loader would load it
-    big = model_name in BIG_MODELS
-    if big and (paper or tiny_models):
-        print(json.dumps({"aborted": f"{model_name}: the pack's defaults (and their variants) at full size only: the "
-                                     "paper configuration trains a LoRA on the text encoder, which is not built here, "
-                                     "and there is no tiny version"}), flush=True)
-        return
+    return fill_random
+
+
+def build_model(model_name: str, device, big: bool, paper: bool, tiny_models: bool, weights, gguf: bool,
+                fill_random):
+    """The diffusion model as ComfyUI's loaders would load it (random weights): (MODEL, weight dtype,
+    manual cast, parameter count)."""
+    import torch
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import tiny
     with torch.inference_mode():
         if big:
             model_config, model_type = big_detected_config(model_name), None
@@ -392,7 +376,18 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
             model = comfy.model_patcher.ModelPatcher(base, load_device=device,
                                                      offload_device=comfy.model_management.unet_offload_device())
 
-    # --- the VAE (the SD/SDXL VAE architecture) and the text encoder(s)
+    return model, dtype, manual_cast, unet_params
+
+
+def build_vae_and_prompt(model_name: str, device, big: bool, paper: bool, tiny_models: bool, fill_random,
+                         unet_params: int, dtype, manual_cast):
+    """The VAE and the prompt's conditioning: (VAE, positive, text-encoder parameters, (text encoder,
+    encode(), its device) for the paper's text-encoder LoRA or None, the random conditioning's shape
+    for the big models or None)."""
+    import torch
+    import comfy.sd
+    import tiny
+    text, cond_info = None, None
     from comfy.ldm.models.autoencoder import AutoencoderKL
     if big:
         # the family's own VAE; no text encoder: conditioning of the real shape, random values
@@ -435,10 +430,18 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         with torch.inference_mode():
             cond, pooled = encode()
             positive = [[cond.detach().cpu(), {"pooled_output": pooled.detach().cpu()} if model_name == "sdxl_turbo" else {}]]
+        text = (text_encoder, encode, te_device)
+    return vae, positive, te_params, text, cond_info
 
-    # --- the similarity networks
-    compute_dtype = siso("siso_ops.precision").compute_dtype(
-        device, "fp32" if paper else variant.get("precision", gen.GenerationSettings().precision))
+
+def build_networks(tiny_models: bool, fill_random, compute_dtype):
+    """DINOv2 and the IR network (tiny files through the pack's loaders, or the real architectures with
+    random weights) in the compute precision: (dino, ir, their parameter count)."""
+    import torch
+    import conftest
+    import tiny
+    from conftest import siso
+    fn, pre, gen = (siso(f"siso_ops.{m}") for m in ("feature_networks", "preprocess", "generation"))
     with torch.inference_mode(False):
         if tiny_models:
             folder = os.path.join(conftest.BASE, "models", "siso")
@@ -461,67 +464,119 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         ir.to(dtype=compute_dtype)
         gen.release_freed_memory()
         feature_params = sum(p.numel() for n in (dino, ir) for p in n.module.parameters())
+    return dino, ir, feature_params
+
+
+def install_paper_loop(text_encoder, encode, te_device):
+    """The paper's loop in this process: a LoRA on the text encoder too, the prompt re-encoded with
+    gradients at every iteration."""
+    import torch
+    from conftest import siso
+    host, gen, lora_mod = (siso(f"siso_ops.{m}") for m in ("host", "generation", "lora"))
+    lora_targets = [m for n, m in text_encoder.named_modules()
+                    if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) and hasattr(m, "weight_function")]
+    # ComfyUI's CLIP layers add into their input in place after a LayerNorm saved it (fine
+    # for inference); for training, each LayerNorm reads a copy.
+    for m in text_encoder.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.forward = (lambda f: lambda x, *a, **k: f(x.clone(), *a, **k))(m.forward)
+    
+    class MergedLoRA:
+        """The paper's text-encoder LoRA as a ComfyUI weight wrapper: merged into the weight at
+        every call, moved with the text encoder (ComfyUI calls move_to on weight wrappers)."""
+    
+        def __init__(self, delta):
+            self.delta = delta
+    
+        def __call__(self, weight):
+            delta = (self.delta.up @ self.delta.down) * self.delta.scale
+            return weight + delta.reshape(weight.shape).to(weight.dtype)
+    
+        def move_to(self, device=None):
+            if device is not None:
+                self.delta.to(device)
+            return sum(p.numel() * p.element_size() for p in self.delta.parameters())
+    
+    class PaperTrainable(host.TrainableModel):
+        def __init__(self, model, rank=4, alpha=None, target=host.TARGETS[0], seed=0, checkpointing=False):
+            super().__init__(model, rank, alpha, target, seed, checkpointing)
+            g = torch.Generator().manual_seed(seed + 1)
+            self.te_deltas = []
+            for m in lora_targets:
+                delta = lora_mod.LoRADelta(m.weight.shape[0], m.weight.shape[1], self.rank, self.alpha,
+                                           device=te_device, generator=g)
+                m.weight_function = [MergedLoRA(delta)]
+                self.te_deltas.append(delta)
+            self.patcher.set_model_unet_function_wrapper(self.reencode)
+    
+        def reencode(self, apply_model, args):
+            c = dict(args["c"])
+            x = args["input"]
+            cond, pooled = encode()
+            c["c_crossattn"] = cond.to(x.device)
+            if "y" in c:     # SDXL: the pooled prompt is part of the size/pooled vector
+                h, w = x.shape[-2] * 8, x.shape[-1] * 8
+                c["y"] = self.patcher.model.encode_adm(pooled_output=pooled, width=w, height=h).to(x.device)
+            return apply_model(x, args["timestep"], **c)
+    
+        def parameters(self):
+            out = super().parameters()
+            for i, delta in enumerate(self.te_deltas):
+                out[f"text_encoder.{i}:down"], out[f"text_encoder.{i}:up"] = delta.down, delta.up
+            return out
+    
+        def unload(self):
+            for m in lora_targets:
+                m.weight_function = []
+            super().unload()
+    
+    gen.host.TrainableModel = PaperTrainable   # this process only: the paper's loop
+
+
+def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
+          paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    import conftest  # noqa: F401  (ComfyUI in-process with the pack loaded; device from SISO_DEVICE)
+    import torch
+    from conftest import siso
+
+    host, gen, opt, fn, pre, editing, lora_mod, subject_mod, renoise = (siso(f"siso_ops.{m}") for m in (
+        "host", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
+        "renoise"))
+    device = host.compute_device()
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    memory = Memory(device, total_mb - 1536 if device.type == "cpu" else None)
+    paper = config == "paper"
+    variant = dict(VARIANTS.get(config, {}))
+    weights = variant.pop("weights", None)       # a storage dtype for the diffusion weights, not a setting
+    references = variant.pop("references", 0)    # reference images in the conditioning, not a setting
+    gguf = weights is not None and weights.startswith("gguf_")
+    torch.manual_seed(0)
+
+    fill_random = random_filler(device)
+
+    # --- the diffusion model, as ComfyUI's checkpoint loader would load it
+    big = model_name in BIG_MODELS
+    if big and (paper or tiny_models):
+        print(json.dumps({"aborted": f"{model_name}: the pack's defaults (and their variants) at full size only: the "
+                                     "paper configuration trains a LoRA on the text encoder, which is not built here, "
+                                     "and there is no tiny version"}), flush=True)
+        return
+    model, dtype, manual_cast, unet_params = build_model(model_name, device, big, paper, tiny_models, weights, gguf,
+                                                         fill_random)
+
+    # --- the VAE (the SD/SDXL VAE architecture) and the text encoder(s)
+    vae, positive, te_params, text, cond_info = build_vae_and_prompt(model_name, device, big, paper, tiny_models,
+                                                                      fill_random, unet_params, dtype, manual_cast)
+
+    # --- the similarity networks
+    compute_dtype = siso("siso_ops.precision").compute_dtype(
+        device, "fp32" if paper else variant.get("precision", gen.GenerationSettings().precision))
+    dino, ir, feature_params = build_networks(tiny_models, fill_random, compute_dtype)
 
     # --- the paper's text-encoder LoRA: re-encode the prompt with gradients at every iteration
     if paper:
-        lora_targets = [m for n, m in text_encoder.named_modules()
-                        if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) and hasattr(m, "weight_function")]
-        # ComfyUI's CLIP layers add into their input in place after a LayerNorm saved it (fine
-        # for inference); for training, each LayerNorm reads a copy.
-        for m in text_encoder.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.forward = (lambda f: lambda x, *a, **k: f(x.clone(), *a, **k))(m.forward)
-
-        class MergedLoRA:
-            """The paper's text-encoder LoRA as a ComfyUI weight wrapper: merged into the weight at
-            every call, moved with the text encoder (ComfyUI calls move_to on weight wrappers)."""
-
-            def __init__(self, delta):
-                self.delta = delta
-
-            def __call__(self, weight):
-                delta = (self.delta.up @ self.delta.down) * self.delta.scale
-                return weight + delta.reshape(weight.shape).to(weight.dtype)
-
-            def move_to(self, device=None):
-                if device is not None:
-                    self.delta.to(device)
-                return sum(p.numel() * p.element_size() for p in self.delta.parameters())
-
-        class PaperTrainable(host.TrainableModel):
-            def __init__(self, model, rank=4, alpha=None, target=host.TARGETS[0], seed=0, checkpointing=False):
-                super().__init__(model, rank, alpha, target, seed, checkpointing)
-                g = torch.Generator().manual_seed(seed + 1)
-                self.te_deltas = []
-                for m in lora_targets:
-                    delta = lora_mod.LoRADelta(m.weight.shape[0], m.weight.shape[1], self.rank, self.alpha,
-                                               device=te_device, generator=g)
-                    m.weight_function = [MergedLoRA(delta)]
-                    self.te_deltas.append(delta)
-                self.patcher.set_model_unet_function_wrapper(self.reencode)
-
-            def reencode(self, apply_model, args):
-                c = dict(args["c"])
-                x = args["input"]
-                cond, pooled = encode()
-                c["c_crossattn"] = cond.to(x.device)
-                if "y" in c:     # SDXL: the pooled prompt is part of the size/pooled vector
-                    h, w = x.shape[-2] * 8, x.shape[-1] * 8
-                    c["y"] = self.patcher.model.encode_adm(pooled_output=pooled, width=w, height=h).to(x.device)
-                return apply_model(x, args["timestep"], **c)
-
-            def parameters(self):
-                out = super().parameters()
-                for i, delta in enumerate(self.te_deltas):
-                    out[f"text_encoder.{i}:down"], out[f"text_encoder.{i}:up"] = delta.down, delta.up
-                return out
-
-            def unload(self):
-                for m in lora_targets:
-                    m.weight_function = []
-                super().unload()
-
-        gen.host.TrainableModel = PaperTrainable   # this process only: the paper's loop
+        install_paper_loop(*text)
 
     # --- a fixed synthetic subject and photo (smooth colour fields)
     def synthetic(seed):
