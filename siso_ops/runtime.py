@@ -99,6 +99,15 @@ class _CurrentHost:
     """``host.<operation>``: that operation of the host registered at the time of the call (so
     a test that replaces an operation on the host module is seen by the method)."""
 
+    __slots__ = ()
+
+    @property
+    def __dict__(self):
+        # The registered host's own attributes: pytest's monkeypatch (8.4 and later) reads the
+        # instance __dict__ for the value its undo restores; with no entry there it would undo a
+        # replacement by deleting the operation from the host.
+        return vars(current())
+
     def __getattr__(self, name):
         if name not in OPERATIONS:
             raise AttributeError(f"{name!r} is not an operation of siso_ops.runtime.Host")

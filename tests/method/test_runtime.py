@@ -62,3 +62,17 @@ def test_the_default_lora_target_is_the_methods_own_name():
     generation = importlib.import_module("siso_ops.generation")
     targets = importlib.import_module("siso_ops.targets")
     assert generation.GenerationSettings().target == targets.TARGETS[0] == targets.ATTENTION
+
+
+def test_an_operation_replaced_through_the_method_s_host_is_put_back_after_the_test(monkeypatch):
+    """pytest's monkeypatch (8.4 and later) restores what the target's __dict__ held: through the
+    method's ``host`` object that is the registered host's own attribute, so its undo puts the
+    operation back instead of deleting it from the host."""
+    monkeypatch.setattr(runtime, "_registered", [])
+    fake = types.SimpleNamespace(**{name: (lambda *a, **k: "real") for name in runtime.OPERATIONS})
+    runtime.register(fake)
+    real = fake.TrainableModel
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime.host, "TrainableModel", lambda *a, **k: "replaced")
+        assert fake.TrainableModel() == "replaced"
+    assert fake.TrainableModel is real
