@@ -705,7 +705,8 @@ def phases_marked(gen, host, fn, mark, detailed: bool = False):
                (gen, "sample", "denoise"), (torch.Tensor, "backward", "backward")]
     if detailed:
         patches.append((torch.optim.AdamW, "step", "optimiser"))
-    originals = [(owner, name, vars(owner).get(name, getattr(owner, name))) for owner, name, _ in patches]
+    # what each owner held itself (None: inherited, e.g. AdamW's step from Adam): put back, or removed
+    originals = [(owner, name, vars(owner).get(name)) for owner, name, _ in patches]
     for owner, name, label in patches:
         if detailed and label == "embed":
             setattr(owner, name, _network_marked(mark, getattr(owner, name)))
@@ -715,7 +716,10 @@ def phases_marked(gen, host, fn, mark, detailed: bool = False):
         yield
     finally:
         for owner, name, f in originals:
-            setattr(owner, name, f)
+            if f is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, f)
 
 
 def _network_marked(mark, embed):
