@@ -158,9 +158,11 @@ def sana(request):
 
 
 def stock_image(model, vae, positive, steps: int, seed: int = 42):
-    """The stock graph: EmptySanaLatentImage -> KSampler (euler, simple, cfg 1) -> the VAE's decode."""
+    """The stock graph: EmptyDCAELatentImage -> KSampler (euler, simple, cfg 1) -> the VAE's decode.
+    (The pack's EmptySanaLatentImage makes the same zeros, but on ComfyUI 0.33 it fails: it reads
+    ``self.device`` from EmptyLatentImage's __init__, which 0.33's V3 EmptyLatentImage no longer has.)"""
     with torch.inference_mode():
-        latent = NODE["EmptySanaLatentImage"]().generate(SIZE, SIZE)[0]
+        latent = NODE["EmptyDCAELatentImage"]().generate(SIZE, SIZE)[0]
         samples = comfy_nodes.common_ksampler(model, seed, steps, 1.0, "euler", "simple", positive, positive, latent)[0]
         return vae.decode(samples["samples"]).float()
 
@@ -234,3 +236,53 @@ def _assert_unchanged(model, before):
     after = host_state(model)
     assert before.keys() == after.keys(), set(before) ^ set(after)
     assert all(torch.equal(before[k], after[k]) for k in after), [k for k in after if not torch.equal(before[k], after[k])]
+
+
+def _optimise(model, vae, positive, subject, networks, iterations=2, steps=1, grad_steps=1, checkpointing=False):
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=7, steps=steps, grad_steps=grad_steps,
+                                      precision="fp32", gradient_checkpointing=checkpointing,
+                                      optimization=optim.OptimizationSettings(max_iterations=iterations,
+                                                                              learning_rate=5e-2, early_stop_patience=10))
+    with torch.inference_mode():
+        return gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=networks)
+
+
+def test_low_memory_recomputes_sanas_blocks_and_gives_the_same_iterations(sana, subject, tiny_networks):
+    """low_memory on wraps the row's repeated blocks (SanaMSBlock, called by the pack's own
+    auto_grad_checkpoint) in checkpointing: the same losses as without, to float32 rounding."""
+    model, vae, positive = sana
+    checkpointed = host.TrainableModel(model, checkpointing=True)
+    try:
+        assert {type(m).__name__ for m in checkpointed.forward_patched} >= {"SanaMSBlock"}
+    finally:
+        checkpointed.unload()
+    runs = [[h["loss"] for h in _optimise(model, vae, positive, subject, tiny_networks, checkpointing=c)[2].history]
+            for c in (False, True)]
+    assert len(runs[0]) == len(runs[1]) == 2
+    assert runs[0] == pytest.approx(runs[1], abs=1e-5), runs
+
+
+def test_a_class_that_only_derives_from_basemodel_takes_the_structural_self_checked_path(sana, subject, tiny_networks,
+                                                                                         monkeypatch):
+    """Without its row, EXM_Sana_Model (a direct BaseModel subclass, as any third-party pack's model
+    class) is not handed SD1.x's row (BaseModel is SD1.x's class, but every model class derives from
+    it): it takes the structural rules, checked before the loop on the run's inputs, and trains."""
+    model, vae, positive = sana
+    families = siso("siso_ops.families")
+    monkeypatch.setattr(families, "FAMILIES", tuple(f for f in families.FAMILIES
+                                                    if "EXM_Sana_Model" not in f.model_classes))
+    assert host.model_family(model).checked == "no table row, structural rules"
+    targets = host.lora_target_names(model)
+    # every linear layer of the blocks: the row's three and the attention output projections
+    assert {f"blocks.{i}.{n}" for i in range(2) for n in LORA_LAYERS + ("attn.proj", "cross_attn.proj")} == targets
+    before = host_state(model)
+    lora, _, result = _optimise(model, vae, positive, subject, tiny_networks)
+    assert "no table row: self-checked path (EXM_Sana_Model: no table row, structural rules)" in result.loading
+    assert "training forward = stock forward" in result.loading, result.loading
+    losses = [h["loss"] for h in result.history]
+    assert min(losses[1:]) < losses[0], losses
+    ups = [t for k, t in lora.tensors.items() if k.endswith(".lora_up.weight")]
+    assert len(ups) == len(targets) and all(bool(t.abs().sum() > 0) for t in ups)
+    # the pack's caption embedder asserts and drops captions in train mode: SISO leaves the model in eval
+    assert not any(m.training for m in model.model.diffusion_model.modules())
+    _assert_unchanged(model, before)
