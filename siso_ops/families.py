@@ -99,7 +99,8 @@ FAMILIES = (
     # ones the Sana authors' own LoRA script trains (to_q/to_k/to_v in diffusers' names: the fused
     # self-attention qkv, and the cross-attention's q and kv projections).
     Family("Sana (ComfyUI_ExtraModels)", ("EXM_Sana_Model",), lora="named",
-           lora_names=("attn.qkv", "cross_attn.q_linear", "cross_attn.kv_linear"), decoder_blocks=(),
+           lora_names=("attn.qkv", "cross_attn.q_linear", "cross_attn.kv_linear"),
+           decoder_blocks=("ResBlock", "EfficientViTBlock"),    # DC-AE's decoder blocks (the pack's and diffusers' names)
            optimise="20 steps, grad_steps 3", stage2="20 steps, cfg 4.5",
            source="the paper (Sana: 20 steps, backpropagating through the last 3)"),
 )

@@ -249,13 +249,19 @@ def _optimise(model, vae, positive, subject, networks, iterations=2, steps=1, gr
 
 def test_low_memory_recomputes_sanas_blocks_and_gives_the_same_iterations(sana, subject, tiny_networks):
     """low_memory on wraps the row's repeated blocks (SanaMSBlock, called by the pack's own
-    auto_grad_checkpoint) in checkpointing: the same losses as without, to float32 rounding."""
+    auto_grad_checkpoint) and DC-AE's decoder blocks in checkpointing: the same losses as without,
+    to float32 rounding."""
     model, vae, positive = sana
     checkpointed = host.TrainableModel(model, checkpointing=True)
     try:
         assert {type(m).__name__ for m in checkpointed.forward_patched} >= {"SanaMSBlock"}
     finally:
         checkpointed.unload()
+    with torch.inference_mode(False):
+        decoder = host.DifferentiableDecoder(vae, model, "cpu", checkpointing=True)
+        assert {type(m).__name__ for m in decoder.module.modules() if "forward" in vars(m)} == \
+            {"ResBlock", "EfficientViTBlock"}
+        decoder.release()
     runs = [[h["loss"] for h in _optimise(model, vae, positive, subject, tiny_networks, checkpointing=c)[2].history]
             for c in (False, True)]
     assert len(runs[0]) == len(runs[1]) == 2
@@ -285,4 +291,28 @@ def test_a_class_that_only_derives_from_basemodel_takes_the_structural_self_chec
     assert len(ups) == len(targets) and all(bool(t.abs().sum() > 0) for t in ups)
     # the pack's caption embedder asserts and drops captions in train mode: SISO leaves the model in eval
     assert not any(m.training for m in model.model.diffusion_model.modules())
+    _assert_unchanged(model, before)
+
+
+def test_sana_inverts_with_renoise_and_edits_keeping_the_background(sana, subject, feature_files):
+    """Subject swap on Sana: ReNoise Invert through the pack's VAE encode lands closer to the
+    photo's latent than plain DDIM inversion, and an edit from it keeps the background (the same
+    bounds as every row's test in test_families.py); the host stays unchanged."""
+    from test_editing import DDIM, background_error, edit, invert
+    model, vae, positive = sana
+    g = torch.Generator().manual_seed(5)
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(SIZE, SIZE),
+                                            mode="bilinear").permute(0, 2, 3, 1).contiguous()
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, SIZE // 4: 3 * SIZE // 4, SIZE // 4: 3 * SIZE // 4] = 1.0
+    renoise, reconstruction = invert(model, vae, positive, image, renoise_iterations=2, first_step_iterations=2,
+                                     average_start=1, average_end=3)
+    ddim, _ = invert(model, vae, positive, image, **DDIM)
+    assert renoise.flow and renoise.latent_error < 0.8 * ddim.latent_error, (renoise.latent_error, ddim.latent_error)
+    before = host_state(model)
+    lora, edited, _, report = edit(model, vae, positive, subject, feature_files, renoise, mask, max_iterations=2,
+                                   width=SIZE, height=SIZE, learning_rate=3e-4)
+    assert edited.shape == (1, SIZE, SIZE, 3) and torch.isfinite(edited).all() and "2 iterations" in report
+    start, kept = background_error(reconstruction, image, mask), background_error(edited, image, mask)
+    assert kept <= 1.01 * start, (kept, start)
     _assert_unchanged(model, before)
