@@ -10,7 +10,10 @@ first stage. What differs, per family:
 - ``lora``: which Linear layers get a LoRA by default. ``"attention"``: the q/k/v/out Linear
   layers of the attention modules (UNets, as in the paper's SDXL-Turbo runs). ``"blocks"``: every
   Linear layer inside the repeated transformer blocks except the modulation (adaLN) layers, i.e.
-  attention, context projections and MLPs (the paper's FLUX runs train these).
+  attention, context projections and MLPs (the paper's FLUX runs train these). ``"named"``: the
+  Linear layers of each repeated block named in ``lora_names`` (where the model's authors name the
+  layers their own LoRA scripts train, and the structure gives no rule: Sana's linear self-attention
+  class is called LiteLA).
 - ``blocks``: the repeated blocks gradient checkpointing wraps. ``None``: the children of the
   denoiser's ModuleLists (every DiT); a tuple: these class names (the UNet's ResNet and
   transformer blocks, which are not list children one by one).
@@ -40,7 +43,8 @@ UNET_BLOCKS = ("ResBlock", "BasicTransformerBlock")
 class Family:
     name: str                 # in the user's words
     model_classes: tuple      # ComfyUI model_base class names
-    lora: str = "blocks"      # "attention" or "blocks"
+    lora: str = "blocks"      # "attention", "blocks" or "named"
+    lora_names: tuple = ()    # lora "named": the layers' names inside each repeated block
     blocks: tuple | None = None
     in_place: bool = False
     decoder_blocks: tuple = KL_DECODER_BLOCKS
@@ -90,6 +94,15 @@ FAMILIES = (
            source="the model authors' sampling advice; SISO steps not measured"),
     Family("PixArt (Alpha, Sigma)", ("PixArt",), diffusers="pixart", optimise="LCM / DMD variants: 1-4 steps, grad_steps 1",
            stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured"),
+    # Loaded by the ComfyUI_ExtraModels pack (SanaCheckpointLoader; ComfyUI has no Sana class): a
+    # BaseModel subclass of that pack whose network is plain torch.nn layers. The LoRA layers are the
+    # ones the Sana authors' own LoRA script trains (to_q/to_k/to_v in diffusers' names: the fused
+    # self-attention qkv, and the cross-attention's q and kv projections).
+    Family("Sana (ComfyUI_ExtraModels)", ("EXM_Sana_Model",), lora="named",
+           lora_names=("attn.qkv", "cross_attn.q_linear", "cross_attn.kv_linear"),
+           decoder_blocks=("ResBlock", "EfficientViTBlock"),    # DC-AE's decoder blocks (the pack's and diffusers' names)
+           optimise="20 steps, grad_steps 3", stage2="20 steps, cfg 4.5",
+           source="the paper (Sana: 20 steps, backpropagating through the last 3)"),
 )
 
 # Image model classes ComfyUI loads that SISO refuses, and why. Matched by class name, and for a
@@ -267,7 +280,10 @@ def lora_layers(root: torch.nn.Module, family: Family, all_linear: bool = False)
     chosen = set()
     for block_name, block in repeated_blocks(root):
         for name, module in block.named_modules():
-            if is_linear_map(module) and not _MODULATION.search(name):
+            if family.lora == "named":
+                if is_linear_map(module) and any(name == n or name.endswith("." + n) for n in family.lora_names):
+                    chosen.add(f"{block_name}.{name}")
+            elif is_linear_map(module) and not _MODULATION.search(name):
                 chosen.add(f"{block_name}.{name}" if name else block_name)   # a list of bare layers: the block is one
     return chosen
 
@@ -282,14 +298,16 @@ def checkpointed_blocks(root: torch.nn.Module, family: Family) -> set:
 def supported_models_markdown() -> str:
     """The README's supported-models table, generated from FAMILIES and REFUSED (a test keeps
     the README equal to it)."""
-    lora_words = {"attention": "attention q/k/v/out", "blocks": "attention, context and MLP layers of every block"}
+    lora_words = {"attention": "attention q/k/v/out", "blocks": "attention, context and MLP layers of every block",
+                  "named": "these layers of every block: {}"}
     rows = ["| model family | ComfyUI class | LoRA layers (default) | low_memory recomputes | subject swap | optimise with | stage 2 | settings from |",
             "|---|---|---|---|---|---|---|---|"]
     for f in FAMILIES:
         blocks = ", ".join(f.blocks) if f.blocks else "every repeated block"
         decoder = " + decoder blocks" if f.decoder_blocks else " (decoder kept: it carries state)"
         # every row inverts (tests/test_families.py inverts and edits on each)
-        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {lora_words[f.lora]} | {blocks}{decoder} | yes | "
+        layers = lora_words[f.lora].format(", ".join(f.lora_names))
+        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {layers} | {blocks}{decoder} | yes | "
                     f"{f.optimise} | {f.stage2} | {f.source} |")
     for name, what in SELF_CHECKED.items():
         rows.append(f"| self-checked | {name} | {what} | every repeated block | | | {UNKNOWN_SETTINGS} | |")

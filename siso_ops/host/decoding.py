@@ -31,8 +31,24 @@ def decode_latent(vae, model, model_latent: torch.Tensor) -> torch.Tensor:
 
 def latent_scale(vae) -> int:
     """Pixels per latent cell of the VAE: 8 (SD, SDXL, Flux.1, SD3, Qwen-Image...), 16 (Flux.2),
-    32 (HunyuanImage 2.1), 1 (pixel-space models)."""
-    return int(vae.spacial_compression_encode()) if vae is not None else 8
+    32 (HunyuanImage 2.1, Sana's DC-AE), 1 (pixel-space models).
+
+    ComfyUI's VAE says it (``downscale_ratio``, set in ``VAE.__init__``). A VAE class of another
+    pack that skips ``VAE.__init__`` (ComfyUI_ExtraModels' EXVAE, for DC-AE) has no such attribute,
+    and the model's latent format keeps LatentFormat's default of 8 whatever the VAE does; its
+    autoencoder says it in diffusers' words (``spatial_compression_ratio``), or the pack's VAE
+    object does (EXVAE's ``latent_scale``). Read, never set: the VAE is the user's."""
+    if vae is None:
+        return 8
+    if hasattr(vae, "downscale_ratio"):
+        return int(vae.spacial_compression_encode())
+    for owner, name in ((getattr(vae, "first_stage_model", None), "spatial_compression_ratio"), (vae, "latent_scale")):
+        value = getattr(owner, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 and int(value) == value:
+            return int(value)
+    raise ValueError(f"the VAE ({type(vae).__name__}) does not say how many pixels one latent cell holds: it has "
+                     "neither ComfyUI's downscale_ratio nor diffusers' spatial_compression_ratio. Load the VAE with "
+                     "a stock VAE loader, or report the VAE loader node.")
 
 
 def check_size(vae, width: int, height: int):

@@ -55,8 +55,21 @@ _TRAINING_OPS = {"Linear": _linear, "Conv1d": _conv, "Conv2d": _conv, "Conv3d": 
                  "LayerNorm": _layer_norm}
 
 
+# The same layers as plain torch classes, exactly these classes (a subclass may compute another way):
+# what a third-party pack builds its network from when it does not use ComfyUI's ops (ComfyUI_ExtraModels'
+# Sana). They have no cast path: ComfyUI moves them whole, and their weights are used as stored.
+_PLAIN_LAYERS = {getattr(torch.nn, name): op for name, op in _TRAINING_OPS.items()}
+
 _STOCK_LAYERS = {getattr(getattr(comfy.ops, family), name): op
                  for family in ("disable_weight_init", "manual_cast") for name, op in _TRAINING_OPS.items()}
+_STOCK_LAYERS.update(_PLAIN_LAYERS)
+
+
+def can_carry_lora(module) -> bool:
+    """Whether the training forward can put a LoRA on this layer: one of ComfyUI's layers (or another
+    pack's built on its ops: it has a weight-function list), or a plain torch layer of a class the
+    training forward computes itself."""
+    return hasattr(module, "weight_function") or type(module) in _PLAIN_LAYERS
 
 
 def _stored_as_is(module, x) -> bool:
@@ -66,7 +79,8 @@ def _stored_as_is(module, x) -> bool:
     tensor, weights streamed from RAM in lowvram mode, patches applied on the fly) is dequantised
     or cast by the layer itself, and backward must not keep that full-precision copy."""
     weight, bias = module.weight, getattr(module, "bias", None)
-    if module.weight_function or module.bias_function or getattr(module, "scale_weight", None) is not None:
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None) or \
+            getattr(module, "scale_weight", None) is not None:
         return False
     for tensor in (weight, bias):
         if tensor is not None and (type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.dtype != x.dtype
@@ -185,7 +199,9 @@ class TrainingLayer:
         module = self.module
         if self.kind is not None and (self.op is None or not _stored_as_is(module, x)):
             return OWN_CAST
-        if module.weight is not None and (module.comfy_cast_weights or module.weight_function or module.bias_function):
+        # a plain torch layer has none of ComfyUI's cast attributes: its weight is used as stored
+        if module.weight is not None and (getattr(module, "comfy_cast_weights", False) or
+                                          getattr(module, "weight_function", None) or getattr(module, "bias_function", None)):
             return CAST_COPY
         return AS_STORED
 

@@ -12,6 +12,7 @@ import comfy.sd
 import comfy.utils
 
 from .. import families, lora
+from .layer_forwards import can_carry_lora
 from ..lora import lora_file_rank, lora_layers
 
 
@@ -140,11 +141,12 @@ def latent_channels(model) -> int:
 
 def lora_target_names(model, target: str = None) -> set:
     """The denoiser's layers (names under diffusion_model) that get a LoRA: the family's rule
-    (families.py), or every linear layer; only layers ComfyUI can patch (its own ops)."""
+    (families.py), or every linear layer; only layers the training forward can carry a LoRA on
+    (ComfyUI's own ops, and plain torch.nn layers of a third-party pack's network)."""
     diffusion = model.model.diffusion_model
     names = families.lora_layers(diffusion, model_family(model), all_linear=target == TARGETS[1])
     modules = dict(diffusion.named_modules())
-    return {name for name in names if hasattr(modules[name], "weight_function")}
+    return {name for name in names if can_carry_lora(modules[name])}
 
 
 def checkpoint_block_classes(model) -> set:
