@@ -1,5 +1,5 @@
-"""The user's pages: README.md stays short, and it and docs/*.md hold no dead relative link,
-image or #anchor; every node and every node input is documented in docs/nodes.md, every
+"""The user's pages: README.md stays short; it, BENCHMARKS.md and docs/*.md hold no dead relative
+link, image or #anchor; every node and every node input is documented in docs/nodes.md, every
 template is named in the README's first-run table and in docs/workflows.md.
 
 Anchors follow GitHub's rule for heading ids (lower case; letters, digits, '-' and '_' kept,
@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, siso
 
 README_MAX_LINES = 210
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").glob("*.md"))]
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
 CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)", re.S)
