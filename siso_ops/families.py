@@ -141,7 +141,7 @@ NOT_IMAGE = {
 
 # Image model classes no row names, which SISO trains through the self-checked path (families
 # of their own: inherited_family, structural_family), and what the tests show of each. A class
-# not listed here takes the same path; this list is what the README says and what the
+# not listed here takes the same path; this list is what docs/models.md says and what the
 # new-class test accepts.
 SELF_CHECKED = {
     "LongCatImage": "subclass of Flux: Flux.1's row; a tiny model trains (tests/test_self_checked.py)",
@@ -296,8 +296,8 @@ def checkpointed_blocks(root: torch.nn.Module, family: Family) -> set:
 
 
 def supported_models_markdown() -> str:
-    """The README's supported-models table, generated from FAMILIES and REFUSED (a test keeps
-    the README equal to it)."""
+    """The supported-models table of docs/models.md, generated from FAMILIES and REFUSED (a test
+    keeps docs/models.md equal to it)."""
     lora_words = {"attention": "attention q/k/v/out", "blocks": "attention, context and MLP layers of every block",
                   "named": "these layers of every block: {}"}
     rows = ["| model family | ComfyUI class | LoRA layers (default) | low_memory recomputes | subject swap | optimise with | stage 2 | settings from |",

@@ -62,7 +62,7 @@ def background_error(image_bhwc, photo_bhwc, mask):
 
 def test_renoise_reconstructs_the_photo_latent_far_better_than_ddim_on_a_tiny_model(sd15):
     """Latent error of denoise(invert(z)) against z (z = the encoded photo): the VAE is random,
-    so pixel errors measure the VAE, not the inversion. Figures quoted in the README."""
+    so pixel errors measure the VAE, not the inversion. Figures quoted in docs/measured.md."""
     model, vae, positive, _ = sd15
     image = photo()
     renoise, reconstruction = invert(model, vae, positive, image)

@@ -130,13 +130,14 @@ def test_the_family_table_covers_every_family_the_tests_build():
     assert built <= listed, built - listed
 
 
-def test_the_readme_shows_the_family_table_as_generated():
+def test_docs_models_shows_the_family_table_as_generated():
     from conftest import REPO
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- generated from siso_ops/families.py: supported_models_markdown() -->\n")
-    end = readme.index("\n<!-- end of generated table -->")
-    shown = readme[start:end].split("\n", 1)[1]
-    assert shown == families.supported_models_markdown(), "README's table is stale: paste supported_models_markdown()"
+    page = (REPO / "docs" / "models.md").read_text()
+    start = page.index("<!-- generated from siso_ops/families.py: supported_models_markdown() -->\n")
+    end = page.index("\n<!-- end of generated table -->")
+    shown = page[start:end].split("\n", 1)[1]
+    assert shown == families.supported_models_markdown(), \
+        "docs/models.md's table is stale: paste siso_ops.families.supported_models_markdown() between its markers"
 
 
 # The families of tests/tiny.py (SD1.x, SD2, SDXL, Flux), the suite's first tiny models

@@ -79,7 +79,7 @@ def test_a_class_missing_from_the_lists_is_noticed(monkeypatch):
     classes = _comfyui_model_classes()
     assert len(classes) >= 40 and {"Flux", "SDXL", "WAN21"} <= classes, sorted(classes)
     gone = "LongCatImage" if "LongCatImage" in classes else "HunyuanDiT"
-    # a copy without it (deleting and putting back would move it in the dict, and the README's table with it)
+    # a copy without it (deleting and putting back would move it in the dict, and docs/models.md's table with it)
     monkeypatch.setattr(families, "SELF_CHECKED", {k: v for k, v in families.SELF_CHECKED.items() if k != gone})
     try:
         test_every_model_class_of_this_comfyui_is_supported_self_checked_or_refused_with_a_reason()

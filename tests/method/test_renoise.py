@@ -32,7 +32,7 @@ def test_converged_renoise_inverts_every_step_exactly(flow, ancestral):
 
 @pytest.mark.parametrize("timesteps", [[749, 499, 249], [999, 749, 499, 249]], ids=["strength0.75", "strength1"])
 def test_default_renoise_reconstructs_far_better_than_ddim(timesteps):
-    """The figures quoted in the README (mean absolute latent error, this data, seed 0)."""
+    """The figures quoted in docs/measured.md (mean absolute latent error, this data, seed 0)."""
     data = GaussianData()
     sigmas = turbo_sigmas(timesteps)
     ddim, _ = reconstruction_error(data, sigmas, R.ReNoiseSettings.ddim())
