@@ -115,6 +115,7 @@ def require(pack: Pack, custom_nodes: pathlib.Path, comfyui: pathlib.Path, share
     try:
         return load(pack, custom_nodes, comfyui, shared)
     except PackMissing as missing:
-        if under_ci():
-            pytest.fail(str(missing), pytrace=False)
-        pytest.skip(str(missing))
+        reason = str(missing)
+    if under_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
