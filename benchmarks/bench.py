@@ -45,9 +45,10 @@ No paper configuration for them (it trains a LoRA on the text encoder), no tiny 
 
 Storage and conditioning variants (``--configs``): ``fp8`` stores the diffusion weights as
 UNETLoader's weight_dtype fp8_e4m3fn does; ``q8_0`` writes them to a GGUF Q8_0 file and loads it with
-ComfyUI-GGUF's UnetLoaderGGUF (the pack from ../shared/comfyui-gguf, unpacked into the in-process
-ComfyUI); ``reference`` adds one reference image to the conditioning as ReferenceLatent does (for
-Flux.2 klein: what a reference costs). ``--iterations 0`` runs ONE iteration (forward and backward,
+ComfyUI-GGUF's UnetLoaderGGUF (found as the tests find it, tests/third_party.py: in the ComfyUI's
+custom_nodes, else ../shared/comfyui-gguf unpacked into the in-process ComfyUI); ``reference`` adds
+one reference image to the conditioning as ReferenceLatent does (for Flux.2 klein: what a
+reference costs). ``--iterations 0`` runs ONE iteration (forward and backward,
 so the peak) and reports its time including the warm-up: for models whose iteration takes minutes
 on a CPU.
 
@@ -264,19 +265,17 @@ def gguf_model(base, model_name: str, layout: str):
     (tests/quantised_files.py, the layout ComfyUI-GGUF's loader reads), written into the in-process
     ComfyUI's diffusion_models folder and loaded by the pack's own node (its model detection, its
     GGMLOps layers and GGMLTensor weights). ``base`` is the caller's to free afterwards."""
-    import asyncio
-    import tarfile
     import torch
     import comfy.model_management
     import nodes as comfy_nodes
     import conftest
     import quantised_files as qf
-    pack = conftest.BASE / "custom_nodes" / "ComfyUI-GGUF"
-    if not pack.exists():
-        tarball = os.path.join(os.path.dirname(REPO), "shared", "comfyui-gguf", "ComfyUI-GGUF-795e451.tar.gz")
-        with tarfile.open(tarball) as archive:
-            archive.extractall(conftest.BASE / "custom_nodes", filter="data")
-        assert asyncio.run(comfy_nodes.load_custom_node(str(pack))), "ComfyUI-GGUF failed to load"
+    import third_party
+    # the same lookup as the tests: the ComfyUI's own custom_nodes, else ../shared/comfyui-gguf
+    try:
+        third_party.load(third_party.GGUF, conftest.BASE / "custom_nodes", conftest.COMFYUI)
+    except third_party.PackMissing as missing:
+        raise SystemExit(f"--configs q8_0 loads its file with ComfyUI-GGUF's UnetLoaderGGUF: {missing}") from None
     name = f"bench_{model_name}_{layout}.gguf"
     path = conftest.BASE / "models" / "diffusion_models" / name
     started = time.perf_counter()

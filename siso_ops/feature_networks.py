@@ -43,6 +43,16 @@ DINO_SOURCE = ("https://huggingface.co/timm/vit_large_patch14_dinov2.lvd142m (mo
 IR_SOURCE = ("the ir_features.pth file of the SISO authors' setup (Kaggle dataset of the 1st-place "
              "Google Universal Image Embedding solution, linked from https://github.com/yairshp/SISO); "
              "it must be downloaded and placed by hand")
+# The way out without one of the two files: its weight at 0 skips that network, and the other one
+# judges alone. What that costs, from the paper's ablation (arXiv 2503.16025, Table 5, "Ablation for
+# image editing"; the figures its text gives): the DINO + IR ensemble "enhances identity preservation
+# with only slightly reduced background consistency (LPIPS: 0.12 vs. 0.14)", SISO's own editing
+# LPIPS being 0.14 (Table 3). No figure for IR alone or for generation is given.
+ABLATION_COST = ("what it costs, per the paper's ablation (Table 5, image editing): DINO and IR together preserve "
+                 "the subject's identity better than one network alone, whose background is slightly better kept "
+                 "(LPIPS 0.12 against 0.14, lower is better)")
+IR_WAY_OUT = f"No IR file? Set ir_weight to 0 and SISO judges the subject by DINOv2 alone; {ABLATION_COST}."
+DINO_WAY_OUT = f"No DINOv2 file? Set dino_weight to 0 and SISO judges the subject by the IR network alone; {ABLATION_COST}."
 
 
 DINO_ROLE = "DINOv2 ViT-L/14"

@@ -31,6 +31,7 @@ class Server:
     def __init__(self, base: pathlib.Path, port: int, proc: subprocess.Popen, log_path: pathlib.Path):
         self.base, self.port, self.proc, self.log_path = base, port, proc, log_path
         self.url = f"http://127.0.0.1:{port}"
+        self.start_log = ""   # the whole log from the process's start until it first answered
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
@@ -59,6 +60,16 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+
+# What ComfyUI's nodes.py logs when a custom node (ours or any other) fails to import, and any
+# traceback at all: none may appear while the server starts.
+START_LOG_PROBLEMS = ("Traceback (most recent call last)", "IMPORT FAILED", "Cannot import")
+
+
+def start_log_problems(log: str) -> list:
+    """The lines of a start log that show an import failure or a traceback."""
+    return [line for line in log.splitlines() if any(problem in line for problem in START_LOG_PROBLEMS)]
 
 
 def _free_port() -> int:
@@ -147,6 +158,8 @@ def server():
                 pytest.fail(f"ComfyUI exited with code {proc.returncode} during startup:\n{srv.log_tail()}")
             try:
                 srv.get("/object_info", timeout=10)
+                # every custom node is imported before the server listens: this is the whole start
+                srv.start_log = log_path.read_text(errors="replace")
                 break
             except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import workflow_graphs as graphs
-from comfy_server import CKPT_NAME, WebSocketListener, _execution_errors, wait_for_history
+from comfy_server import CKPT_NAME, PACK_NAME, WebSocketListener, _execution_errors, start_log_problems, wait_for_history
 from conftest import REPO, pack_node_ids
 
 API_WORKFLOW = REPO / "tests" / "workflows" / "siso_two_stage_api.json"
@@ -41,6 +41,32 @@ def test_object_info_lists_pack_nodes_and_weight_files(object_info):
     assert CKPT_NAME in object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert object_info["SaveSISOLoRA"]["output_node"] is True
     assert object_info["SISOOptimize"]["output"] == ["SISO_LORA", "IMAGE", "IMAGE", "STRING"]
+
+
+def test_the_servers_start_log_is_clean(server):
+    """The whole log of the server process, from its start until it first answered: the pack imported
+    (ComfyUI's import-times list names it, not failed), and no traceback or failed import of any node."""
+    log = server.start_log
+    listed = log.split("Import times for custom nodes:")[-1].splitlines()
+    ours = [line for line in listed if line.rstrip().endswith(f"custom_nodes/{PACK_NAME}")]
+    assert "Import times for custom nodes:" in log and len(ours) == 1, f"the pack is not in the start log's import list:\n{log}"
+    problems = start_log_problems(log)
+    assert problems == [], "the server's start log shows an import failure or a traceback:\n" + "\n".join(problems) + f"\n\n{log}"
+
+
+def test_the_start_log_check_sees_a_failed_custom_node(tmp_path, caplog):
+    """What ComfyUI's own loader logs for a custom node that raises on import is caught by the check above."""
+    import asyncio
+    import logging
+    import nodes as comfy_nodes
+    broken = tmp_path / "siso_broken_pack_for_the_log_check"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("import a_module_that_does_not_exist_anywhere\n")
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(comfy_nodes.load_custom_node(str(broken))) is False
+    problems = start_log_problems(caplog.text)
+    assert any("Traceback" in line for line in problems) and any("Cannot import" in line for line in problems), caplog.text
+    assert start_log_problems("Import times for custom nodes:\n   0.1 seconds: /x/custom_nodes/comfyui_siso\n") == []
 
 
 # ----------------------------------------------------------------------------- (b) two-stage prompt

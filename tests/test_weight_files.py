@@ -201,3 +201,45 @@ def test_an_empty_grounding_dino_file_is_refused_through_its_loader(tmp_path):
     with pytest.raises(seg.WeightFileError) as error:
         seg.load_grounding_dino(path, str(tmp_path / "bert-base-uncased"))
     assert_pack_message(str(error.value), path, "Grounding DINO", "is empty (0 bytes)", seg.GROUNDING_DINO_SOURCE)
+
+
+# ----------------------------------------------------------------------------- a missing file names the way out
+@pytest.mark.parametrize("kind,files_input,weight,other,alone", [
+    ("ir", "ir_weights", "ir_weight", "dino_weight", "by DINOv2 alone"),
+    ("dino", "dino_weights", "dino_weight", "ir_weight", "by the IR network alone")])
+@pytest.mark.parametrize("node_id", ["SISOOptimize", "SISOSubjectScore"])
+def test_a_missing_similarity_file_names_its_folder_and_the_weight_0_way_out(kind, files_input, weight, other, alone,
+                                                                            node_id, feature_files):
+    """Without the file: its folder and name, where it comes from, and that the weight at 0 runs on the
+    other network, with the paper's ablation figures (Table 5). The way out is real: at weight 0 the
+    same missing file passes the node's queue-time check."""
+    import folder_paths
+    import nodes as comfy_nodes
+    host = siso("siso_ops.host")
+    with pytest.raises(fn.WeightFileError) as error:
+        host.weight_file_path(kind, "missing.pth")
+    message = str(error.value)
+    expected_name = {"ir": "ir_features.pth", "dino": "dinov2_vitl14.safetensors"}[kind]
+    for needed in ("'missing.pth' not found", expected_name, str(folder_paths.get_folder_paths("siso")),
+                   f"Set {weight} to 0", alone, "paper's ablation (Table 5, image editing)", "LPIPS 0.12 against 0.14"):
+        assert needed in message, (needed, message)
+    node = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+    refused = node.validate_inputs(**{files_input: "missing.pth", weight: 1.0, other: 1.0})
+    assert refused is not True and f"Set {weight} to 0" in refused, refused
+    assert node.validate_inputs(**{files_input: "missing.pth", weight: 0.0, other: 1.0}) is True
+
+
+def test_missing_mask_files_name_the_download_and_the_hand_drawn_mask(tmp_path):
+    """SISO Subject Mask's SAM, Grounding DINO and BERT refusals: what to download, where, and that a
+    mask drawn in Load Image's mask editor does without them."""
+    host = siso("siso_ops.host")
+    for find, source in ((host.sam_model_path, seg.SAM_SOURCE), (host.grounding_dino_path, seg.GROUNDING_DINO_SOURCE)):
+        with pytest.raises(seg.WeightFileError) as error:
+            find("missing.pth")
+        assert source in str(error.value) and "Open in MaskEditor" in str(error.value), str(error.value)
+    for refuse in (lambda: seg.check_bert_folder(str(tmp_path / "bert-base-uncased")),
+                   lambda: (tmp_path / "empty" / "bert-base-uncased").mkdir(parents=True)
+                   or seg.check_bert_folder(str(tmp_path / "empty" / "bert-base-uncased"))):
+        with pytest.raises(seg.WeightFileError) as error:
+            refuse()
+        assert seg.BERT_SOURCE in str(error.value) and "siso_subject_swap_drawn_mask" in str(error.value), str(error.value)

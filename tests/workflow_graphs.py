@@ -309,10 +309,13 @@ def ui_to_api(ui: dict, object_info: dict, overrides: dict | None = None) -> dic
 
 # ----------------------------------------------------------------------------- the workflows
 TURBO = "sd_turbo.safetensors"
+# Without the IR file: ir_weight 0 (the pack's refusal says the same, with the paper's figures)
+IR_WAY_OUT = ("Without it, set ir_weight to 0 on the SISO nodes: DINOv2 alone then judges the subject (the paper's "
+              "ablation, Table 5: identity kept a little less well, background a little better).\n")
 FILES_NOTE = (
     "- models/checkpoints/sd_turbo.safetensors: a turbo checkpoint (SD-Turbo; SDXL-Turbo or Flux schnell also work).\n"
     "- models/siso/dinov2_vitl14.safetensors: DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth also works).\n"
-    "- models/siso/ir_features.pth: the image-retrieval network weights (placed by hand, see the README).\n")
+    "- models/siso/ir_features.pth: the image-retrieval network weights (placed by hand, see the README). " + IR_WAY_OUT)
 TINY = {"ckpt_name": "siso_tiny_sd15.safetensors"}
 WEIGHTS = {"dino_weights": "dinov2_vitl14.safetensors", "ir_weights": "ir_features.pth"}
 NEGATIVE = "#322"
@@ -553,7 +556,8 @@ WORKFLOWS.append(SEVERAL_PHOTOS_BEST_OF_FOUR)
 # (properties.models). They are not in WORKFLOWS: the suite's server holds tiny SD1.5 files, not
 # these; tests/test_today_templates.py validates them and runs the refine route on tiny files.
 IR_NOTE = ("- models/siso/ir_features.pth: the image-retrieval network weights. NOT downloadable here: the SISO authors' "
-           "file sits in a Kaggle dataset (needs a Kaggle login), linked from github.com/yairshp/SISO; place it by hand.\n")
+           "file sits in a Kaggle dataset (needs a Kaggle login), linked from github.com/yairshp/SISO; place it by hand. "
+           + IR_WAY_OUT)
 DOWNLOADS_NOTE = ("These files are offered for download by ComfyUI's missing-models dialog, which opens when one is "
                   "absent (each listed with its folder and its Hugging Face URL):\n")
 

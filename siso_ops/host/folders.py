@@ -8,7 +8,7 @@ import os
 import folder_paths
 
 from .. import segmentation
-from ..feature_networks import DINO_SOURCE, IR_SOURCE, WeightFileError
+from ..feature_networks import DINO_SOURCE, DINO_WAY_OUT, IR_SOURCE, IR_WAY_OUT, WeightFileError
 
 
 WEIGHTS_FOLDER = "siso"
@@ -40,21 +40,22 @@ def weight_file_choices() -> list:
     return folder_paths.get_filename_list(WEIGHTS_FOLDER)
 
 
+# (what, the file to put, where it comes from, how to run without it)
 EXPECTED_FILES = {
-    "dino": ("DINOv2 ViT-L/14", "dinov2_vitl14.safetensors (or dinov2_vitl14_pretrain.pth)", DINO_SOURCE),
-    "ir": ("IR ViT-H/14 + fc1", "ir_features.pth (or ir_features.safetensors)", IR_SOURCE),
+    "dino": ("DINOv2 ViT-L/14", "dinov2_vitl14.safetensors (or dinov2_vitl14_pretrain.pth)", DINO_SOURCE, DINO_WAY_OUT),
+    "ir": ("IR ViT-H/14 + fc1", "ir_features.pth (or ir_features.safetensors)", IR_SOURCE, IR_WAY_OUT),
 }
 
 
 def weight_file_path(kind: str, name: str) -> str:
-    what, expected, source = EXPECTED_FILES[kind]
+    what, expected, source, way_out = EXPECTED_FILES[kind]
     folders = folder_paths.get_folder_paths(WEIGHTS_FOLDER)
     path = folder_paths.get_full_path(WEIGHTS_FOLDER, name) if name else None
     if path is None:
         raise WeightFileError(
             f"{what} weights '{name}' not found. Put {expected} into one of the '{WEIGHTS_FOLDER}' "
             f"model folders {folders} (or add a '{WEIGHTS_FOLDER}:' entry to extra_model_paths.yaml) "
-            f"and refresh. Source: {source}.")
+            f"and refresh. Source: {source}. {way_out}")
     return path
 
 
@@ -70,13 +71,13 @@ def lora_file(name: str) -> str:
     return _model_file("loras", name, "LoRA file", "a SISO LoRA saved by SISO Save LoRA")
 
 
-def _model_file(folder: str, name: str, what: str, expected: str) -> str:
+def _model_file(folder: str, name: str, what: str, expected: str, way_out: str = "") -> str:
     path = folder_paths.get_full_path(folder, name) if name else None
     if path is None:
         raise WeightFileError(
             f"{what} '{name}' not found. Put {expected} into one of the '{folder}' model folders "
             f"{folder_paths.get_folder_paths(folder)} (or add a '{folder}:' entry to extra_model_paths.yaml) "
-            "and refresh.")
+            "and refresh." + (f" {way_out}" if way_out else ""))
     return path
 
 
@@ -91,11 +92,12 @@ def grounding_dino_choices() -> list:
 
 
 def sam_model_path(name: str) -> str:
-    return _model_file(SAM_FOLDER, name, "SAM checkpoint", segmentation.SAM_SOURCE)
+    return _model_file(SAM_FOLDER, name, "SAM checkpoint", segmentation.SAM_SOURCE, segmentation.DRAWN_MASK_WAY_OUT)
 
 
 def grounding_dino_path(name: str) -> str:
-    return _model_file(GROUNDING_DINO_FOLDER, name, "Grounding DINO checkpoint", segmentation.GROUNDING_DINO_SOURCE)
+    return _model_file(GROUNDING_DINO_FOLDER, name, "Grounding DINO checkpoint", segmentation.GROUNDING_DINO_SOURCE,
+                       segmentation.DRAWN_MASK_WAY_OUT)
 
 
 def bert_folder_for(checkpoint_path: str) -> str:

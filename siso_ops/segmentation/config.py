@@ -19,6 +19,10 @@ GROUNDING_DINO_SOURCE = (
     "(or https://huggingface.co/ShilongLiu/GroundingDINO) with GroundingDINO_SwinT_OGC.cfg.py beside it")
 SAM_SOURCE = ("sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth from "
               "https://github.com/facebookresearch/segment-anything#model-checkpoints")
+# The way out without SubjectMask's files: the mask it makes can be drawn by hand instead.
+DRAWN_MASK_WAY_OUT = ("Without these files, draw the mask by hand instead of using SISO Subject Mask: open the photo "
+                      "in Load Image's mask editor (right-click > Open in MaskEditor), paint the subject and connect "
+                      "Load Image's MASK where SISO Subject Mask's mask went (template siso_subject_swap_drawn_mask).")
 # Community pairs of checkpoint and config file names (as other ComfyUI packs expect them).
 KNOWN_CONFIGS = {"groundingdino_swint_ogc": "GroundingDINO_SwinT_OGC.cfg.py",
                  "groundingdino_swinb_cogcoor": "GroundingDINO_SwinB.cfg.py"}
@@ -127,10 +131,10 @@ def check_bert_folder(folder: str):
     if missing:
         raise WeightFileError(
             f"the BERT folder {folder} lacks {', '.join(missing)}. Put the files of {BERT_SOURCE} there "
-            f"({', '.join(BERT_REQUIRED + BERT_TOKENIZER + BERT_WEIGHTS[:1])}); nothing is downloaded.")
+            f"({', '.join(BERT_REQUIRED + BERT_TOKENIZER + BERT_WEIGHTS[:1])}); nothing is downloaded. {DRAWN_MASK_WAY_OUT}")
 
 
 def missing_bert_message(looked_in: list) -> str:
     return (f"Grounding DINO needs its BERT text encoder in a local folder named '{BERT_FOLDER}' and none was found "
             f"(looked for {', '.join(looked_in)}). Create one, e.g. {looked_in[0]}, with the files of {BERT_SOURCE}: "
-            f"{', '.join(BERT_REQUIRED + BERT_TOKENIZER + BERT_WEIGHTS[:1])}. Nothing is downloaded.")
+            f"{', '.join(BERT_REQUIRED + BERT_TOKENIZER + BERT_WEIGHTS[:1])}. Nothing is downloaded. {DRAWN_MASK_WAY_OUT}")
