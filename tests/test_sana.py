@@ -15,12 +15,9 @@ loads in LoraLoaderModelOnly with the same pixels; the host's weights and a stoc
 bitwise unchanged."""
 from __future__ import annotations
 
-import asyncio
 import importlib
-import os
 import pathlib
 import sys
-import tarfile
 
 import pytest
 import torch
@@ -28,7 +25,8 @@ import torch
 import folder_paths
 import nodes as comfy_nodes
 import tiny
-from conftest import BASE, REPO, siso
+import third_party
+from conftest import BASE, COMFYUI, siso
 from siso_runs import host_state
 
 host = siso("siso_ops.host")
@@ -36,8 +34,6 @@ gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 
-PACK_DIR = "ComfyUI_ExtraModels"
-PACK_TARBALL = ("comfyui-extramodels", "ComfyUI_ExtraModels-09e895c.tar.gz")
 SIZE = 64                      # DC-AE: 32 pixels a latent cell, so a 2 x 2 latent
 MODEL_CONFIG = "SISO test: tiny SanaMS"
 VAE_CONFIG = "SISO test: tiny DC-AE f32c32"
@@ -63,25 +59,15 @@ TINY_DCAE = {"type": "AutoencoderDC", "embed_scale": 32, "embed_dim": 32, "atten
              "in_channels": 3, "latent_channels": 32, "scaling_factor": 0.41407, "upsample_block_type": "interpolate"}
 
 
-def third_party_pack(directory: str, tarball: tuple, node: str) -> pathlib.Path:
-    """Where an optional third-party pack is, loaded by ComfyUI's custom-node loader: a user's
-    install in the test ComfyUI's custom_nodes first, else ``../shared/<dir>/<tarball>`` unpacked
-    there; else skip saying how to enable it (a failure under CI=true, where it must run). The same
-    rule as tests/third_party.py (the packs branch): swap this for it when both are merged."""
-    target = BASE / "custom_nodes" / directory
-    archive = REPO.parent / "shared" / tarball[0] / tarball[1]
-    if not target.exists():
-        if not archive.exists():
-            why = (f"{directory} is not installed: put it into the test ComfyUI's custom_nodes or its snapshot at "
-                   f"{archive}")
-            if os.environ.get("CI") == "true":
-                pytest.fail(why)
-            pytest.skip(why)
-        with tarfile.open(archive) as unpacked:
-            unpacked.extractall(BASE / "custom_nodes", filter="data")
-    if node not in NODE and not asyncio.run(comfy_nodes.load_custom_node(str(target))):
-        pytest.skip(f"{directory} does not import on this ComfyUI (see its error in the log above)")
-    return target
+def load_pack():
+    """ComfyUI_ExtraModels, found and loaded as tests/third_party.py says (the test ComfyUI's
+    custom_nodes, then ../shared, else a skip saying how to enable it; a failure under CI). Where
+    the pack itself does not import on this ComfyUI, the tests skip on this version only, with its
+    error."""
+    try:
+        return third_party.require(third_party.EXTRA_MODELS, BASE / "custom_nodes", COMFYUI)
+    except RuntimeError as failed:
+        pytest.skip(f"ComfyUI_ExtraModels does not import on this ComfyUI: {failed}")
 
 
 def _pack_module(node: str, name: str):
@@ -128,7 +114,7 @@ def sana_conditioning(seed: int = 0, tokens: int = 5):
 @pytest.fixture(scope="module")
 def sana(request):
     """(MODEL, VAE, positive) from the pack's SanaCheckpointLoader and ExtraVAELoader."""
-    third_party_pack(PACK_DIR, PACK_TARBALL, "SanaCheckpointLoader")
+    load_pack()
     sana_conf = _pack_module("SanaCheckpointLoader", "conf").sana_conf
     vae_conf = _pack_module("ExtraVAELoader", "conf").vae_conf
     checkpoint = pathlib.Path(folder_paths.get_folder_paths("checkpoints")[0]) / "siso_tiny_sana.safetensors"
