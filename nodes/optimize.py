@@ -5,6 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
 from ..siso_ops.compiled import COMPILE_CHOICES
+from ..siso_ops.auto_settings import AUTO
 from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.optimize import OptimizationSettings
@@ -14,7 +15,7 @@ from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
 from .queue_checks import linked_image_size
 from .progress import IterationProgress
-from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
+from .graph_types import ADVANCED, CATEGORY, Inversion, Subject, SubjectLoRA
 
 log = logging.getLogger("siso")
 
@@ -54,53 +55,54 @@ class SISOOptimize(CheckedNode):
             description=(
                 "Single Image Subject Optimization: learns a small LoRA on YOUR loaded model until the image it "
                 "generates from a fixed seed looks like the subject photo (judged by DINOv2 and an image-retrieval "
-                "network). Use a simple prompt ('a photo of a dog') and 1 step here, then apply the LoRA with any "
-                "prompt and more steps. Progress shows the current image every iteration; Cancel stops within one "
+                "network). Use a simple prompt ('a photo of a dog'); size, steps, grad_steps and learning rate at 0 "
+                "(auto) follow the loaded model's family (e.g. Z-Image-Turbo: 8 steps at 768 px; the report says "
+                "which values ran and why). Then apply the LoRA with any prompt. Progress shows the current image every iteration; Cancel stops within one "
                 "iteration. The input MODEL and VAE are not changed.\n\nSubject swap (editing): connect an 'inversion' "
                 "from SISO ReNoise Invert and the 'mask' of the subject to replace in that photo (SISO Subject Mask or a "
                 "hand-drawn mask). Each iteration then denoises the inverted photo and the loss adds background_weight x "
                 "the squared error outside the mask, so the background stays. Size, steps and sampler come from the "
-                "inversion; use the same prompt as the inversion and learning rate 3e-4 (paper).\n\nKeep the "
+                "inversion; use the same prompt as the inversion (learning rate auto: 3e-4, the paper's).\n\nKeep the "
                 "background of the picture it starts from (refining a Flux.2 / Kontext / Qwen-Image-Edit zero-shot "
                 "result): connect only a 'mask' (SISO Subject Mask on that picture, width x height), no inversion. "
                 "The loss then adds background_weight x the squared error outside the mask against iteration 0's "
                 "image, the picture the model makes before the LoRA moves it (0 at iteration 0)."),
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to personalise: " + "; ".join(f.name for f in FAMILIES) + " (see the README's table)."),
+                io.Model.Input("model", tooltip="The diffusion model to personalise: " + "; ".join(f.name for f in FAMILIES) + " (see docs/models.md)."),
                 io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
                 io.Conditioning.Input("positive", tooltip="The SIMPLE prompt, e.g. 'a photo of a dog' (better prompt adherence later)."),
                 Subject.Input("subject", tooltip="From SISO Load Subject."),
                 io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
-                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README."),
+                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README. Optional: with ir_weight 0 SISO runs on DINOv2 alone."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The ONE noise seed reused at every iteration."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=8, tooltip="Image width during optimisation: a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=8, tooltip="Image height during optimisation: a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work."),
-                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Denoising steps per iteration (1 for turbo/schnell models). Editing: taken from the inversion."),
-                io.Int.Input("grad_steps", default=1, min=1, max=50, tooltip="Gradients flow through the last this-many steps only (1 for distilled models, about 3 for 20-step models)."),
-                io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
+                io.Int.Input("width", default=AUTO, min=0, max=2048, step=8, tooltip="Image width during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),
+                io.Int.Input("height", default=AUTO, min=0, max=2048, step=8, tooltip="Image height during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),
+                io.Int.Input("steps", default=AUTO, min=0, max=50, tooltip="Denoising steps per iteration. 0 = auto: the loaded model's family value (e.g. Z-Image-Turbo 8 steps, Flux.2 klein 4, SDXL-Turbo 1). Editing: taken from the inversion."),
+                io.Int.Input("grad_steps", default=AUTO, min=0, max=50, tooltip="Gradients flow through the last this-many steps only (1 for distilled models, about 3 for 20-step models). 0 = auto: the loaded model's family value (e.g. Z-Image-Turbo 1, Chroma 2), at most steps."),
+                io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", **ADVANCED, tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
                 io.Int.Input("max_iterations", default=50, min=1, max=1000, tooltip="Iteration cap."),
-                io.Float.Input("learning_rate", default=2e-4, min=1e-6, max=1e-1, step=1e-5, tooltip="AdamW learning rate (paper: 2e-4 generation, 3e-4 editing)."),
-                io.Int.Input("lora_rank", default=4, min=1, max=128, tooltip="LoRA rank."),
-                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=128.0, step=0.5, tooltip="LoRA alpha; 0 means alpha = rank (scale 1)."),
-                io.Combo.Input("lora_target", options=list(host.TARGETS), default=host.TARGETS[0], tooltip="Layers that get LoRA: attention q/k/v/out (for Flux also context projections and MLPs), or every linear layer."),
-                io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight a of the DINOv2 distance (0 skips the network)."),
-                io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
-                io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, tooltip="Stop when the loss has not improved by this many percent..."),
-                io.Int.Input("early_stop_patience", default=7, min=1, max=1000, tooltip="...within this many iterations."),
+                io.Float.Input("learning_rate", default=AUTO, min=0.0, max=1e-1, step=1e-5, tooltip="AdamW learning rate. 0 = auto: the loaded model's family value (the paper's 2e-4 to generate) or, editing, the paper's 3e-4."),
+                io.Int.Input("lora_rank", default=4, min=1, max=128, **ADVANCED, tooltip="LoRA rank."),
+                io.Float.Input("lora_alpha", default=0.0, min=0.0, max=128.0, step=0.5, **ADVANCED, tooltip="LoRA alpha; 0 means alpha = rank (scale 1)."),
+                io.Combo.Input("lora_target", options=list(host.TARGETS), default=host.TARGETS[0], **ADVANCED, tooltip="Layers that get LoRA: attention q/k/v/out (for Flux also context projections and MLPs), or every linear layer."),
+                io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, **ADVANCED, tooltip="Weight a of the DINOv2 distance (0 skips the network)."),
+                io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, **ADVANCED, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
+                io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, **ADVANCED, tooltip="Stop when the loss has not improved by this many percent..."),
+                io.Int.Input("early_stop_patience", default=7, min=1, max=1000, **ADVANCED, tooltip="...within this many iterations."),
                 io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="With a mask: weight c of the background loss, the mean squared error outside the mask against the inverted photo (editing; paper: 10) or, without an inversion, against iteration 0's image. 0: the mask is not used."),
-                io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", tooltip=(
+                io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", **ADVANCED, tooltip=(
                     "Gradient checkpointing of the denoiser, the decoder and both similarity networks: they keep only "
                     "block inputs and recompute the rest in backward (same results, slower). auto: only when the run "
                     "would not fit in the device's free memory without it (estimated before the run; the report says "
                     "which was chosen). on / off: always / never. Measured on an H100 at 512 px (SDXL-Turbo): 8.9 GiB "
                     "and 1.54 s per iteration with it, 18.8 GiB and 0.74 s without. Workflows saved with true / false "
                     "keep that meaning.")),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, tooltip=(
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Compute precision of the forward passes; the LoRA and its optimiser stay float32. auto: bfloat16 "
                     "mixed precision where the hardware is fast at it (NVIDIA GPUs from Ampere on, CPUs with AVX-512 "
                     "BF16 or AMX), else float32. fp32: the paper's setting (slower, more memory). Workflows saved "
                     "before this input existed run in fp32, as they did.")),
-                io.Combo.Input("compile", options=list(COMPILE_CHOICES), default="auto", optional=True, tooltip=(
+                io.Combo.Input("compile", options=list(COMPILE_CHOICES), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Compiles the two similarity networks (DINOv2 and the image-retrieval network) into fused code "
                     "once per run, so each iteration spends less time launching small GPU operations. Helps on "
                     "NVIDIA GPUs; the first run pays a one-time compile (tens of seconds to minutes; the report says "
@@ -129,9 +131,15 @@ class SISOOptimize(CheckedNode):
     def check_values(cls, width=None, height=None, dino_weight=None, ir_weight=None, **values):
         # 8 is the smallest VAE block; the VAE is a link here, so its own block (16 for Flux.2) is
         # checked when the run starts, before any work (host.check_size)
+        # 0 is auto: the family's size, checked against the VAE's block when the run starts
         for name, value in (("width", width), ("height", height)):
+            if isinstance(value, int) and value != AUTO and value < 64:
+                return f"{name} {value} is below 64: use 0 (auto: the model's family size) or at least 64"
             if isinstance(value, int) and value % 8:
                 return f"{name} {value} is not a multiple of 8: use {value - value % 8} or {value - value % 8 + 8}"
+        rate = values.get("learning_rate")
+        if isinstance(rate, (int, float)) and 0 < rate < 1e-6:
+            return f"learning_rate {rate:g} is below 1e-6: use 0 (auto: the model's family rate) or at least 1e-6"
         # grad_steps <= steps is checked when the node runs (before any work): when editing,
         # steps come from the linked inversion, which validation cannot see.
         if isinstance(dino_weight, (int, float)) and isinstance(ir_weight, (int, float)):
@@ -148,6 +156,8 @@ class SISOOptimize(CheckedNode):
         if inversion is None:
             width, height, weight = inputs.get("width"), inputs.get("height"), inputs.get("background_weight", 10.0)
             if not (isinstance(width, int) and isinstance(height, int) and isinstance(weight, (int, float)) and weight > 0):
+                return {}
+            if AUTO in (width, height):   # the family's size: the model is a link, checked when the run starts
                 return {}
             mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
             if mask and mask != (width, height):
@@ -199,7 +209,7 @@ class SISOOptimize(CheckedNode):
         except BaseException as error:
             progress.failed(error)   # the live chart says why it ended, then ComfyUI reports the error
             raise
-        report = result.describe()
+        report = result.describe() + f". Settings: {result.settings}"
         if warnings:
             report = "Warning: " + "; ".join(warnings) + ". " + report
         if result.memory is not None:   # what the memory estimate said, and the low_memory it chose

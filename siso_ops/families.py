@@ -23,6 +23,12 @@ first stage. What differs, per family:
   ``()`` where decoding carries state between blocks (the Wan 2.1 causal VAE's feature cache),
   which a recomputation would advance twice.
 - ``optimise`` / ``stage2``: the settings the pack recommends, and where each comes from.
+- ``steps`` / ``grad_steps`` / ``size`` / ``learning_rate``: the same advice as numbers, what
+  SISO Optimize's ``auto`` inputs (0) take: ``optimise``'s first variant (the distilled one where
+  a row names several), the optimisation size (the paper's 512 px for its models; 768 px for
+  the 1-megapixel families, which keeps memory down while the model still draws its own
+  resolution's composition) and the paper's generation learning rate. Editing takes its size
+  and steps from the inversion and the paper's editing rate (``EDIT_LEARNING_RATE``).
 - ``checked``: "" for a row of the table (a tiny model pins its path). Otherwise why SISO takes
   the self-checked path for a class no row names (a subclass of a row's class, or a class with
   no row at all): before the loop, on the run's own inputs, the path is checked (self_check.py)
@@ -54,46 +60,71 @@ class Family:
     stage2: str = ""          # stage-2 sampling
     source: str = ""          # where the settings come from
     checked: str = ""         # "" = a table row; else why the path is self-checked (see the module's docstring)
+    steps: int = 1            # SISO Optimize's auto values: denoising steps per iteration,
+    grad_steps: int = 1       # the last steps gradients flow through,
+    size: int = 512           # width and height of the optimised image (px),
+    learning_rate: float = 2e-4   # AdamW's rate when generating (the paper's generation rate)
+
+
+PAPER_LEARNING_RATE = 2e-4    # the paper's (generation README's) rate
+EDIT_LEARNING_RATE = 3e-4     # the paper's editing rate: auto when SISO Optimize edits an inversion
+# A class with no row and no row's ancestor (the structural rules): the non-distilled rows'
+# advice (Chroma, AuraFlow, Cosmos), at the 1-megapixel families' optimisation size.
+GENERIC_SETTINGS = dict(steps=8, grad_steps=2, size=768, learning_rate=PAPER_LEARNING_RATE)
 
 
 FAMILIES = (
     Family("SD1.x / SD2.x (SD-Turbo)", ("BaseModel",), lora="attention", blocks=UNET_BLOCKS, diffusers="unet",
            optimise="1 step, grad_steps 1 (turbo); 20-step models: 4 steps, grad_steps 3",
-           stage2="4 steps, cfg 1.0 (turbo)", source="the paper (SD-Turbo-like SDXL-Turbo runs)"),
+           stage2="4 steps, cfg 1.0 (turbo)", source="the paper (SD-Turbo-like SDXL-Turbo runs)",
+           steps=1, grad_steps=1, size=512),
     Family("SDXL (SDXL-Turbo)", ("SDXL",), lora="attention", blocks=UNET_BLOCKS, diffusers="unet",
-           optimise="1 step, grad_steps 1", stage2="4 steps, cfg 1.0", source="the paper"),
+           optimise="1 step, grad_steps 1", stage2="4 steps, cfg 1.0", source="the paper",
+           steps=1, grad_steps=1, size=512),
     Family("Flux.1 (schnell, dev)", ("Flux",), in_place=True, diffusers="flux",
-           optimise="1 step (schnell), grad_steps 1", stage2="4 steps (schnell), cfg 1.0", source="the paper (FLUX-schnell)"),
+           optimise="1 step (schnell), grad_steps 1", stage2="4 steps (schnell), cfg 1.0", source="the paper (FLUX-schnell)",
+           steps=1, grad_steps=1, size=512),
     Family("Flux.2 (dev, klein)", ("Flux2",), in_place=True,
            optimise="4 steps, grad_steps 1 (distilled klein); dev: 8 steps, grad_steps 2", stage2="klein: 4 steps, cfg 1.0; dev: 20+ steps",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=4, grad_steps=1, size=768),
     Family("Chroma", ("Chroma",), in_place=True, optimise="8 steps, grad_steps 2", stage2="26+ steps, cfg 4",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=2, size=768),
     Family("Chroma Radiance (pixel space)", ("ChromaRadiance",), in_place=True, decoder_blocks=(),
            optimise="8 steps, grad_steps 2", stage2="26+ steps, cfg 4",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=2, size=768),
     Family("SD3 / SD3.5 (MMDiT)", ("SD3",), diffusers="mmdit", optimise="4 steps, grad_steps 1 (3.5 Large Turbo)",
            stage2="Large Turbo: 4 steps, cfg 1.0; others: 28 steps, cfg 4.5",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=4, grad_steps=1, size=768),
     Family("Z-Image / Lumina 2 (NextDiT)", ("Lumina2",), optimise="Z-Image-Turbo: 8 steps, grad_steps 1",
            stage2="Z-Image-Turbo: 8 steps, cfg 1.0; Lumina 2: 30 steps, cfg 4",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=1, size=768),
     Family("Qwen-Image", ("QwenImage",), decoder_blocks=(),
            optimise="4 steps with a Lightning LoRA, grad_steps 1",
            stage2="Lightning: 4-8 steps, cfg 1.0; base: 50 steps, cfg 4",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=4, grad_steps=1, size=768),
     Family("HiDream", ("HiDream",), optimise="Fast: 16 steps, grad_steps 2", stage2="Fast: 16 steps, cfg 1.0; Full: 50 steps, cfg 5",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=16, grad_steps=2, size=768),
     Family("AuraFlow", ("AuraFlow",), diffusers="auraflow", optimise="8 steps, grad_steps 2", stage2="25+ steps, cfg 3.5",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=2, size=768),
     Family("HunyuanImage 2.1", ("HunyuanImage21",), in_place=True, decoder_blocks=(),
            optimise="distilled: 8 steps, grad_steps 1", stage2="distilled: 8 steps, cfg 1.0; base: 50 steps, cfg 3.5",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=1, size=768),
     Family("Cosmos Predict2 (text to image)", ("CosmosPredict2",), decoder_blocks=(),
            optimise="8 steps, grad_steps 2", stage2="35 steps, cfg 7",
-           source="the model authors' sampling advice; SISO steps not measured"),
+           source="the model authors' sampling advice; SISO steps not measured",
+           steps=8, grad_steps=2, size=768),
     Family("PixArt (Alpha, Sigma)", ("PixArt",), diffusers="pixart", optimise="LCM / DMD variants: 1-4 steps, grad_steps 1",
-           stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured"),
+           stage2="20 steps, cfg 4.5", source="the model authors' sampling advice; SISO steps not measured",
+           steps=4, grad_steps=1, size=512),
     # Loaded by the ComfyUI_ExtraModels pack (SanaCheckpointLoader; ComfyUI has no Sana class): a
     # BaseModel subclass of that pack whose network is plain torch.nn layers. The LoRA layers are the
     # ones the Sana authors' own LoRA script trains (to_q/to_k/to_v in diffusers' names: the fused
@@ -102,7 +133,8 @@ FAMILIES = (
            lora_names=("attn.qkv", "cross_attn.q_linear", "cross_attn.kv_linear"),
            decoder_blocks=("ResBlock", "EfficientViTBlock"),    # DC-AE's decoder blocks (the pack's and diffusers' names)
            optimise="20 steps, grad_steps 3", stage2="20 steps, cfg 4.5",
-           source="the paper (Sana: 20 steps, backpropagating through the last 3)"),
+           source="the paper (Sana: 20 steps, backpropagating through the last 3)",
+           steps=20, grad_steps=3, size=512),   # 512 px: the paper's size for its other backbones; a multiple of DC-AE's 32
 )
 
 # Image model classes ComfyUI loads that SISO refuses, and why. Matched by class name, and for a
@@ -191,10 +223,10 @@ def structural_family(class_name: str) -> Family:
     choice where the table would say more: norms and checkpointed blocks read copies of their
     inputs (blocks that add into their inputs in place then still train; a copy changes no
     value), and the decoder is never recomputed (a decoder that carries state between blocks
-    would advance it twice)."""
+    would advance it twice). SISO Optimize's auto values: ``GENERIC_SETTINGS``."""
     return Family(f"{class_name} (no table row)", (class_name,), lora="blocks", blocks=None, in_place=True,
                   decoder_blocks=(), optimise=UNKNOWN_SETTINGS, stage2=UNKNOWN_SETTINGS, source="",
-                  checked="no table row, structural rules")
+                  checked="no table row, structural rules", **GENERIC_SETTINGS)
 
 
 def unlisted_family(ancestors: list, latent_dimensions: int, described: str) -> Family:

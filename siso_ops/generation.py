@@ -8,14 +8,15 @@ the loop. Cancel is checked between every two phases (``_between_phases``), insi
 networks' blocks, before every denoiser call and after every iteration."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import logging
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from .runtime import host
 from .targets import ATTENTION
-from . import compiled, loaded_networks, memory
-from .editing import EditScore, check_edit, check_refine_mask
+from . import auto_settings, compiled, loaded_networks, memory
+from .editing import EditScore, PhotoInversion, check_edit, check_refine_mask
 from .loaded_networks import networks, release_freed_memory  # noqa: F401  (generation.networks: tests, benchmarks)
 from .optimize import OptimizationResult, OptimizationSettings, optimize
 from .precision import autocast, check_precision, compute_dtype
@@ -24,9 +25,13 @@ from .similarity import SimilarityLoss, check_weights
 from .lora import SubjectLoRA, check_warm_start_rank
 from .subject import SubjectPhoto
 
+log = logging.getLogger("siso")
+
 
 @dataclass
 class GenerationSettings:
+    # width, height, steps, grad_steps and optimization.learning_rate: 0 (auto_settings.AUTO)
+    # takes the model's family row when the run starts (auto_settings.resolve)
     width: int = 512
     height: int = 512
     seed: int = 0
@@ -68,6 +73,7 @@ class GenerationResult(OptimizationResult):
     memory: memory.MemoryPlan | None = None   # the estimate and the low_memory choice
     loading: str = ""                         # fully loaded, or streamed per layer by ComfyUI
     compiled: str = ""                        # what was compiled or reused, and a TorchCompileModel input
+    settings: str = ""                        # the size, steps, grad_steps and rate used, and where each came from
 
 
 def _between_phases():
@@ -90,7 +96,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     ``initial_lora``'s picture on a warm start); its background term is 0 at iteration 0.
     ``feature_networks`` = (dino, ir) overrides the files (tests, benchmarks). ``initial_lora`` (a
     SubjectLoRA of this model, rank and lora target) is where the LoRA starts instead of zero."""
-    settings, keep = _check_inputs(model, vae, positive, settings, inversion, mask, initial_lora)
+    settings, keep, settings_used = _check_inputs(model, vae, positive, settings, inversion, mask, initial_lora)
+    log.info("SISO Optimize on %s: %s", host.describe_model(model), settings_used)
     device = host.compute_device()
     dtype = compute_dtype(device, settings.precision)
     memory_plan = _plan_memory(model, vae, positive, settings, device, dtype, dino_path, ir_path, feature_networks)
@@ -118,7 +125,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 found = _loop(trainable, decoder, score, model, vae, positive, settings, dtype, inversion,
                               on_iteration)
                 result = GenerationResult(**{f.name: getattr(found, f.name) for f in fields(found)},
-                                          memory=memory_plan, loading=trainable.loading,
+                                          memory=memory_plan, loading=trainable.loading, settings=settings_used,
                                           compiled="; ".join(filter(None, (compiling, host.user_compile_note(model)))))
                 lora = SubjectLoRA(
                     tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
@@ -136,14 +143,16 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
 
 def _check_inputs(model, vae, positive, settings: GenerationSettings, inversion, mask, initial_lora):
     """Every check before any work; returns (the settings the run uses, the background weights
-    or None). When editing, size and steps come from the inversion."""
+    or None, the report's words for the settings used). Auto values (0) take the model's family
+    row; when editing, size and steps come from the inversion."""
     host.check_supported(model)
     host.check_reference_path(model, positive)   # before any work, as the family check
     keep = None
+    if inversion is not None and not isinstance(inversion, PhotoInversion):
+        raise TypeError(f"'inversion' must come from SISO ReNoise Invert, got {type(inversion).__name__}")
+    settings, used = auto_settings.resolve(settings, host.model_family(model), inversion)
     if inversion is not None:
         keep = check_edit(inversion, model, mask, settings.background_weight, settings.grad_steps)
-        height, width = inversion.size
-        settings = replace(settings, steps=len(inversion.sigmas) - 1, width=width, height=height)
     settings.check()
     if inversion is None:
         host.check_size(vae, settings.width, settings.height)
@@ -151,7 +160,7 @@ def _check_inputs(model, vae, positive, settings: GenerationSettings, inversion,
             keep = check_refine_mask(mask, settings.width, settings.height, settings.background_weight)
     if initial_lora is not None:   # the layers are checked on the clone
         check_warm_start_rank(initial_lora.rank, settings.rank)
-    return settings, keep
+    return settings, keep, used
 
 
 def _plan_memory(model, vae, positive, settings: GenerationSettings, device, dtype, dino_path, ir_path,

@@ -358,3 +358,71 @@ def test_a_today_template_opens_lists_its_absent_models_and_queues(page, server,
         assert turned_on["14"]["inputs"]["mask"] == ["29", 0]
         assert {k: (v["class_type"], v["inputs"]) for k, v in turned_on.items()} == \
             {k: (v["class_type"], v["inputs"]) for k, v in want.items()}
+
+
+# ----------------------------------------------------------------------------- SISO Optimize's advanced inputs
+# The inputs a typical user never touches: marked advanced=True where the V3 API has the flag
+# (ComfyUI 0.33), plain where it has not (0.3.75; nodes/graph_types.py ADVANCED).
+ADVANCED = {"lora_rank", "lora_alpha", "lora_target", "dino_weight", "ir_weight", "early_stop_percent",
+            "early_stop_patience", "low_memory", "precision", "scheduler", "compile"}
+
+
+def flagged_inputs(object_info) -> set:
+    spec = object_info["SISOOptimize"]["input"]
+    return {name for group in ("required", "optional") for name, entry in spec.get(group, {}).items()
+            if len(entry) > 1 and isinstance(entry[1], dict) and entry[1].get("advanced")}
+
+
+def optimize_widgets(page) -> dict:
+    """SISO Optimize (node 5) on the classic canvas: each widget's name -> [advanced, drawn]."""
+    return page.evaluate("""() => {
+        const n = app.graph.getNodeById(5);
+        return Object.fromEntries(n.widgets.map(w => [w.name, [
+            !!(w.advanced ?? w.options?.advanced),
+            typeof n.isWidgetVisible === 'function' ? n.isWidgetVisible(w) : !w.hidden]]));
+    }""")
+
+
+def test_advanced_inputs_fold_away_on_a_frontend_that_honours_the_flag(page, object_info):
+    """ComfyUI 0.33 (frontend 1.49): the schema's advanced=True reaches each widget's options. Nodes
+    2.0 (the Vue renderer) honours it: SISO Optimize's card leaves those inputs out and its footer
+    has a "Show advanced inputs" button that brings them (NodeFooter's advanced-inputs-button; the
+    card reads ``widget.options.advanced``). The classic canvas of 1.49 draws them all: its
+    LGraphNode.isWidgetVisible and hasAdvancedWidgets read ``widget.advanced``, which
+    addInputWidget leaves unset (it writes ``widget.options.advanced``)."""
+    if not flagged_inputs(object_info):
+        pytest.skip("this ComfyUI's V3 inputs have no advanced flag (0.3.75): see the plain-inputs test")
+    assert flagged_inputs(object_info) == ADVANCED
+    use_renderer(page, False)
+    open_template(page, graphs.TWO_STAGE.name)
+    widgets = optimize_widgets(page)
+    assert {name for name, (advanced, _) in widgets.items() if advanced} == ADVANCED, widgets
+    assert all(drawn for _, drawn in widgets.values()), widgets   # the classic canvas: all drawn
+    use_renderer(page, True)
+    try:
+        open_template(page, graphs.TWO_STAGE.name)
+        card = page.locator("[data-node-id='5']")
+        card.wait_for(state="visible", timeout=60_000)
+        shown = set(card.inner_text().split("\n"))
+        assert not ADVANCED & shown and {"width", "steps", "learning_rate", "max_iterations"} <= shown, shown
+        button = card.locator("[data-testid=advanced-inputs-button]")
+        assert button.count() == 1
+        button.click()
+        page.wait_for_timeout(500)
+        shown = set(card.inner_text().split("\n"))
+        assert ADVANCED <= shown, shown
+        save_shot(page, "advanced_inputs_nodes2.png")
+    finally:
+        use_renderer(page, False)
+
+
+def test_advanced_inputs_stay_plain_where_the_api_has_no_flag(page, object_info):
+    """ComfyUI 0.3.75 (frontend 1.32): no advanced flag in the schema; every SISO Optimize widget
+    is drawn on the node as before."""
+    if flagged_inputs(object_info):
+        pytest.skip("this ComfyUI marks advanced inputs (0.33): see the fold-away test")
+    use_renderer(page, False)
+    open_template(page, graphs.TWO_STAGE.name)
+    widgets = optimize_widgets(page)
+    assert ADVANCED <= set(widgets), widgets
+    assert not any(advanced for advanced, _ in widgets.values()) and all(drawn for _, drawn in widgets.values()), widgets

@@ -119,6 +119,11 @@ def test_two_stage_prompt_runs_end_to_end(server):
     assert metadata.get("siso.iterations") == "3", metadata
     report = outputs.get(OPTIMIZE_ID, {}).get("text", [])
     assert report and isinstance(report[0], str) and report[0], outputs.get(OPTIMIZE_ID)
+    # an API prompt that sends numbers runs with those numbers (0 would be auto, the family's)
+    sent = prompt[OPTIMIZE_ID]["inputs"]
+    assert all(sent[k] for k in ("width", "height", "steps", "grad_steps", "learning_rate")), sent
+    assert (f"width {sent['width']}, height {sent['height']}, steps {sent['steps']}, grad_steps {sent['grad_steps']}, "
+            f"learning_rate {sent['learning_rate']:g} (set)") in report[0], report[0]
 
     assert listener.error is None, f"websocket failed: {listener.error!r}"
     progress = [m["data"] for m in listener.messages

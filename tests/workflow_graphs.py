@@ -318,6 +318,11 @@ FILES_NOTE = (
     "- models/siso/ir_features.pth: the image-retrieval network weights (placed by hand, see the README). " + IR_WAY_OUT)
 TINY = {"ckpt_name": "siso_tiny_sd15.safetensors"}
 WEIGHTS = {"dino_weights": "dinov2_vitl14.safetensors", "ir_weights": "ir_features.pth"}
+# SISO Optimize's size, steps, grad_steps and learning rate are explicit in every template (not 0 =
+# auto): each template is made for a named model and its note describes these numbers, and the
+# refine templates must match their zero-shot KSampler's size and steps, which auto (the family's
+# optimisation size) would not. SD-Turbo's: its family row's values.
+SD_TURBO = {"width": 512, "height": 512, "steps": 1, "grad_steps": 1, "learning_rate": 2e-4}
 NEGATIVE = "#322"
 POSITIVE = "#232"
 
@@ -329,7 +334,7 @@ def subject_lora_nodes(prompt_title: str) -> list:
         Node(2, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, prompt_title, POSITIVE),
         Node(3, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
         Node(4, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (3, 0)}),
-        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, **SD_TURBO), {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0)}),
     ]
 
 
@@ -396,7 +401,7 @@ SWAP_DRAWN = Workflow(
     nodes=[
         *swap_input_nodes("Photo to edit (draw the mask on it)"),
         Node(6, "ReNoiseInvert", (-40, 340), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
-        Node(7, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
+        Node(7, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, **dict(SD_TURBO, learning_rate=3e-4)),
              {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (6, 0), "mask": (5, 1)}),
         Node(8, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (7, 1)}, "Edited photo"),
         Node(9, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Inversion check: reconstruction"),
@@ -462,7 +467,7 @@ SWAP = Workflow(
         *swap_input_nodes("Photo to edit"),
         Node(6, "SubjectMask", (-40, 340), (400, 260), dict(SEGMENTATION, text="cat"), {"image": (5, 0)}),
         Node(7, "ReNoiseInvert", (-40, 660), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
-        Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
+        Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, **dict(SD_TURBO, learning_rate=3e-4)),
              {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (7, 0), "mask": (6, 0)}),
         Node(9, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (8, 1)}, "Edited photo"),
         Node(10, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Mask check"),
@@ -527,7 +532,7 @@ SEVERAL_PHOTOS_BEST_OF_FOUR = Workflow(
         *subject_lora_nodes("Simple prompt (stage 1)")[:4],
         Node(15, "LoadImage", (-420, 540), (320, 330), {"image": "subject_2.png"}, title="Another photo of the subject"),
         Node(16, "LoadSubject", (-40, 560), (400, 122), {}, {"image": (15, 0), "add_to": (4, 0)}, "Add the second photo"),
-        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (16, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, **SD_TURBO), {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (16, 0)}),
         Node(6, "ApplySISOLoRA", (420, 1040), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
         Node(7, "CLIPTextEncode", (-40, 1040), (400, 140), {"text": "a photo of a dog in a red raincoat on a city street"},
              {"clip": (1, 1)}, "Any prompt (stage 2)", POSITIVE),
@@ -598,7 +603,7 @@ def split_two_stage(name, title, loaders, latent_type, size, steps, extra_note, 
             Node(5, "LoadImage", (-420, 380), (320, 330), {"image": "subject.png"}, title="Subject photo"),
             Node(6, "LoadSubject", (-40, 180), (400, 102), {}, {"image": (5, 0)}),
             Node(7, "SISOOptimize", (420, 0), (400, 740),
-                 dict(WEIGHTS, width=size[0], height=size[1], steps=steps, grad_steps=1),
+                 dict(WEIGHTS, width=size[0], height=size[1], steps=steps, grad_steps=1, learning_rate=2e-4),
                  {"model": (1, 0), "vae": (3, 0), "positive": (4, 0), "subject": (6, 0)}),
             Node(8, "SaveSISOLoRA", (880, 0), (320, 106), {"name": "siso_subject"}, {"subject_lora": (7, 0)}),
             Node(9, "SaveImage", (880, 160), (320, 300), {"filename_prefix": "siso_best"}, {"images": (7, 1)}, "Best optimisation image"),
@@ -691,7 +696,7 @@ def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, p
                  {"image": (13, 0)}, "Keep the background: the subject in the zero-shot picture", mode=BYPASS),
             Node(30, "PreviewImage", (420, 770), (340, 200), {}, {"images": (29, 1)}, "Mask check", mode=BYPASS),
             Node(14, "SISOOptimize", (780, 0), (400, 740),
-                 dict(WEIGHTS, width=1024, height=1024, steps=steps, grad_steps=1, max_iterations=optimise),
+                 dict(WEIGHTS, width=1024, height=1024, steps=steps, grad_steps=1, learning_rate=2e-4, max_iterations=optimise),
                  {"model": (model_id, 0), "vae": (3, 0), "positive": positive, "subject": (6, 0), "mask": (29, 0)},
                  "2. SISO Optimize (same model, conditioning, seed, steps)"),
             Node(15, "ImageBatch", (1220, 0), (210, 46), {}, {"image1": (13, 0), "image2": (14, 1)}, "zero-shot, refined"),
