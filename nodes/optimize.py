@@ -149,7 +149,7 @@ class SISOOptimize(CheckedNode):
         lora_rank = inputs.get("lora_rank")
         source = linked_lora_rank(prompt, inputs.get("initial_lora"), lora_file_header_rank)
         if source and isinstance(lora_rank, int):
-            problem = warm_start_rank_problem(source[0], lora_rank, f"initial_lora (from {source[1]})")
+            problem = warm_start_rank_problem(source[0], lora_rank, f"the LoRA from {source[1]}")
             if problem:
                 problems["initial_lora"] = f"initial_lora: {problem}"
         mask = cls._mask_problem(prompt, inputs)

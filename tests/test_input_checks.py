@@ -187,6 +187,32 @@ def test_subject_score_with_no_images_is_refused_before_the_networks_load(monkey
     assert opened == []
 
 
+def test_subject_score_warns_on_emulated_bf16_as_siso_optimize_does(monkeypatch, feature_files, subject, caplog):
+    """A CPU without AVX-512 BF16 or AMX (this one may have them: its answer is replaced)."""
+    precision = siso("siso_ops.precision")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    warning = precision.precision_warnings(torch.device("cpu"), "bf16")
+    assert warning and "emulated" in warning[0]
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        out = NODE["SISOSubjectScore"].execute(images, subject, *feature_files, 1.0, 1.0, "bf16")
+    assert out.ui["text"][0] == f"Warning: {warning[0]}.\n" + out.args[2]
+    assert f"SISO Subject Score: {warning[0]}" in caplog.text
+    with torch.inference_mode():
+        plain = NODE["SISOSubjectScore"].execute(images, subject, *feature_files, 1.0, 1.0, "fp32")
+    assert plain.ui["text"][0] == plain.args[2]
+
+
+def test_subject_score_refuses_images_smaller_than_load_subject_accepts_before_the_networks_load(monkeypatch,
+                                                                                                feature_files):
+    opened = []
+    monkeypatch.setattr(siso("siso_ops.loaded_networks").networks, "get", lambda *a, **k: opened.append(a))
+    with pytest.raises(ValueError, match=r"SISO Subject Score: the images are 31x40 pixels; SISO Subject Score needs "
+                                         r"at least 32 a side, as SISO Load Subject does"):
+        NODE["SISOSubjectScore"].execute(torch.rand(2, 40, 31, 3), None, *feature_files, 1.0, 1.0)
+    assert opened == []
+
+
 def test_an_all_black_subject_is_warned_about_and_the_warning_reaches_the_report(caplog):
     """What LoadImage makes of a fully transparent PNG: a black RGB image (its alpha becomes the MASK)."""
     with caplog.at_level("WARNING"):
