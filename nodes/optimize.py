@@ -14,7 +14,7 @@ from ..siso_ops.report import loss_curve
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
 from .lora import lora_file_header_rank
-from .queue_checks import linked_image_size, linked_lora_rank
+from .queue_checks import constant_int, linked_image_size, linked_lora_rank
 from .progress import IterationProgress
 from .graph_types import CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -146,9 +146,9 @@ class SISOOptimize(CheckedNode):
         problems = {}
         # a warm start's rank, from SISO Load LoRA's file header or an earlier SISO Optimize's
         # lora_rank, against this node's lora_rank: before the earlier optimisation runs
-        lora_rank = inputs.get("lora_rank")
+        lora_rank = constant_int(prompt, inputs.get("lora_rank"))
         source = linked_lora_rank(prompt, inputs.get("initial_lora"), lora_file_header_rank)
-        if source and isinstance(lora_rank, int):
+        if source and lora_rank is not None:
             problem = warm_start_rank_problem(source[0], lora_rank, f"the LoRA from {source[1]}")
             if problem:
                 problems["initial_lora"] = f"initial_lora: {problem}"

@@ -91,7 +91,8 @@ def _source(prompt: dict, link) -> tuple:
     return source.get("class_type"), inputs if isinstance(inputs, dict) else {}, link[1]
 
 
-def _whole(prompt: dict, value) -> int | None:
+def constant_int(prompt: dict, value) -> int | None:
+    """A whole number the prompt fixes: a widget value or a stock Primitive node's; else None."""
     known, value = _constant(prompt, value)
     return value if known and isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -106,7 +107,7 @@ def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
             and isinstance(inputs.get("image"), str):
         return size_of_file(inputs["image"])
     if kind == "SolidMask" and output == 0:
-        width, height = _whole(prompt, inputs.get("width")), _whole(prompt, inputs.get("height"))
+        width, height = constant_int(prompt, inputs.get("width")), constant_int(prompt, inputs.get("height"))
         return (width, height) if width is not None and height is not None else None
     if kind in ("SubjectMask", "ImageToMask") and output == 0:
         return linked_image_size(prompt, inputs.get("image"), size_of_file)
@@ -118,9 +119,9 @@ def linked_batch_size(prompt: dict, link) -> int | None:
     batch_size, RepeatImageBatch's amount: constants, or values of stock Primitive nodes); else None."""
     kind, inputs, output = _source(prompt, link)
     if kind == "EmptyImage" and output == 0:
-        return _whole(prompt, inputs.get("batch_size"))
+        return constant_int(prompt, inputs.get("batch_size"))
     if kind == "RepeatImageBatch" and output == 0:
-        amount = _whole(prompt, inputs.get("amount"))
+        amount = constant_int(prompt, inputs.get("amount"))
         return 0 if amount == 0 else None   # else: amount times a batch of unknown size
     return None
 
@@ -136,7 +137,7 @@ def linked_lora_rank(prompt: dict, link, rank_of_file) -> tuple | None:
         except ValueError:
             return None
     if kind == "SISOOptimize" and output == 0:
-        rank = _whole(prompt, inputs.get("lora_rank"))
+        rank = constant_int(prompt, inputs.get("lora_rank"))
         return (rank, f"the SISO Optimize before it (node {link[0]}, lora_rank {rank})") if rank is not None else None
     return None
 

@@ -353,9 +353,12 @@ def read_safetensors_header(path: str, what: str) -> tuple:
 @functools.lru_cache(maxsize=64)   # keyed by size and modification time: a changed file is read again
 def _header(path: str, size: int, modified: int, what: str) -> tuple:
     file = _File(path, what, None)
-    problem = _not_weights(path, size) or (_renamed(path, size) or (None,))[0]
+    problem = _not_weights(path, size)
     if problem:
-        raise file.error(problem, "Save the LoRA again with SISO Save LoRA, or use the file as it was saved.")
+        raise file.error(problem)
+    renamed = _renamed(path, size)
+    if renamed:
+        raise file.error(*renamed)
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
