@@ -5,11 +5,12 @@ feature networks load only when SISO Optimize first runs.
 """
 from comfy_api.v0_0_2 import ComfyExtension
 
-from .siso_ops.host import register_model_folders
+from .siso_ops.host import register_model_folders, remove_unfinished_saves
 
 WEB_DIRECTORY = "./web"
 
 register_model_folders()
+remove_unfinished_saves()   # what a save killed mid-write left (the pack's own temporary files only)
 
 
 class SISOExtension(ComfyExtension):

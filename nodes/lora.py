@@ -1,13 +1,17 @@
 import datetime
+import logging
 import os
 import re
 
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
-from ..siso_ops.lora import LORA_FORMATS, file_metadata, load_subject_lora, to_diffusers, write_lora_file
+from ..siso_ops.lora import (LORA_FORMATS, changes_nothing, file_metadata, load_subject_lora, lora_file_layout,
+                              no_change_warning, to_diffusers, write_lora_file)
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY, SubjectLoRA
+
+log = logging.getLogger("siso")
 
 # Letters of any alphabet and digits first, then also spaces, '_', '.' and '-': nothing that can
 # name a folder or leave one.
@@ -38,7 +42,25 @@ class ApplySISOLoRA(CheckedNode):
     @classmethod
     @checked
     def execute(cls, model, subject_lora, strength):
-        return io.NodeOutput(host.apply_lora(model, subject_lora.tensors, strength))
+        why = changes_nothing(subject_lora.tensors)
+        warnings = [no_change_warning("the LoRA", why)] if why else []
+        if strength == 0:
+            warnings.append("strength is 0: the model comes out unchanged; 1.0 reproduces the optimised model")
+        return warned(io.NodeOutput(host.apply_lora(model, subject_lora.tensors, strength)), "SISO Apply LoRA", warnings)
+
+
+def warned(output, node: str, warnings: list):
+    """``output`` with ``warnings`` logged and shown under the node (its ui text)."""
+    for warning in warnings:
+        log.warning("%s: %s", node, warning)
+    if warnings:
+        output.ui = {"text": ["Warning: " + "; ".join(warnings)]}
+    return output
+
+
+def lora_file_header_rank(name: str) -> int:
+    """The rank of a LoRA file of the loras folder, from its header alone (no tensor is read)."""
+    return lora_file_layout(host.lora_file(name), name)[0]
 
 
 def lora_file_path(name: str) -> str:
@@ -137,7 +159,8 @@ class LoadSISOLoRA(CheckedNode):
             outputs=[SubjectLoRA.Output(display_name="subject_lora", tooltip="The LoRA, for SISO Optimize (initial_lora), Apply or Save.")],
         )
 
-    CHOICE_CHECKS = {"lora_name": file_choice("lora_name", host.lora_file)}
+    # the file's header (layout, ranks, dtypes, SISO's fields) at queue time, before any tensor is read
+    CHOICE_CHECKS = {"lora_name": file_choice("lora_name", lora_file_header_rank)}
 
     @classmethod
     @checked
@@ -145,4 +168,4 @@ class LoadSISOLoRA(CheckedNode):
         lora = load_subject_lora(host.lora_file(lora_name), lora_name,
                                  lambda tensors: host.check_lora_fits(model, tensors, lora_name),
                                  host.describe_model(model), host.subject_lora_layouts(model))
-        return io.NodeOutput(lora)
+        return warned(io.NodeOutput(lora), "SISO Load LoRA", lora.warnings)

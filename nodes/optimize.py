@@ -8,12 +8,14 @@ from ..siso_ops.compiled import COMPILE_CHOICES
 from ..siso_ops.auto_settings import AUTO
 from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
+from ..siso_ops.lora import MAX_RANK, warm_start_rank_problem
 from ..siso_ops.optimize import OptimizationSettings
 from ..siso_ops.precision import PRECISIONS, precision_warnings
 from ..siso_ops.report import loss_curve
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
-from .queue_checks import linked_image_size
+from .lora import lora_file_header_rank
+from .queue_checks import constant_int, linked_image_size, linked_lora_rank
 from .progress import IterationProgress
 from .graph_types import ADVANCED, CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -82,7 +84,7 @@ class SISOOptimize(CheckedNode):
                 io.Combo.Input("scheduler", options=list(host.SCHEDULERS), default="simple", **ADVANCED, tooltip="Sigma schedule; 'simple' at 4 steps gives turbo's 999/749/499/249."),
                 io.Int.Input("max_iterations", default=50, min=1, max=1000, tooltip="Iteration cap."),
                 io.Float.Input("learning_rate", default=AUTO, min=0.0, max=1e-1, step=1e-5, tooltip="AdamW learning rate. 0 = auto: the loaded model's family value (the paper's 2e-4 to generate) or, editing, the paper's 3e-4."),
-                io.Int.Input("lora_rank", default=4, min=1, max=128, **ADVANCED, tooltip="LoRA rank."),
+                io.Int.Input("lora_rank", default=4, min=1, max=MAX_RANK, **ADVANCED, tooltip="LoRA rank."),
                 io.Float.Input("lora_alpha", default=0.0, min=0.0, max=128.0, step=0.5, **ADVANCED, tooltip="LoRA alpha; 0 means alpha = rank (scale 1)."),
                 io.Combo.Input("lora_target", options=list(host.TARGETS), default=host.TARGETS[0], **ADVANCED, tooltip="Layers that get LoRA: attention q/k/v/out (for Flux also context projections and MLPs), or every linear layer."),
                 io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, **ADVANCED, tooltip="Weight a of the DINOv2 distance (0 skips the network)."),
@@ -148,32 +150,47 @@ class SISOOptimize(CheckedNode):
 
     @classmethod
     def check_prompt(cls, prompt, node_id):
+        inputs = prompt[node_id].get("inputs", {})
+        problems = {}
+        # a warm start's rank, from SISO Load LoRA's file header or an earlier SISO Optimize's
+        # lora_rank, against this node's lora_rank: before the earlier optimisation runs
+        lora_rank = constant_int(prompt, inputs.get("lora_rank"))
+        source = linked_lora_rank(prompt, inputs.get("initial_lora"), lora_file_header_rank)
+        if source and lora_rank is not None:
+            problem = warm_start_rank_problem(source[0], lora_rank, f"the LoRA from {source[1]}")
+            if problem:
+                problems["initial_lora"] = f"initial_lora: {problem}"
+        mask = cls._mask_problem(prompt, inputs)
+        if mask:
+            problems["mask"] = mask
+        return problems
+
+    @staticmethod
+    def _mask_problem(prompt, inputs):
         # the editing mask against the photo SISO ReNoise Invert inverts, before the inversion runs;
         # without an inversion, the mask against width x height (where the mask's size is known:
-        # a LoadImage file, or SISO Subject Mask on one; not a mask of a picture made in the run)
-        inputs = prompt[node_id].get("inputs", {})
+        # queue_checks.linked_image_size; not a mask of a picture made in the run)
         inversion = inputs.get("inversion")
         if inversion is None:
             width, height, weight = inputs.get("width"), inputs.get("height"), inputs.get("background_weight", 10.0)
             if not (isinstance(width, int) and isinstance(height, int) and isinstance(weight, (int, float)) and weight > 0):
-                return {}
+                return None
             if AUTO in (width, height):   # the family's size: the model is a link, checked when the run starts
-                return {}
+                return None
             mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
             if mask and mask != (width, height):
-                return {"mask": f"mask: the mask is {mask[0]}x{mask[1]} but the picture SISO Optimize makes is "
-                                f"{width}x{height} (width x height): make the mask from that picture, or set width and "
-                                f"height to the mask's size"}
-            return {}
+                return (f"mask: the mask is {mask[0]}x{mask[1]} but the picture SISO Optimize makes is {width}x{height} "
+                        "(width x height): make the mask from that picture, or set width and height to the mask's size")
+            return None
         if not (isinstance(inversion, list) and len(inversion) == 2
                 and prompt.get(inversion[0], {}).get("class_type") == "ReNoiseInvert"):
-            return {}
+            return None
         photo = linked_image_size(prompt, prompt[inversion[0]].get("inputs", {}).get("image"), host.input_image_size)
         mask = linked_image_size(prompt, inputs.get("mask"), host.input_image_size)
         if photo and mask and photo != mask:
-            return {"mask": f"mask: the mask is {mask[0]}x{mask[1]} but the photo SISO ReNoise Invert inverts is "
-                            f"{photo[0]}x{photo[1]}: make the mask from the same photo that goes into SISO ReNoise Invert"}
-        return {}
+            return (f"mask: the mask is {mask[0]}x{mask[1]} but the photo SISO ReNoise Invert inverts is "
+                    f"{photo[0]}x{photo[1]}: make the mask from the same photo that goes into SISO ReNoise Invert")
+        return None
 
     @classmethod
     @checked

@@ -82,17 +82,63 @@ def node_refusals(node, prompt: dict, inputs: dict) -> dict:
     return {name: (message, sent[name]) for name, message in refusals.items()}
 
 
-def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
-    """(width, height) of the IMAGE or MASK a link carries, where the prompt tells it before it runs:
-    LoadImage's image or mask (its file's size), SISO Subject Mask's masks (its photo's); else None."""
+def _source(prompt: dict, link) -> tuple:
+    """(node, its inputs, output index) a link comes from; (None, {}, None) for no link."""
     if not (isinstance(link, list) and len(link) == 2 and isinstance(prompt.get(link[0]), dict)):
-        return None
+        return None, {}, None
     source = prompt[link[0]]
     inputs = source.get("inputs", {})
-    if source.get("class_type") == "LoadImage" and link[1] in (0, 1) and isinstance(inputs.get("image"), str):
+    return source.get("class_type"), inputs if isinstance(inputs, dict) else {}, link[1]
+
+
+def constant_int(prompt: dict, value) -> int | None:
+    """A whole number the prompt fixes: a widget value or a stock Primitive node's; else None."""
+    known, value = _constant(prompt, value)
+    return value if known and isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
+    """(width, height) of the IMAGE or MASK a link carries, where the prompt tells it before it runs:
+    LoadImage's image or mask and LoadImageMask's mask (their file's size), a stock SolidMask's
+    (its width and height), ImageToMask of one of these, SISO Subject Mask's masks (its photo's);
+    else None."""
+    kind, inputs, output = _source(prompt, link)
+    if kind in ("LoadImage", "LoadImageMask") and output in ((0, 1) if kind == "LoadImage" else (0,)) \
+            and isinstance(inputs.get("image"), str):
         return size_of_file(inputs["image"])
-    if source.get("class_type") == "SubjectMask" and link[1] == 0:
+    if kind == "SolidMask" and output == 0:
+        width, height = constant_int(prompt, inputs.get("width")), constant_int(prompt, inputs.get("height"))
+        return (width, height) if width is not None and height is not None else None
+    if kind in ("SubjectMask", "ImageToMask") and output == 0:
         return linked_image_size(prompt, inputs.get("image"), size_of_file)
+    return None
+
+
+def linked_batch_size(prompt: dict, link) -> int | None:
+    """How many images a link carries where the prompt tells it before it runs (a stock EmptyImage's
+    batch_size, RepeatImageBatch's amount: constants, or values of stock Primitive nodes); else None."""
+    kind, inputs, output = _source(prompt, link)
+    if kind == "EmptyImage" and output == 0:
+        return constant_int(prompt, inputs.get("batch_size"))
+    if kind == "RepeatImageBatch" and output == 0:
+        amount = constant_int(prompt, inputs.get("amount"))
+        return 0 if amount == 0 else None   # else: amount times a batch of unknown size
+    return None
+
+
+def linked_lora_rank(prompt: dict, link, rank_of_file) -> tuple | None:
+    """(rank, where it comes from) of the SISO_LORA a link carries, where the prompt tells it before
+    it runs: SISO Load LoRA's file (its header, ``rank_of_file(name)``; None where it cannot be
+    read: that node refuses the file itself) or SISO Optimize's lora_rank; else None."""
+    kind, inputs, output = _source(prompt, link)
+    if kind == "LoadSISOLoRA" and output == 0 and isinstance(inputs.get("lora_name"), str):
+        try:
+            return rank_of_file(inputs["lora_name"]), f"the file {inputs['lora_name']} (SISO Load LoRA)"
+        except ValueError:
+            return None
+    if kind == "SISOOptimize" and output == 0:
+        rank = constant_int(prompt, inputs.get("lora_rank"))
+        return (rank, f"the SISO Optimize before it (node {link[0]}, lora_rank {rank})") if rank is not None else None
     return None
 
 

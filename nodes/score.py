@@ -1,13 +1,18 @@
+import logging
+
 import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host, loaded_networks
-from ..siso_ops.precision import PRECISIONS, compute_dtype
-from ..siso_ops.score import score_images
+from ..siso_ops.precision import PRECISIONS, compute_dtype, precision_warnings
+from ..siso_ops.score import score_images, size_problem
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked
 from .graph_types import CATEGORY, Subject
 from .optimize import WEIGHT_FILE_CHECKS
+from .queue_checks import linked_batch_size, linked_image_size
+
+log = logging.getLogger("siso")
 
 
 class SISOSubjectScore(CheckedNode):
@@ -53,10 +58,27 @@ class SISOSubjectScore(CheckedNode):
         return None
 
     @classmethod
+    def check_prompt(cls, prompt, node_id):
+        # what the prompt shows of the images before they are made: an empty batch, a size too small
+        images = prompt[node_id].get("inputs", {}).get("images")
+        if linked_batch_size(prompt, images) == 0:
+            return {"images": "images is an empty batch (0 images): the node that makes it gives none; make at "
+                              "least one image"}
+        size = linked_image_size(prompt, images, host.input_image_size)
+        problem = size_problem(*size) if size else None
+        return {"images": f"images: {problem}"} if problem else {}
+
+    @classmethod
     @checked
     def execute(cls, images, subject, dino_weights, ir_weights, dino_weight, ir_weight, precision="auto"):
+        problem = size_problem(images.shape[2], images.shape[1])
+        if problem:
+            raise ValueError(f"SISO Subject Score: {problem}")
         device = host.compute_device()
         dtype = compute_dtype(device, precision)
+        warnings = precision_warnings(device, precision)
+        for warning in warnings:
+            log.warning("SISO Subject Score: %s", warning)
         dino, ir = loaded_networks.load(host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None,
                                         host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None,
                                         dino_weight, ir_weight, dtype)
@@ -73,4 +95,5 @@ class SISOSubjectScore(CheckedNode):
         best_first = images[torch.tensor(scores.order)]
         dino_out = [v if v is not None else float("nan") for v in scores.dino]
         ir_out = [v if v is not None else float("nan") for v in scores.ir]
-        return io.NodeOutput(dino_out, ir_out, table, best_first, scores.best, ui={"text": [table]})
+        shown = "".join(f"Warning: {warning}.\n" for warning in warnings) + table
+        return io.NodeOutput(dino_out, ir_out, table, best_first, scores.best, ui={"text": [shown]})

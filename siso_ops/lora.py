@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import safetensors.torch
 import torch
 
-from .weights import read_checkpoint
+from .weights import TensorEntry, read_checkpoint, read_safetensors_header, write_file_whole
 
 
 class LoRADelta(torch.nn.Module):
@@ -68,10 +66,26 @@ def export_lora(deltas: dict, dtype=torch.float32) -> dict:
 LORA_FORMATS = ("comfyui", "diffusers")
 
 
+# The largest rank SISO Optimize trains (its lora_rank input's maximum).
+MAX_RANK = 128
+
+
+def warm_start_rank_problem(rank: int, lora_rank: int, what: str = "initial_lora") -> str | None:
+    """Why a LoRA of ``rank`` cannot start a run of ``lora_rank``, with advice that can be followed."""
+    if int(rank) == int(lora_rank):
+        return None
+    if not 1 <= int(rank) <= MAX_RANK:
+        return (f"{what} has rank {rank}, but SISO Optimize trains ranks 1 to {MAX_RANK} (lora_rank): it cannot go on "
+                f"from this LoRA. Leave initial_lora empty to start from zero, or load a LoRA of rank {MAX_RANK} or "
+                "less (as SISO Save LoRA writes)")
+    return f"{what} has rank {rank} but lora_rank is {lora_rank}: set lora_rank to {rank}"
+
+
 def check_warm_start_rank(rank: int, lora_rank: int, what: str = "initial_lora"):
     """A warm start's LoRA must have the run's rank (its layers are checked on the clone)."""
-    if int(rank) != int(lora_rank):
-        raise ValueError(f"{what} has rank {rank} but lora_rank is {lora_rank}: set lora_rank to {rank}")
+    problem = warm_start_rank_problem(rank, lora_rank, what)
+    if problem:
+        raise ValueError(problem)
 
 
 def warm_start_tensors(tensors: dict, shapes: dict, rank: int, alpha: float, what: str = "initial_lora") -> dict:
@@ -151,6 +165,7 @@ class SubjectLoRA:
     history: list = field(default_factory=list)
     architecture: str = ""           # the base model, in modelspec's words (e.g. stable-diffusion-v1)
     diffusers_targets: dict | None = None   # where each layer lives in diffusers (see to_diffusers)
+    warnings: list = field(default_factory=list)   # what makes it useless without being an error
 
     def __repr__(self):
         return (f"SISO_LORA(rank {self.rank}, {len(self.tensors) // 3} layers, {self.model}, best "
@@ -200,47 +215,76 @@ def _shape(t) -> str:
     return "x".join(str(s) for s in t.shape) or "a single number"
 
 
-def lora_file_rank(tensors: dict, weights: dict, name: str, model_text: str) -> int:
-    """Checks a ComfyUI-layout LoRA file against the model's weights ({'diffusion_model.x.weight':
-    tensor}) layer by layer, as ComfyUI's loader would apply it, and returns its rank. Raises a
-    ``LoRAFileError`` naming the first layer that does not fit and what to do: pairs (an up without
-    its down), dtype (floating point), shapes and ranks, the layer in the model, one rank for all
-    layers, and a change of the weight that is finite and not absurdly large."""
-    again = "Save the LoRA again with SISO Save LoRA (comfyui format), or use the file as it was saved."
+AGAIN = "Save the LoRA again with SISO Save LoRA (comfyui format), or use the file as it was saved."
+
+
+def lora_layout(entries: dict, name: str) -> tuple:
+    """({layer: {suffix: entry}}, rank) of a ComfyUI-layout LoRA file from its tensors' dtypes and
+    shapes alone ({key: weights.TensorEntry}, as the file's header gives them: no tensor is read).
+    Raises a ``LoRAFileError`` naming the first layer that cannot be a LoRA and what to do: the
+    layout (diffusers keys, foreign tensors), pairs (an up without its down), dtype (floating
+    point), shapes and ranks, and one rank for all layers."""
     layers, unknown = {}, []
-    for key in sorted(tensors):
+    for key in sorted(entries):
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             unknown.append(key)
             continue
-        layers.setdefault(key[: -len(suffix)], {})[suffix] = tensors[key]
+        layers.setdefault(key[: -len(suffix)], {})[suffix] = entries[key]
     if not any(".lora_up.weight" in parts or ".lora_down.weight" in parts for parts in layers.values()):
-        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in tensors) else "unknown"
+        kind = "diffusers / PEFT (lora_A / lora_B)" if any(".lora_A." in k for k in entries) else "unknown"
         raise LoRAFileError(f"{name} holds no ComfyUI-layout LoRA layers (*.lora_up.weight / *.lora_down.weight); its "
                             f"layout is {kind}. SISO Load LoRA reads files saved by SISO Save LoRA in the comfyui format.")
     if unknown:
         raise LoRAFileError(f"{name} holds {len(unknown)} tensor(s) that are no part of a ComfyUI-layout LoRA (the "
-                            f"first: '{unknown[0]}'); ComfyUI would skip them and apply the rest. {again}")
-    ranks, missing = {}, []
+                            f"first: '{unknown[0]}'); ComfyUI would skip them and apply the rest. {AGAIN}")
+    ranks = {}
     for base, parts in layers.items():
         up, down, alpha = parts.get(".lora_up.weight"), parts.get(".lora_down.weight"), parts.get(".alpha")
         if up is None or down is None:
             has, lacks = ("lora_down", "lora_up") if up is None else ("lora_up", "lora_down")
-            raise LoRAFileError(f"{name}: the layer {base} has a {has} but no {lacks}: the file is incomplete. {again}")
-        for part, tensor in (("lora_up", up), ("lora_down", down), ("alpha", alpha)):
-            if tensor is not None and not tensor.is_floating_point():
-                raise LoRAFileError(f"{name}: the {part} of layer {base} holds {str(tensor.dtype).replace('torch.', '')} "
-                                    f"numbers, not floating point (float32, float16 or bfloat16). {again}")
-        if alpha is not None and alpha.numel() != 1:
-            raise LoRAFileError(f"{name}: the alpha of layer {base} holds {alpha.numel()} values ({_shape(alpha)}); "
-                                f"it must be one number. {again}")
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+            raise LoRAFileError(f"{name}: the layer {base} has a {has} but no {lacks}: the file is incomplete. {AGAIN}")
+        for part, entry in (("lora_up", up), ("lora_down", down), ("alpha", alpha)):
+            if entry is not None and not entry.floating:
+                raise LoRAFileError(f"{name}: the {part} of layer {base} holds {entry.dtype} numbers, not floating "
+                                    f"point (float32, float16 or bfloat16). {AGAIN}")
+        if alpha is not None and alpha.numel != 1:
+            raise LoRAFileError(f"{name}: the alpha of layer {base} holds {alpha.numel} values ({_shape(alpha)}); "
+                                f"it must be one number. {AGAIN}")
+        if len(down.shape) not in (2, 4) or len(up.shape) not in (2, 4) or (len(up.shape) == 4 and tuple(up.shape[2:]) != (1, 1)):
             raise LoRAFileError(f"{name}: the layer {base} has a lora_up of {_shape(up)} and a lora_down of "
-                                f"{_shape(down)}; a LoRA's are matrices (2-D, or 4-D for a convolution). {again}")
+                                f"{_shape(down)}; a LoRA's are matrices (2-D, or 4-D for a convolution). {AGAIN}")
         if up.shape[1] != down.shape[0]:
             raise LoRAFileError(f"{name}: the layer {base} has a lora_up of rank {up.shape[1]} and a lora_down of rank "
                                 f"{down.shape[0]} ({_shape(up)} and {_shape(down)}); they must be equal, else ComfyUI "
-                                f"skips the layer. {again}")
+                                f"skips the layer. {AGAIN}")
+        ranks.setdefault(down.shape[0], base)
+    if len(ranks) != 1:
+        shown = ", ".join(f"rank {r} (e.g. {b})" for r, b in sorted(ranks.items()))
+        raise LoRAFileError(f"{name} mixes LoRA ranks: {shown}. A SISO LoRA has one rank for every layer; this file "
+                            "was made or edited elsewhere: save it again with SISO Save LoRA.")
+    return layers, next(iter(ranks))
+
+
+def lora_file_layout(path: str, name: str) -> tuple:
+    """(rank, header metadata) of a LoRA file, from its header alone (weights.read_safetensors_header:
+    milliseconds, no tensor read): what SISO Load LoRA checks at queue time and before it loads."""
+    entries, header = read_safetensors_header(path, "SISO LoRA")
+    _, rank = lora_layout(entries, name)
+    header_fields(header, name)
+    return rank, header
+
+
+def lora_file_rank(tensors: dict, weights: dict, name: str, model_text: str) -> int:
+    """Checks a ComfyUI-layout LoRA file against the model's weights ({'diffusion_model.x.weight':
+    tensor}) layer by layer, as ComfyUI's loader would apply it, and returns its rank. Raises a
+    ``LoRAFileError`` naming the first layer that does not fit and what to do: its layout
+    (lora_layout), the layer in the model, and a change of the weight that is finite and not
+    absurdly large."""
+    layers, rank = lora_layout({key: TensorEntry.of(t) for key, t in tensors.items()}, name)
+    missing = []
+    for base in layers:
+        up, down = tensors[f"{base}.lora_up.weight"], tensors[f"{base}.lora_down.weight"]
         weight = weights.get(f"{base}.weight")
         if weight is None:
             missing.append(base)
@@ -252,19 +296,14 @@ def lora_file_rank(tensors: dict, weights: dict, name: str, model_text: str) -> 
                                 "trained on.")
         if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
             missing.append(base)
-            continue
-        ranks.setdefault(down.shape[0], base)
     if missing:
         raise LoRAFileError(f"{name} does not fit {model_text}: {len(missing)} of its {len(layers)} layers are missing "
                             f"or shaped differently in this model (first: {missing[0]}). It was made for another model: "
                             "load the checkpoint it was trained on.")
-    if len(ranks) != 1:
-        shown = ", ".join(f"rank {r} (e.g. {b})" for r, b in sorted(ranks.items()))
-        raise LoRAFileError(f"{name} mixes LoRA ranks: {shown}. A SISO LoRA has one rank for every layer; this file "
-                            "was made or edited elsewhere: save it again with SISO Save LoRA.")
-    for base, parts in layers.items():
+    for base in layers:
+        parts = {suffix: tensors[base + suffix] for suffix in LORA_SUFFIXES if base + suffix in tensors}
         _check_delta(name, base, parts, weights[f"{base}.weight"])
-    return next(iter(ranks))
+    return rank
 
 
 def _check_delta(name: str, base: str, parts: dict, weight: torch.Tensor):
@@ -317,17 +356,23 @@ def header_number(header: dict, key: str, kind, default, name: str):
     return value
 
 
+def header_fields(header: dict, name: str) -> tuple:
+    """(best iteration counted from 1, iterations, best loss) of a LoRA file's header, where present."""
+    return (header_number(header, "siso.best_iteration", int, 1, name),
+            header_number(header, "siso.iterations", int, 0, name),
+            header_number(header, "siso.best_loss", float, math.nan, name))
+
+
 def read_lora_file(path: str, name: str) -> tuple:
-    """(tensors, header) of a LoRA file, read from disk once: the tensors and the safetensors
-    header's metadata come from the same bytes. A file that is not a readable, finite
-    safetensors file is refused by the pack's weight reader (weights.read_checkpoint), which
-    names what is wrong with it (empty, cut short, renamed, NaN, unreadable)."""
-    tensors, header = None, {}
+    """(tensors, header) of a LoRA file. Its header is checked first (lora_file_layout: layout,
+    ranks, dtypes, header fields), so a file that cannot be a LoRA is refused before any tensor
+    is read; then the tensors are read once. A file that is not a readable, finite safetensors
+    file is refused by the pack's weight reader (weights.read_checkpoint), which names what is
+    wrong with it (empty, cut short, renamed, NaN, unreadable)."""
+    _, header = lora_file_layout(path, name)
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
-        tensors = safetensors.torch.load(data)
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+            tensors = safetensors.torch.load(handle.read())
     except Exception:   # noqa: BLE001  (the reader below says what is wrong, in words)
         tensors = None
     if not tensors or not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
@@ -336,40 +381,46 @@ def read_lora_file(path: str, name: str) -> tuple:
     return tensors, header
 
 
+def changes_nothing(tensors: dict) -> str | None:
+    """Why a ComfyUI-layout LoRA adds nothing to any weight (every alpha 0, or every lora_up all
+    zeros), in words; None when it changes something."""
+    layers = lora_layers(tensors)
+    if not layers:
+        return None
+    if all(alpha == 0 for _, _, alpha in layers.values()):
+        return f"the alpha of every one of its {len(layers)} layers is 0"
+    if all(not bool(up.any()) for up, _, _ in layers.values()):
+        return f"the lora_up of every one of its {len(layers)} layers is all zeros"
+    return None
+
+
+def no_change_warning(name: str, why: str) -> str:
+    return (f"{name} changes nothing: {why}, so the model with it makes the same images as without it. A LoRA "
+            "saved from SISO Optimize's first iteration (before any step) is all zeros too: run more iterations, "
+            "or load the file you meant")
+
+
 def load_subject_lora(path: str, name: str, fits, model: str, layouts: dict) -> SubjectLoRA:
     """SISO Load LoRA: a LoRA file as a SubjectLoRA. ``fits(tensors)`` checks the file against
     the model, layer by layer, and returns its rank (host.check_lora_fits); ``model`` is the
     model's description and ``layouts`` what SISO Save LoRA needs of it (subject_lora_layouts).
-    The header's SISO fields (best iteration, iterations, loss) are read where present."""
+    The header's SISO fields (best iteration, iterations, loss) are read where present; a LoRA
+    that changes nothing carries a warning."""
     tensors, header = read_lora_file(path, name)
     rank = fits(tensors)
     alphas = {float(alpha) for _, _, alpha in lora_layers(tensors).values()}
-    best = header_number(header, "siso.best_iteration", int, 1, name)
-    iterations = header_number(header, "siso.iterations", int, 0, name)
-    loss = header_number(header, "siso.best_loss", float, math.nan, name)
+    best, iterations, loss = header_fields(header, name)
+    why = changes_nothing(tensors)
     return SubjectLoRA(tensors=tensors, rank=rank, alpha=alphas.pop() if len(alphas) == 1 else float(rank), model=model,
                        best_iteration=max(best - 1, 0), iterations=iterations, best_loss=loss,
-                       stop_reason=f"loaded from {name}", **layouts)
+                       stop_reason=f"loaded from {name}", warnings=[no_change_warning(name, why)] if why else [],
+                       **layouts)
 
 
 def write_lora_file(tensors: dict, path: str, metadata: dict):
-    """Writes a LoRA file whole or not at all: to a temporary name in the same folder, then renamed
-    over ``path`` (``os.replace``, atomic on one file system), so an interrupted or failed write
-    leaves an earlier file of that name intact and no half file behind. A failure names the folder."""
-    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    temporary = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(handle)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        os.replace(temporary, path)
-        temporary = None
-    except OSError as error:
-        reason = error.strerror or str(error) or type(error).__name__
-        raise OSError(f"could not write '{name}' in {folder}: {reason}. Free space there or make it writable "
-                      "for the user ComfyUI runs as, then queue again (an earlier file of that name is unchanged)"
-                      ) from error
-    finally:
-        if temporary is not None and os.path.exists(temporary):
-            os.remove(temporary)
+    """Writes a LoRA file whole or not at all (weights.write_file_whole): serialised once, in
+    memory, by safetensors, then written to one temporary file of the pack's pattern and renamed
+    over ``path``. A failure (a full disk included) names the folder and what to do."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + 8 + len(json.dumps(metadata)) + 100 * len(tensors)
+    write_file_whole(path, lambda: safetensors.torch.save(tensors, metadata=metadata), size)

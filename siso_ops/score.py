@@ -14,6 +14,7 @@ import torch
 
 from .precision import autocast
 from .similarity import check_weights, reference_similarities
+from .subject import MIN_SIDE
 
 CHUNK = 4   # images embedded at once: bounds the activations of a large batch
 
@@ -35,6 +36,16 @@ class Scores:
             cells = ["-" if v is None else f"{v:.4f}" for v in (self.dino[i], self.ir[i], self.combined[i])]
             rows.append(f"{rank} | {i} | " + " | ".join(cells))
         return "\n".join(rows)
+
+
+def size_problem(width: int, height: int, which: str = "the images") -> str | None:
+    """Images too small to score: below the side SISO Load Subject accepts for a subject photo
+    (DINOv2 would see less than 2 pixels a patch, i.e. nothing to match)."""
+    if min(width, height) >= MIN_SIDE:
+        return None
+    return (f"{which} are {width}x{height} pixels; SISO Subject Score needs at least {MIN_SIDE} a side, as SISO Load "
+            f"Subject does for the subject's photos (smaller, the networks see nothing to compare): scale them up "
+            f"first (e.g. 'Upscale Image' to {max(width, MIN_SIDE)}x{max(height, MIN_SIDE)} or more) or score larger images")
 
 
 def score_images(images: torch.Tensor, references: list, dino, ir, dino_weight: float = 1.0, ir_weight: float = 1.0,

@@ -8,11 +8,17 @@ the safety feature."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import logging
+import math
 import os
 import re
+import shutil
+import tempfile
 import zipfile
+from dataclasses import dataclass
 
 import torch
 
@@ -305,3 +311,210 @@ def load_exactly(model: torch.nn.Module, state: dict, name: str, what: str, sour
     if unexpected:
         log.info("%s: %d unused tensors ignored (%s)", name, len(unexpected), ", ".join(unexpected[:5]))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=not optional_prefixes)
+
+
+# ----------------------------------------------------------------------------- a safetensors file's header
+# safetensors' dtype names -> torch's words, for messages and the floating-point test
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+                      "U64": "uint64", "BOOL": "bool"}
+FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header describes it: its dtype (torch's word) and shape."""
+    dtype: str
+    shape: tuple
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOATING
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorEntry":
+        return cls(str(tensor.dtype).replace("torch.", ""), tuple(tensor.shape))
+
+
+def read_safetensors_header(path: str, what: str) -> tuple:
+    """({tensor name: TensorEntry}, {metadata}) of a safetensors file, from its header alone
+    (8 bytes of length, then that many bytes of JSON): milliseconds for a file of any size, no
+    tensor is read. A file whose header is unreadable, or whose size is not the one its header
+    announces, is refused as read_checkpoint would refuse it, naming the file's problem."""
+    stat = os.stat(path)
+    return _header(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, what)
+
+
+@functools.lru_cache(maxsize=64)   # keyed by size and modification time: a changed file is read again
+def _header(path: str, size: int, modified: int, what: str) -> tuple:
+    file = _File(path, what, None)
+    problem = _not_weights(path, size)
+    if problem:
+        raise file.error(problem)
+    renamed = _renamed(path, size)
+    if renamed:
+        raise file.error(*renamed)
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or 8 + length > size:
+                raise ValueError("cut short")
+            header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None) or {}
+        entries, end = {}, 0
+        for key, entry in header.items():
+            entries[key] = TensorEntry(SAFETENSORS_DTYPES.get(entry["dtype"], entry["dtype"].lower()),
+                                       tuple(int(s) for s in entry["shape"]))
+            end = max(end, int(entry["data_offsets"][1]))
+        if 8 + length + end != size or not isinstance(metadata, dict):
+            raise ValueError("size")
+    except OSError as error:
+        raise file.error(f"could not be read: {error.strerror or type(error).__name__}",
+                         "Check that the file can be read by the user ComfyUI runs as.") from error
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise file.error(_safetensors_problem(path, size)) from None
+    return entries, metadata
+
+
+# ----------------------------------------------------------------------------- writing a file whole
+def _safetensors_error() -> type:
+    """safetensors' own exception class (not an OSError: its I/O failures, disk full included,
+    arrive as this), wherever the installed version keeps it; a class nothing raises if none."""
+    try:
+        from safetensors import SafetensorError
+        return SafetensorError
+    except ImportError:
+        try:
+            from safetensors._safetensors_rust import SafetensorError
+            return SafetensorError
+        except ImportError:
+            return type("NoSafetensorError", (Exception,), {})
+
+
+SafetensorError = _safetensors_error()
+# The one pattern of the pack's temporary files: '.<file name>.<process id>-<8 letters>.tmp' beside
+# the file being written (before the process id was added: '.<file name>.<8 letters>.tmp').
+TEMPORARY = re.compile(r"\.(?P<name>.+\.safetensors)\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.tmp")
+_writing: set = set()   # this process's temporary files being written now
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(words in text for words in ("No space left on device", "os error 28", "Disk quota exceeded",
+                                           "os error 122"))
+
+
+def _size_text(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size:,.1f} TB"
+
+
+def _free_space(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False   # this process: its temporary files being written are in _writing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True    # another user's process: not ours to judge
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Removes the temporary files a save that never finished left in ``folder`` (a process killed
+    mid-write, a power cut): files of the pack's pattern (TEMPORARY) only, whose writing process
+    is gone. Returns the names removed; a file that cannot be removed is left (and logged)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = TEMPORARY.fullmatch(name)
+        path = os.path.join(folder, name)
+        if match is None or path in _writing or not os.path.isfile(path) or os.path.islink(path):
+            continue
+        if match.group("pid") is not None and _running(int(match.group("pid"))):
+            continue
+        try:
+            os.remove(path)
+            removed.append(name)
+        except OSError as error:
+            log.warning("SISO: could not remove the unfinished save %s: %s", path, error)
+    if removed:
+        log.info("SISO: removed %d unfinished save(s) from %s: %s", len(removed), folder, ", ".join(removed))
+    return removed
+
+
+def write_file_whole(path: str, serialise, size: int):
+    """Writes ``serialise()``'s bytes to ``path`` whole or not at all: into one temporary file of
+    the pack's pattern in the same folder, flushed to disk, then renamed over ``path``
+    (``os.replace``, atomic on one file system). An earlier file of that name stays intact when
+    anything fails, and no temporary file is left; one a killed process left is removed by the
+    next write into that folder (and at start-up, remove_stale_temporaries). ``size``: the bytes
+    the file will take, for a full disk's message. Any failure is an OSError naming the file and
+    the folder, and for a full disk the space needed and what to free; safetensors' own errors
+    (SafetensorError, not an OSError) are translated the same way."""
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    temporary = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        data = serialise()
+        size = len(data)
+        handle, temporary = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}-", suffix=".tmp", dir=folder)
+        _writing.add(temporary)
+        with os.fdopen(handle, "wb") as out:
+            view, step = memoryview(data), 64 << 20
+            for start in range(0, len(view), step):
+                out.write(view[start:start + step])
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        _writing.discard(temporary)
+        temporary = None
+    except (OSError, SafetensorError) as error:
+        _discard(temporary)   # first: the free space the message reports is without it
+        temporary = None
+        raise OSError(_write_failure(name, folder, size, error)) from error
+    finally:
+        _discard(temporary)
+
+
+def _discard(temporary: str | None):
+    if temporary is not None:
+        _writing.discard(temporary)
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+def _write_failure(name: str, folder: str, size: int, error: BaseException) -> str:
+    unchanged = "then queue again (an earlier file of that name is unchanged)"
+    if _disk_full(error):
+        free = _free_space(folder)
+        have = f", {_size_text(free)} are free there" if free is not None else ""
+        more = f"at least {_size_text(max(size - free, 0) + (1 << 20))}" if free is not None else _size_text(size)
+        return (f"could not write '{name}' in {folder}: the disk is full (no space left on the device). The file "
+                f"needs {_size_text(size)}{have}: free {more} on the disk that holds {folder} (delete LoRAs or "
+                f"other files you no longer use there), {unchanged}")
+    reason = (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+    return (f"could not write '{name}' in {folder}: {reason}. Make the folder writable for the user ComfyUI runs "
+            f"as (or free space there), {unchanged}")

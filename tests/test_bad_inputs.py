@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -81,6 +82,7 @@ class Case:
     # progress; the refusal still comes before the expensive editing run
     needs_work: bool = False
     about: str = ""           # the input a queue-time refusal is reported under (default: the first changed)
+    target: str = ""          # the refusing node's id where the prompt has several of its class (after edit)
 
     def input_about(self) -> str:
         return self.about or next(iter(self.inputs), None) or self.expect.split()[0].rstrip(":")
@@ -222,6 +224,44 @@ def load_image(name: str, width: int, height: int, loader: str, alpha: int | Non
     return edit
 
 
+def stock_mask(node: dict):
+    """SISO Optimize's mask from a stock node (``node``, id 903 unless taken)."""
+    def edit(prompt, server):
+        key = "910" if "903" in prompt else "903"
+        prompt[key] = node
+        prompt[node_of(prompt, "SISOOptimize")]["inputs"]["mask"] = [key, 0]
+    return edit
+
+
+def _rank_4096(t, linear, conv):
+    import torch
+    (base, shape) = linear
+    t.update({f"{base}.lora_up.weight": torch.zeros(shape[0], 4096),
+              f"{base}.lora_down.weight": torch.full((4096, shape[1]), 0.01), f"{base}.alpha": torch.tensor(4096.0)})
+
+
+def chained(lora_rank: int):
+    """A second SISO Optimize (node 960) going on from the first one's LoRA, with ``lora_rank``;
+    SISO Save LoRA saves the second's."""
+    def edit(prompt, server):
+        first = node_of(prompt, "SISOOptimize")
+        prompt["960"] = copy.deepcopy(prompt[first])
+        prompt["960"]["inputs"].update(initial_lora=[first, 0], lora_rank=lora_rank)
+        prompt[node_of(prompt, "SaveSISOLoRA")]["inputs"]["subject_lora"] = ["960", 0]
+        prompt.pop(node_of(prompt, "ApplySISOLoRA"))
+        for key in [k for k, v in prompt.items() if v["class_type"] in ("KSampler", "VAEDecode", "SaveImage")]:
+            prompt.pop(key)
+    return edit
+
+
+def scoring() -> dict:
+    """SISO Subject Score (node 12) of the subject photo against itself, previewed."""
+    prompt = {k: v for k, v in several_photos().items() if k in ("3", "4", "12")}
+    prompt["12"]["inputs"].update(images=["3", 0], subject=["4", 0])
+    prompt["17"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 3]}}
+    return prompt
+
+
 NAN, INF = float("nan"), float("inf")
 CASES = [
     # ---- SISO Optimize: limits the schema declares (ComfyUI 0.3.75 checks none of them for this node)
@@ -300,27 +340,29 @@ CASES = [
     Case("computed lora name leaves folder", two_stage, "SaveSISOLoRA", expect="LoRA name '../escape' is not allowed",
          at="run", edit=computed("../", "escape", "name", "SaveSISOLoRA")),
     # ---- LoRA files SISO Load LoRA cannot apply: ComfyUI's loader would skip the layer (logging
-    # "mat1 and mat2 shapes cannot be multiplied") and the image would be made without it
-    Case("load lora up rank 8, down rank 4", warm_start, "LoadSISOLoRA", at="run",
+    # "mat1 and mat2 shapes cannot be multiplied") and the image would be made without it. What the
+    # file's header shows (layout, ranks, dtypes, SISO's fields) is refused at queue time, before
+    # any tensor is read (issue 31); what needs the model's weights when SISO Load LoRA runs.
+    Case("load lora up rank 8, down rank 4", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="has a lora_up of rank 8 and a lora_down of rank 4", edit=lora_file("ranks_differ.safetensors", _rank_8_up)),
     Case("load lora linear-shaped on a conv layer", warm_start, "LoadSISOLoRA", at="run",
          expect="convolution in", edit=lora_file("linear_on_conv.safetensors", _linear_on_conv)),
-    Case("load lora int64", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora int64", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="holds int64 numbers, not floating point", edit=lora_file("int64.safetensors", _as_int64)),
     Case("load lora weights 1e4", warm_start, "LoadSISOLoRA", at="run",
          expect="times its own weight", edit=lora_file("huge.safetensors", _scaled_1e4)),
-    Case("load lora 1-D lora_down", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora 1-D lora_down", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="a LoRA's are matrices", edit=lora_file("down_1d.safetensors", _down_1d)),
-    Case("load lora up without down", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora up without down", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="has a lora_up but no lora_down", edit=lora_file("no_down.safetensors", _no_down)),
-    Case("load lora vector alpha", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora vector alpha", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="holds 4 values (4); it must be one number", edit=lora_file("vector_alpha.safetensors", _vector_alpha)),
-    Case("load lora mixed ranks", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora mixed ranks", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="mixes LoRA ranks: rank 4 (e.g. diffusion_model.", edit=lora_file("mixed_ranks.safetensors", _mixed_ranks)),
-    Case("load lora best_iteration not a number", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora best_iteration not a number", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="its header field siso.best_iteration is 'third', not a whole number",
          edit=lora_file("header_iteration.safetensors", _nothing, {"siso.best_iteration": "third"})),
-    Case("load lora best_loss not a number", warm_start, "LoadSISOLoRA", at="run",
+    Case("load lora best_loss not a number", warm_start, "LoadSISOLoRA", about="lora_name",
          expect="its header field siso.best_loss is 'low', not a number",
          edit=lora_file("header_loss.safetensors", _nothing, {"siso.best_loss": "low"})),
     # ---- images and masks
@@ -344,13 +386,78 @@ CASES = [
     Case("mask without inversion of another size", two_stage, "SISOOptimize", about="mask",
          expect="mask: the mask is 72x64 but the picture SISO Optimize makes is 64x64 (width x height)",
          edit=mask_from("refine_mask_72x64.png", 72, 64)),
-    # ... where only the run tells the mask's size (a stock SolidMask here; SISO Subject Mask on a
-    # VAE Decode in the refine templates): refused when the node starts, before any sampling
+    # ... from stock nodes whose size is in the prompt (issue 31): SolidMask, LoadImageMask, ImageToMask
+    # of a LoadImage, refused at queue time, before SISO ReNoise Invert or any sampling runs
+    Case("mask from SolidMask of another size", two_stage, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the picture SISO Optimize makes is 64x64 (width x height)",
+         edit=stock_mask({"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}})),
+    Case("editing mask from SolidMask of another size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 32x32 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=stock_mask({"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 32}})),
+    Case("editing mask from SolidMask with sizes from Primitives", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 32x48 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=lambda prompt, server: (
+             prompt.update({"905": {"class_type": "PrimitiveInt", "inputs": {"value": 32}},
+                            "906": {"class_type": "PrimitiveInt", "inputs": {"value": 48}}}),
+             stock_mask({"class_type": "SolidMask", "inputs": {"value": 1.0, "width": ["905", 0],
+                                                                "height": ["906", 0]}})(prompt, server))),
+    Case("editing mask from LoadImageMask of another size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=lambda prompt, server: (
+             image_file("mask_72x64.png", 72, 64, alpha=0)(server),
+             stock_mask({"class_type": "LoadImageMask", "inputs": {"image": "mask_72x64.png", "channel": "red"}})(
+                 prompt, server))),
+    Case("editing mask from ImageToMask of a LoadImage of another size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 80x56 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=lambda prompt, server: (
+             prompt.__setitem__("904", {"class_type": "LoadImage", "inputs": {"image": "subject_2.png"}}),
+             stock_mask({"class_type": "ImageToMask", "inputs": {"image": ["904", 0], "channel": "red"}})(
+                 prompt, server))),
+    # ... where only the run tells the mask's size (a stock FeatherMask of a SolidMask here; SISO
+    # Subject Mask on a VAE Decode in the refine templates): refused when the node starts, before
+    # any sampling
     Case("mask made in the run of another size", two_stage, "SISOOptimize",
          expect="the mask is 72x64 but the picture SISO Optimize makes (width x height) is 64x64", at="run",
          edit=lambda prompt, server: (
              prompt.__setitem__("903", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}}),
-             prompt[node_of(prompt, "SISOOptimize")]["inputs"].__setitem__("mask", ["903", 0]))),
+             stock_mask({"class_type": "FeatherMask", "inputs": {"mask": ["903", 0], "left": 0, "top": 0, "right": 0,
+                                                                  "bottom": 0}})(prompt, server))),
+    # ---- warm starts whose rank the prompt shows (issue 31): refused at queue time, before the
+    # file's tensors are read or an earlier optimisation runs
+    Case("warm start rank 4 file, lora_rank 8", warm_start, "SISOOptimize", {"lora_rank": 8}, about="initial_lora",
+         expect="initial_lora: the LoRA from the file rank_4.safetensors (SISO Load LoRA) has rank 4 but lora_rank is 8: "
+                "set lora_rank to 4",
+         edit=lora_file("rank_4.safetensors", _nothing)),
+    Case("warm start rank 4096 file", warm_start, "SISOOptimize", about="initial_lora",
+         expect="has rank 4096, but SISO Optimize trains ranks 1 to 128 (lora_rank): it cannot go on from this LoRA. "
+                "Leave initial_lora empty to start from zero, or load a LoRA of rank 128 or less",
+         edit=lora_file("rank_4096.safetensors", _rank_4096)),
+    Case("chained SISO Optimize, rank 4 into lora_rank 8", two_stage, "SISOOptimize", about="initial_lora",
+         expect="initial_lora: the LoRA from the SISO Optimize before it (node 5, lora_rank 4) has rank 4 but lora_rank "
+                "is 8: set lora_rank to 4", edit=chained(8), target="960"),
+    # ---- SISO Subject Score (issue 31): images below SISO Load Subject's 32 px, an empty batch
+    Case("score image 1x1", scoring, "SISOSubjectScore", about="images",
+         expect="images: the images are 1x1 pixels; SISO Subject Score needs at least 32 a side, as SISO Load Subject",
+         edit=load_image("score_1x1.png", 1, 1, "3")),
+    Case("score image made 16x16 in the run", scoring, "SISOSubjectScore", at="run",
+         expect="the images are 16x16 pixels; SISO Subject Score needs at least 32 a side",
+         edit=lambda prompt, server: (
+             prompt.__setitem__("907", {"class_type": "ImageScale", "inputs": {
+                 "image": ["3", 0], "upscale_method": "nearest-exact", "width": 16, "height": 16, "crop": "disabled"}}),
+             prompt["12"]["inputs"].__setitem__("images", ["907", 0]))),
+    Case("score empty batch from EmptyImage", scoring, "SISOSubjectScore", about="images",
+         expect="images is an empty batch (0 images): the node that makes it gives none",
+         edit=lambda prompt, server: prompt.update({
+             "908": {"class_type": "PrimitiveInt", "inputs": {"value": 0}},
+             "909": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": ["908", 0],
+                                                            "color": 0}},
+             "12": dict(prompt["12"], inputs=dict(prompt["12"]["inputs"], images=["909", 0]))})),
+    Case("score empty batch from RepeatImageBatch 0", scoring, "SISOSubjectScore", about="images",
+         expect="images is an empty batch (0 images)",
+         edit=lambda prompt, server: prompt.update({
+             "908": {"class_type": "PrimitiveInt", "inputs": {"value": 0}},
+             "909": {"class_type": "RepeatImageBatch", "inputs": {"image": ["3", 0], "amount": ["908", 0]}},
+             "12": dict(prompt["12"], inputs=dict(prompt["12"]["inputs"], images=["909", 0]))})),
 ]
 
 
@@ -361,10 +468,10 @@ def _queue(server, prompt):
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_with_a_message_naming_it(case, server):
     prompt = case.base()
-    target = node_of(prompt, case.node)
-    prompt[target]["inputs"].update(case.inputs)
+    prompt[node_of(prompt, case.node)]["inputs"].update(case.inputs)
     if case.edit is not None:
         case.edit(prompt, server)
+    target = case.target or node_of(prompt, case.node)
     if case.at == "queue":
         code, body = _queue(server, outputs_through(prompt, target))
         assert code == 400, f"{case.id}: accepted at queue time (HTTP {code}): {body}"
@@ -425,6 +532,198 @@ def test_a_workflow_saved_with_low_memory_true_or_false_keeps_its_meaning(server
         assert code == 200, body
         entry = wait_for_history(server, body["prompt_id"])
         assert entry["status"]["status_str"] == "success", _execution_errors(entry)
+
+
+# ----------------------------------------------------------------------------- issue 31: saving, quiet accepts
+def _lora_only(file_name: str, save_as: str) -> dict:
+    """SISO Load LoRA of ``file_name`` saved again as ``save_as``: a save without an optimisation."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "siso_tiny_sd15.safetensors"}},
+            "50": {"class_type": "LoadSISOLoRA", "inputs": {"model": ["1", 0], "lora_name": file_name}},
+            "13": {"class_type": "SaveSISOLoRA", "inputs": {"subject_lora": ["50", 0], "name": save_as,
+                                                            "overwrite": True, "format": "comfyui"}}}
+
+
+def _run(server, prompt) -> dict:
+    code, body = _queue(server, prompt)
+    assert code == 200, body
+    entry = wait_for_history(server, body["prompt_id"], timeout=300)
+    assert entry["status"]["status_str"] == "success", _execution_errors(entry)
+    return entry
+
+
+# A process saving a large LoRA over an earlier file with the pack's writer, stopped just before the
+# file is complete (its data written, not yet flushed and renamed): the test kills it there.
+_KILLED_SAVE = """
+import importlib.util, os, sys, time
+package = os.path.join(sys.argv[1], "siso_ops")
+spec = importlib.util.spec_from_file_location("siso_ops", os.path.join(package, "__init__.py"),
+                                              submodule_search_locations=[package])
+module = importlib.util.module_from_spec(spec); sys.modules["siso_ops"] = module; spec.loader.exec_module(module)
+import torch
+import siso_ops.lora as lora
+def stop_here(fd):
+    print("writing", flush=True)
+    time.sleep(600)
+os.fsync = stop_here
+lora.write_lora_file({"diffusion_model.x.lora_up.weight": torch.full((2048, 128), 9.0),
+                      "diffusion_model.x.lora_down.weight": torch.full((128, 2048), 9.0),
+                      "diffusion_model.x.alpha": torch.tensor(128.0)}, sys.argv[2], {})
+"""
+
+
+def kill_mid_write(path) -> str:
+    """Saves over ``path`` in a child process and kills it (SIGKILL) mid-write; the name it left."""
+    import signal
+    import subprocess
+    import sys
+    folder = os.path.dirname(path)
+    before = set(os.listdir(folder))
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(REPO), str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing", child.stderr.read()
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    left = sorted(set(os.listdir(folder)) - before)
+    assert len(left) == 1 and os.path.getsize(os.path.join(folder, left[0])) > 1_000_000, left
+    return left[0]
+
+
+FOREIGN = (".tmpab12cd", "notes.tmp", ".other.safetensors.partial")   # not the pack's pattern: kept
+
+
+def test_a_save_killed_mid_write_leaves_only_the_earlier_file_once_the_next_save_has_run(server):
+    folder = server.base / "models" / "loras"
+    prompt = _lora_only("killed_source.safetensors", "killed_save")
+    lora_file("killed_source.safetensors", _nothing)(prompt, server)
+    _run(server, prompt)
+    earlier = (folder / "killed_save.safetensors").read_bytes()
+    left = kill_mid_write(folder / "killed_save.safetensors")
+    assert left.startswith(".killed_save.safetensors.") and left.endswith(".tmp")
+    for name in FOREIGN:
+        (folder / name).write_bytes(b"not the pack's")
+    assert (folder / "killed_save.safetensors").read_bytes() == earlier
+    _run(server, _lora_only("killed_source.safetensors", "next_save"))
+    assert not (folder / left).exists(), sorted(os.listdir(folder))
+    assert (folder / "killed_save.safetensors").read_bytes() == earlier
+    assert all((folder / name).exists() for name in FOREIGN)
+    assert not [n for n in os.listdir(folder) if n.endswith(".tmp") and n not in FOREIGN]
+
+
+def test_start_up_removes_what_a_save_killed_mid_write_left(tmp_path):
+    """A real ComfyUI start (main.py --quick-test-for-ci: it loads the custom nodes, then exits)."""
+    import subprocess
+    import sys
+    import safetensors.torch
+    import torch
+    from comfy_server import PACK_NAME
+    from conftest import COMFYUI
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    path = folder / "earlier.safetensors"
+    safetensors.torch.save_file({"diffusion_model.x.alpha": torch.tensor(4.0)}, str(path))
+    earlier = path.read_bytes()
+    left = kill_mid_write(path)
+    for name in FOREIGN:
+        (folder / name).write_bytes(b"not the pack's")
+    (tmp_path / "user").mkdir()
+    started = subprocess.run([sys.executable, str(COMFYUI / "main.py"), "--cpu", "--quick-test-for-ci",
+                              "--disable-api-nodes", "--base-directory", str(tmp_path),
+                              "--database-url", f"sqlite:///{tmp_path / 'user' / 'comfyui.db'}"],
+                             cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    assert sorted(os.listdir(folder)) == sorted(("earlier.safetensors",) + FOREIGN), left
+    assert path.read_bytes() == earlier
+
+
+def test_a_full_disk_reads_in_the_packs_words(server):
+    """The loras folder on a file system too small for the save (a tmpfs: needs the right to mount)."""
+    import subprocess
+    folder = server.base / "models" / "loras"
+    source = "disk_full_source.safetensors"
+    prompt = _lora_only(source, "does_not_fit")
+    lora_file(source, _nothing)(prompt, server)
+    data = (folder / source).read_bytes()
+    assert len(data) > 2 * 4096
+    pages = -(-len(data) // 4096)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={(pages + 1) * 4096}", "siso-full", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.strip()}")
+    try:
+        (folder / source).write_bytes(data)     # the source fits; a second file of its size does not
+        code, body = _queue(server, prompt)
+        assert code == 200, body
+        entry = wait_for_history(server, body["prompt_id"], timeout=300)
+        errors = [m[1] for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+        assert errors and errors[0]["node_type"] == "SaveSISOLoRA", _execution_errors(entry)
+        message = errors[0]["exception_message"]
+        assert message.startswith(f"could not write 'does_not_fit.safetensors' in {folder}: the disk is full"), message
+        assert "The file needs " in message and "are free there: free at least" in message, message
+        assert f"on the disk that holds {folder} (delete LoRAs or other files you no longer use there)" in message
+        assert "os error" not in message and "SafetensorError" not in message, message
+        assert sorted(os.listdir(folder)) == [source]   # nothing half written, no temporary file
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+    assert server.alive()
+
+
+def _zero_alphas(t, linear, conv):
+    t[f"{linear[0]}.alpha"] = t[f"{linear[0]}.alpha"] * 0
+
+
+def _zero_ups(t, linear, conv):
+    t[f"{linear[0]}.lora_up.weight"] = t[f"{linear[0]}.lora_up.weight"] * 0
+
+
+def _applied(prompt: dict) -> dict:
+    """SISO Apply LoRA of the loaded LoRA (node 6), sampled and previewed."""
+    prompt.update({
+        "6": {"class_type": "ApplySISOLoRA", "inputs": {"model": ["1", 0], "subject_lora": ["50", 0], "strength": 1.0}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog", "clip": ["1", 1]}},
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler",
+                                                    "scheduler": "simple", "denoise": 1.0, "model": ["6", 0],
+                                                    "positive": ["7", 0], "negative": ["7", 0], "latent_image": ["9", 0]}},
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}})
+    return prompt
+
+
+@pytest.mark.parametrize("change, why", [(_zero_alphas, "the alpha of every one of its 1 layers is 0"),
+                                         (_zero_ups, "the lora_up of every one of its 1 layers is all zeros"),
+                                         (_nothing, None)], ids=["alphas 0", "ups 0", "a LoRA that changes"])
+def test_a_lora_that_changes_nothing_is_warned_about_where_it_is_loaded_and_applied(server, change, why):
+    name = f"changes_nothing_{change.__name__}.safetensors"
+    prompt = _applied(_lora_only(name, f"copy_of_{change.__name__}"))
+    lora_file(name, change)(prompt, server)
+    outputs = _run(server, prompt)["outputs"]
+    if why is None:
+        assert "50" not in outputs and "6" not in outputs, outputs
+        return
+    loaded, applied = outputs["50"]["text"][0], outputs["6"]["text"][0]
+    assert loaded.startswith(f"Warning: {name} changes nothing: {why}, so the model with it makes the same images "
+                             "as without it"), loaded
+    assert applied.startswith(f"Warning: the LoRA changes nothing: {why}"), applied
+
+
+def test_subject_score_in_bf16_warns_where_bf16_is_emulated_as_siso_optimize_does(server):
+    """The warning SISO Optimize gives for this machine's CPU (none where it has fast bf16)."""
+    import torch
+    from conftest import siso
+    expected = siso("siso_ops.precision").precision_warnings(torch.device("cpu"), "bf16")
+    prompt = scoring()
+    prompt["12"]["inputs"]["precision"] = "bf16"
+    shown = _run(server, prompt)["outputs"]["12"]["text"][0]
+    assert shown.split("\n")[len(expected)] == "rank | image | DINO sim | IR sim | score", shown
+    for warning in expected:
+        assert f"Warning: {warning}." in shown, shown
+    assert shown.count("Warning:") == len(expected), shown
 
 
 # ----------------------------------------------------------------------------- every input of every node

@@ -140,20 +140,18 @@ def _leftovers(folder, name):
 
 
 def test_an_interrupted_save_leaves_the_earlier_file_intact_and_no_temporary_file(monkeypatch):
-    import safetensors.torch
+    weights = siso("siso_ops.weights")
     folder = host.lora_folder()
     with torch.inference_mode():
         NODE["SaveSISOLoRA"].execute(_small_lora(0.5), "atomic save", True)
     path = os.path.join(folder, "atomic save.safetensors")
     before = open(path, "rb").read()
-    real_save = safetensors.torch.save_file
 
-    def cut_short(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:     # half written, then the writer dies
-            f.truncate(os.path.getsize(filename) // 2)
+    def cut_short(temporary, target):
+        with open(temporary, "r+b") as f:     # half written, then the writer dies
+            f.truncate(os.path.getsize(temporary) // 2)
         raise KeyboardInterrupt("killed mid-write")
-    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    monkeypatch.setattr(weights.os, "replace", cut_short)
     with torch.inference_mode(), pytest.raises(KeyboardInterrupt):
         NODE["SaveSISOLoRA"].execute(_small_lora(9.0), "atomic save", True)
     assert open(path, "rb").read() == before
@@ -161,22 +159,23 @@ def test_an_interrupted_save_leaves_the_earlier_file_intact_and_no_temporary_fil
 
 
 def test_a_full_disk_names_the_folder_and_keeps_the_earlier_file(monkeypatch):
-    import errno
+    """safetensors reports a full disk as its own SafetensorError, not an OSError (issue 31)."""
     import safetensors.torch
+    weights = siso("siso_ops.weights")
     folder = host.lora_folder()
     with torch.inference_mode():
         NODE["SaveSISOLoRA"].execute(_small_lora(0.5), "full disk", True)
     path = os.path.join(folder, "full disk.safetensors")
     before = open(path, "rb").read()
 
-    def no_space(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    def no_space(tensors, metadata=None):
+        raise weights.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save", no_space)
     with torch.inference_mode(), pytest.raises(OSError) as refused:
         NODE["SaveSISOLoRA"].execute(_small_lora(9.0), "full disk", True)
     assert str(refused.value).startswith(f"could not write 'full disk.safetensors' in {os.path.abspath(folder)}: "
-                                         "No space left on device. Free space there")
+                                         "the disk is full (no space left on the device). The file needs ")
+    assert f"on the disk that holds {os.path.abspath(folder)}" in str(refused.value)
     assert open(path, "rb").read() == before and _leftovers(folder, "full disk.safetensors") == []
 
 
@@ -185,6 +184,32 @@ def test_subject_score_with_no_images_is_refused_before_the_networks_load(monkey
     monkeypatch.setattr(siso("siso_ops.loaded_networks").networks, "get", lambda *a, **k: opened.append(a))
     with pytest.raises(checks.InputError, match=r"SISO Subject Score: images is an empty batch \(0 images or masks\)"):
         NODE["SISOSubjectScore"].execute(torch.zeros(0, 64, 64, 3), None, "dino.safetensors", "ir.pth", 1.0, 1.0)
+    assert opened == []
+
+
+def test_subject_score_warns_on_emulated_bf16_as_siso_optimize_does(monkeypatch, feature_files, subject, caplog):
+    """A CPU without AVX-512 BF16 or AMX (this one may have them: its answer is replaced)."""
+    precision = siso("siso_ops.precision")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    warning = precision.precision_warnings(torch.device("cpu"), "bf16")
+    assert warning and "emulated" in warning[0]
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        out = NODE["SISOSubjectScore"].execute(images, subject, *feature_files, 1.0, 1.0, "bf16")
+    assert out.ui["text"][0] == f"Warning: {warning[0]}.\n" + out.args[2]
+    assert f"SISO Subject Score: {warning[0]}" in caplog.text
+    with torch.inference_mode():
+        plain = NODE["SISOSubjectScore"].execute(images, subject, *feature_files, 1.0, 1.0, "fp32")
+    assert plain.ui["text"][0] == plain.args[2]
+
+
+def test_subject_score_refuses_images_smaller_than_load_subject_accepts_before_the_networks_load(monkeypatch,
+                                                                                                feature_files):
+    opened = []
+    monkeypatch.setattr(siso("siso_ops.loaded_networks").networks, "get", lambda *a, **k: opened.append(a))
+    with pytest.raises(ValueError, match=r"SISO Subject Score: the images are 31x40 pixels; SISO Subject Score needs "
+                                         r"at least 32 a side, as SISO Load Subject does"):
+        NODE["SISOSubjectScore"].execute(torch.rand(2, 40, 31, 3), None, *feature_files, 1.0, 1.0)
     assert opened == []
 
 

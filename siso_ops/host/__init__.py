@@ -27,7 +27,8 @@ implements and registers on import (the end of this file).
 from .folders import (  # noqa: F401
     WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices,
     EXPECTED_FILES, weight_file_path, lora_folder, lora_choices, lora_file, sam_model_choices,
-    grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for, input_image_size)
+    grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for, input_image_size,
+    remove_unfinished_saves)
 from .models import (  # noqa: F401
     SUPPORTED_SAMPLING, TARGETS, describe_model, ARCHITECTURES, model_architecture, subject_lora_layouts,
     check_lora_fits, model_family, check_supported, check_vae, compute_device,

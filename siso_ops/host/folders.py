@@ -9,6 +9,7 @@ import folder_paths
 
 from .. import segmentation
 from ..feature_networks import DINO_SOURCE, DINO_WAY_OUT, IR_SOURCE, IR_WAY_OUT, WeightFileError
+from ..weights import remove_stale_temporaries
 
 
 WEIGHTS_FOLDER = "siso"
@@ -61,6 +62,13 @@ def weight_file_path(kind: str, name: str) -> str:
 
 def lora_folder() -> str:
     return folder_paths.get_folder_paths("loras")[0]
+
+
+def remove_unfinished_saves() -> list:
+    """At start-up: the temporary files of saves a killed process never finished, in every 'loras'
+    folder (the pack's own pattern only, weights.remove_stale_temporaries). Returns their paths."""
+    return [os.path.join(folder, name) for folder in dict.fromkeys(folder_paths.get_folder_paths("loras"))
+            for name in remove_stale_temporaries(folder)]
 
 
 def lora_choices() -> list:
