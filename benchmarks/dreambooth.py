@@ -39,11 +39,13 @@ RECIPE_STEPS = 500        # the template's Train LoRA steps (Diffusers' DreamBoo
 ACCUMULATION = 2          # DreamBooth Training Set's advice at prior weight 1
 
 
-def train_lora_inputs(node, **chosen) -> dict:
-    """Every input of this ComfyUI's TrainLoraNode as a one-element list (it takes lists), its
-    defaults except ``chosen``."""
-    values = {}
+def train_lora_inputs(node, latents: list, positive: list, **chosen) -> dict:
+    """Every input of this ComfyUI's TrainLoraNode as a list (it takes lists: the samples' latents
+    and prompts, a one-element list for each setting), its defaults except ``chosen``."""
+    values = {"latents": latents, "positive": positive}
     for spec in node.define_schema().inputs:
+        if spec.id in values:
+            continue
         if spec.id in chosen:
             values[spec.id] = [chosen[spec.id]]
         elif getattr(spec, "default", None) is not None:
@@ -84,17 +86,25 @@ def child(route: str, size: int, class_images: int, steps: int, siso_iterations:
             max_iterations=siso_iterations, early_stop_patience=7))
         out["resident_mb"] = memory.current_mb()
         memory.reset()
+        stamps = []
         wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             _, _, result = gen.optimize_subject(model, vae, positive, subject, None, None, settings,
-                                                feature_networks=(dino, ir))
+                                                feature_networks=(dino, ir),
+                                                on_iteration=lambda r: stamps.append((time.perf_counter(), time.process_time())))
+        walls = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]      # the first iteration warms up
+        cpus = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
         out.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, peak_mb=memory.peak_mb(),
-                   iterations=result.iterations, stop_reason=result.stop_reason, load_average=os.getloadavg())
+                   iterations=result.iterations, stop_reason=result.stop_reason, load_average=os.getloadavg(),
+                   first_iteration_wall_s=stamps[0][0] - wall if stamps else None,
+                   first_iteration_cpu_s=stamps[0][1] - cpu if stamps else None,
+                   iteration_wall_median_s=statistics.median(walls) if walls else None,
+                   iteration_cpu_median_s=statistics.median(cpus) if cpus else None)
         return out
 
     import nodes as comfy_nodes
     import comfy_extras.nodes_train as nodes_train
-    train = comfy_nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+    train = nodes_train.TrainLoraNode      # the in-process ComfyUI loads the pack only, not comfy_extras
     draws = []
     real_fwd_bwd = nodes_train.TrainSampler.fwd_bwd
 
@@ -156,7 +166,10 @@ def summary(results: list, args) -> str:
             continue
         load = ", ".join(f"{v:.1f}" for v in r["load_average"])
         if r["route"] == "siso":
-            what = f"SISO Optimize to its stop: {r['iterations']} iterations ({r['stop_reason']})"
+            what = f"SISO Optimize: {r['iterations']} iterations ({r['stop_reason']})"
+            if r.get("iteration_wall_median_s") is not None:
+                what += (f"; after the first, median {r['iteration_wall_median_s']:.1f} s wall, "
+                         f"{r['iteration_cpu_median_s']:.1f} s CPU an iteration")
         else:
             what = (f"{r['class_images']} class images ({r['class_images_wall_s']:.1f} s wall, {r['class_images_cpu_s']:.1f} s CPU) "
                     f"+ Train LoRA {r['steps']} steps x {r['accumulation']} draws ({r['draws']} draws: median "
