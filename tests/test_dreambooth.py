@@ -5,8 +5,9 @@
   values are positional and 0.3.75's node lacks five of 0.33's widgets, so the template checks
   skip on 0.3.75 with that reason. The route itself needs only what both have: Train LoRA takes a
   LATENT list and a CONDITIONING list and, at batch size 1, pairs each sample with its own prompt
-  (``fwd_bwd``: ``conds["positive"] = [cond[i] for i in indices]``). So the API twin (whose
-  0.33-only inputs 0.3.75 ignores) runs on both.
+  (``fwd_bwd``: ``conds["positive"] = [cond[i] for i in indices]``). So the API twin runs on both:
+  0.3.75 ignores the 0.33-only inputs, and its Train LoRA gives the trained MODEL before the LoRA,
+  so the links from it move by one slot there (``for_this_train_lora``).
 - Both routes render the same two prompts at the same seed; SISO Subject Score ranks all eight
   renders with DINO, IR and the diversity figure (MSE to the subject photo).
 - The DreamBooth LoRA, saved by the stock Save LoRA Weights (to output/loras), moved to
@@ -74,9 +75,20 @@ def run_long_prompt(server, prompt: dict) -> dict:
     return entry
 
 
+def for_this_train_lora(prompt: dict, object_info: dict) -> dict:
+    """The API form as this ComfyUI's Train LoRA is wired: 0.3.75's gives the trained MODEL first
+    (model, lora, loss_map, steps), 0.33's starts with the LoRA (lora, loss_map, steps)."""
+    shift = object_info["TrainLoraNode"]["output"].index("LORA_MODEL")
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] == "15":
+                node["inputs"][name] = ["15", value[1] + shift]
+    return prompt
+
+
 @pytest.fixture(scope="module")
-def comparison(server):
-    return run_long_prompt(server, api_twin())
+def comparison(server, object_info):
+    return run_long_prompt(server, for_this_train_lora(api_twin(), object_info))
 
 
 def _images(server, output: dict) -> list:
