@@ -114,6 +114,14 @@ def child(route: str, size: int, class_images: int, steps: int, siso_iterations:
         return loss
 
     nodes_train.TrainSampler.fwd_bwd = timed_fwd_bwd
+    if hasattr(model, "cached_patcher_init"):
+        # ComfyUI 0.33's Train LoRA trains on a separate copy (clone(force_deepcopy=True)) that it
+        # rebuilds with the loader's own call, which ComfyUI's checkpoint loader records; this model
+        # was built in memory, so the rebuild is a deep copy of it (the same second copy's memory)
+        import copy
+        import comfy.model_patcher
+        model.cached_patcher_init = (lambda disable_dynamic=True: comfy.model_patcher.ModelPatcher(
+            copy.deepcopy(model.model), load_device=model.load_device, offload_device=model.offload_device), ())
     out["resident_mb"] = memory.current_mb()
     memory.reset()
     wall, cpu = time.perf_counter(), time.process_time()

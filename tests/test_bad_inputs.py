@@ -456,7 +456,8 @@ def several_photos() -> dict:
 
 
 def siso_or_dreambooth() -> dict:
-    return json.loads((WORKFLOWS / "siso_or_dreambooth_api.json").read_text())
+    import test_dreambooth
+    return test_dreambooth.for_this_train_lora(json.loads((WORKFLOWS / "siso_or_dreambooth_api.json").read_text()))
 
 
 def _prompt_with(class_type: str) -> dict:

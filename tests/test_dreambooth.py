@@ -75,10 +75,16 @@ def run_long_prompt(server, prompt: dict) -> dict:
     return entry
 
 
-def for_this_train_lora(prompt: dict, object_info: dict) -> dict:
+def for_this_train_lora(prompt: dict, object_info: dict | None = None) -> dict:
     """The API form as this ComfyUI's Train LoRA is wired: 0.3.75's gives the trained MODEL first
-    (model, lora, loss_map, steps), 0.33's starts with the LoRA (lora, loss_map, steps)."""
-    shift = object_info["TrainLoraNode"]["output"].index("LORA_MODEL")
+    (model, lora, loss_map, steps), 0.33's starts with the LoRA (lora, loss_map, steps). Without
+    the server's object_info, the in-process ComfyUI's node says (the same ComfyUI)."""
+    if object_info is None:
+        from comfy_extras.nodes_train import TrainLoraNode
+        outputs = [o.io_type for o in TrainLoraNode.define_schema().outputs]
+    else:
+        outputs = object_info["TrainLoraNode"]["output"]
+    shift = outputs.index("LORA_MODEL")
     for node in prompt.values():
         for name, value in node["inputs"].items():
             if isinstance(value, list) and len(value) == 2 and value[0] == "15":
