@@ -116,12 +116,10 @@ def child(route: str, size: int, class_images: int, steps: int, siso_iterations:
     nodes_train.TrainSampler.fwd_bwd = timed_fwd_bwd
     if hasattr(model, "cached_patcher_init"):
         # ComfyUI 0.33's Train LoRA trains on a separate copy (clone(force_deepcopy=True)) that it
-        # rebuilds with the loader's own call, which ComfyUI's checkpoint loader records; this model
-        # was built in memory, so the rebuild is a deep copy of it (the same second copy's memory)
-        import copy
-        import comfy.model_patcher
-        model.cached_patcher_init = (lambda disable_dynamic=True: comfy.model_patcher.ModelPatcher(
-            copy.deepcopy(model.model), load_device=model.load_device, offload_device=model.offload_device), ())
+        # rebuilds with the loader's own call, which ComfyUI's checkpoint loader records; here the
+        # rebuild is bench.py's builder again (the same random weights: the same second copy)
+        model.cached_patcher_init = (lambda disable_dynamic=True: bench.build_model(
+            "sd_turbo", device, False, False, False, None, False, fill_random)[0], ())
     out["resident_mb"] = memory.current_mb()
     memory.reset()
     wall, cpu = time.perf_counter(), time.process_time()
