@@ -6,5 +6,7 @@ from .lora import ApplySISOLoRA, LoadSISOLoRA, SaveSISOLoRA
 from .mask import SubjectMask
 from .invert import ReNoiseInvert
 from .score import SISOSubjectScore
+from .dreambooth import DreamBoothTrainingSet
 
-NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert, SubjectMask, SISOSubjectScore, LoadSISOLoRA]
+NODES = [LoadSubject, SISOOptimize, ApplySISOLoRA, SaveSISOLoRA, ReNoiseInvert, SubjectMask, SISOSubjectScore, LoadSISOLoRA,
+         DreamBoothTrainingSet]

@@ -29,7 +29,9 @@ class SISOSubjectScore(CheckedNode):
                 "How much each image of a batch looks like your subject, by the two networks SISO optimises "
                 "against: the mean cosine similarity of its DINOv2 and image-retrieval embeddings to the subject's "
                 "photos (higher is closer, at most 1). Gives the scores, a table, the batch sorted best first and "
-                "the best image's index. Use it to pick the best of several stage-2 seeds, or to compare SISO with "
+                "the best image's index, and beside them the paper's diversity figure (mean squared error to the "
+                "subject photo: near 0 means the image copies the photo). Use it to pick the best of several stage-2 "
+                "seeds, or to compare SISO with "
                 "other tools' outputs (Kontext, Qwen-Image-Edit, IPAdapter) on your own subject. Shares the loaded "
                 "networks with SISO Optimize; no gradients."),
             inputs=[
@@ -44,9 +46,11 @@ class SISOSubjectScore(CheckedNode):
             outputs=[
                 io.Float.Output(display_name="dino", is_output_list=True, tooltip="DINOv2 similarity of each image, in batch order."),
                 io.Float.Output(display_name="ir", is_output_list=True, tooltip="Image-retrieval similarity of each image, in batch order."),
-                io.String.Output(display_name="table", tooltip="rank | image index | DINO | IR | score, best first."),
+                io.String.Output(display_name="table", tooltip="rank | image index | DINO | IR | score | MSE to subject (diversity), best first."),
                 io.Image.Output(display_name="best_first", tooltip="The batch re-ordered, best score first."),
                 io.Int.Output(display_name="best_index", tooltip="Batch index of the best image (for ImageFromBatch)."),
+                io.Float.Output(display_name="diversity", is_output_list=True,
+                                tooltip="Mean squared error of each image to the subject photo, in batch order (the SISO paper's diversity: near 0 = a copy of the photo)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -96,4 +100,4 @@ class SISOSubjectScore(CheckedNode):
         dino_out = [v if v is not None else float("nan") for v in scores.dino]
         ir_out = [v if v is not None else float("nan") for v in scores.ir]
         shown = "".join(f"Warning: {warning}.\n" for warning in warnings) + table
-        return io.NodeOutput(dino_out, ir_out, table, best_first, scores.best, ui={"text": [shown]})
+        return io.NodeOutput(dino_out, ir_out, table, best_first, scores.best, scores.subject_mse, ui={"text": [shown]})

@@ -5,12 +5,17 @@ Each image's similarity to the subject is the mean cosine similarity of its embe
 reference photos' embeddings, exactly the quantity SISO's loss maximises, so a score here is
 comparable with the similarities in SISO Optimize's report and chart. The ranking uses the
 weighted mean ``(a * DINO + b * IR) / (a + b)`` of the two, with SISO Optimize's weights.
+
+Beside them, the SISO paper's diversity figure (its Table 2, "Diversity"): the mean squared error
+between each image and the subject photo, in RGB in [0, 1]. A render that copies the photo scores
+near 0 (overfitting); it does not enter the ranking.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .precision import autocast
 from .similarity import check_weights, reference_similarities
@@ -25,15 +30,18 @@ class Scores:
     ir: list
     combined: list      # the ranking score
     order: list         # image indices, best first
+    subject_mse: list | None = None   # per image: the diversity figure (MSE to the subject photo)
 
     @property
     def best(self) -> int:
         return self.order[0]
 
     def table(self) -> str:
-        rows = ["rank | image | DINO sim | IR sim | score"]
+        mse = self.subject_mse or [None] * len(self.order)
+        rows = ["rank | image | DINO sim | IR sim | score" + (" | MSE to subject (diversity)" if self.subject_mse else "")]
         for rank, i in enumerate(self.order, 1):
-            cells = ["-" if v is None else f"{v:.4f}" for v in (self.dino[i], self.ir[i], self.combined[i])]
+            values = (self.dino[i], self.ir[i], self.combined[i]) + ((mse[i],) if self.subject_mse else ())
+            cells = ["-" if v is None else f"{v:.4f}" for v in values]
             rows.append(f"{rank} | {i} | " + " | ".join(cells))
         return "\n".join(rows)
 
@@ -73,4 +81,22 @@ def score_images(images: torch.Tensor, references: list, dino, ir, dino_weight: 
     weight_sum = sum(w for _, _, w in nets)
     combined = [sum(w * sims[name][i] for name, _, w in nets) / weight_sum for i in range(count)]
     order = sorted(range(count), key=lambda i: (-combined[i], i))
-    return Scores(dino_sims, ir_sims, combined, order)
+    return Scores(dino_sims, ir_sims, combined, order, subject_mse(images, references))
+
+
+def subject_mse(images: torch.Tensor, references: list) -> list:
+    """The paper's diversity: per image (BCHW in [0, 1]) the mean squared error to the subject's
+    photos (1x3xHxW each), the image resized to each photo's size (bilinear, antialiased), the mean
+    over the photos. Higher: the image copies the photo less."""
+    out = []
+    with torch.no_grad():
+        for image in images.float():
+            errors = []
+            for ref in references:
+                ref = ref.float().to(image.device)
+                x = image[None]
+                if x.shape[-2:] != ref.shape[-2:]:
+                    x = F.interpolate(x, size=tuple(ref.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)
+                errors.append(float(((x - ref) ** 2).mean()))
+            out.append(sum(errors) / len(errors))
+    return out

@@ -756,8 +756,13 @@ def several_photos() -> dict:
     return json.loads((WORKFLOWS / "siso_several_photos_best_of_four_api.json").read_text())
 
 
+def siso_or_dreambooth() -> dict:
+    import test_dreambooth
+    return test_dreambooth.for_this_train_lora(json.loads((WORKFLOWS / "siso_or_dreambooth_api.json").read_text()))
+
+
 def _prompt_with(class_type: str) -> dict:
-    for make in (two_stage, swap, several_photos, warm_start):
+    for make in (two_stage, swap, several_photos, warm_start, siso_or_dreambooth):
         prompt = make()
         if any(v["class_type"] == class_type for v in prompt.values()):
             return prompt

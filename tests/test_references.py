@@ -316,7 +316,7 @@ def test_subject_score_of_the_zero_shot_and_the_refined_picture(run, subject, fe
     batch = torch.cat([run["stock"], run["best"].clamp(0, 1)])
     with torch.inference_mode():
         dino, ir, table, _, best = NODE["SISOSubjectScore"].execute(batch, subject, feature_files[0], feature_files[1],
-                                                                   1.0, 1.0).args
+                                                                   1.0, 1.0).args[:5]
     print(f"\n{run['name']}: SISO Subject Score zero-shot DINO {dino[0]:.4f} IR {ir[0]:.4f}; "
           f"refined DINO {dino[1]:.4f} IR {ir[1]:.4f}\n{table}")
     assert dino[0] + ir[0] < dino[1] + ir[1] and best == 1

@@ -108,11 +108,29 @@ def test_subject_score_node_sorts_the_batch_and_skips_a_network_at_weight_0(feat
     with torch.inference_mode():
         subject = NODE["LoadSubject"].execute(refs, "subject", "white").args[0]
         dino, ir, table, best_first, best = NODE["SISOSubjectScore"].execute(
-            images, subject, feature_files[0], feature_files[1], 1.0, 0.0).args
+            images, subject, feature_files[0], feature_files[1], 1.0, 0.0).args[:5]
     assert best == 2 and torch.equal(best_first[0], images[2]) and best_first.shape == images.shape
     assert len(dino) == 4 and all(v != v for v in ir)    # IR skipped: NaN, and never loaded
     assert loads == ["dino"] and "| - |" in table
     assert not comfy.model_management.processing_interrupted()
+
+
+def test_subject_score_gives_the_papers_diversity_after_its_earlier_outputs(feature_files):
+    """The diversity figure (MSE of each image to the subject photo) is the last output, so saved
+    workflows keep their links to the five outputs before it; the table shows it per row."""
+    outputs = [o.display_name for o in NODE["SISOSubjectScore"].define_schema().outputs]
+    assert outputs == ["dino", "ir", "table", "best_first", "best_index", "diversity"]
+    refs = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    images = torch.cat([torch.full((1, 64, 64, 3), 0.5), refs])
+    with torch.inference_mode():
+        subject = NODE["LoadSubject"].execute(refs, "subject", "white").args[0]
+        *_, table, _, _, diversity = NODE["SISOSubjectScore"].execute(
+            images, subject, feature_files[0], feature_files[1], 1.0, 1.0).args[1:]
+    photo = subject.images[0].permute(0, 2, 3, 1)
+    assert diversity[1] == pytest.approx(float(((refs - photo) ** 2).mean()), abs=1e-7) and diversity[1] < 1e-4
+    assert diversity[0] == pytest.approx(float(((0.5 - photo) ** 2).mean()), rel=1e-5) and diversity[0] > 0.05
+    assert "MSE to subject (diversity)" in table.splitlines()[0]
+    assert f"{diversity[0]:.4f}" in table
 
 
 # ----------------------------------------------------------------------------- 3. warm start

@@ -769,3 +769,124 @@ QWEN_EDIT_REFINE = refine_workflow(
     (21, 0))
 
 TODAY_WORKFLOWS = [Z_IMAGE_TWO_STAGE, FLUX2_KLEIN_TWO_STAGE, FLUX2_KLEIN_REFINE, QWEN_EDIT_REFINE]
+
+
+# ----------------------------------------------------------------------------- SISO or DreamBooth
+# Single-image DreamBooth with prior preservation (../shared/seeds/004; the SISO paper's Table 2
+# baseline, run with Diffusers' DreamBooth script): Train LoRA's steps and learning rate are the
+# Diffusers DreamBooth LoRA example's (500 steps at 1e-4); seed 004 gives no figures of its own.
+DREAMBOOTH_STEPS, DREAMBOOTH_LR, CLASS_IMAGES = 500, 1e-4, 8
+COMPARE_PROMPTS = ("wearing a red scarf, sitting on a wooden pier at sunset, watercolor painting",
+                   "in an astronaut suit floating above the moon, photo")
+# The Train LoRA widgets this template is made with (ComfyUI 0.33's node); 0.3.75's node lacks
+# these, and a UI workflow's widget values are positional, so the template is 0.33's.
+TRAIN_LORA_033 = ("quantized_backward", "checkpoint_depth", "offloading", "bucket_mode", "bypass_mode")
+
+
+def _compare_renders(first_id: int, model: tuple, subject_word: str, route: str, x: int, y: int) -> list:
+    """Two prompts x two images (one seed, a batch of 2), decoded and put in one batch: ids
+    first_id .. first_id + 8; the batch is output 0 of node first_id + 8."""
+    i = first_id
+    nodes = []
+    for k, text in enumerate(COMPARE_PROMPTS):
+        nodes += [
+            Node(i + 4 * k, "CLIPTextEncode", (x, y + 260 * k), (400, 120), {"text": f"{subject_word} {text}"},
+                 {"clip": (1, 1)}, f"{route}: prompt {k + 1}", POSITIVE),
+            Node(i + 4 * k + 1, "KSampler", (x + 440, y + 260 * k), (320, 262),
+                 {"seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+                 {"model": model, "positive": (i + 4 * k, 0), "negative": (11, 0), "latent_image": (40, 0)}),
+            Node(i + 4 * k + 2, "VAEDecode", (x + 800, y + 260 * k), (210, 46), {}, {"samples": (i + 4 * k + 1, 0), "vae": (1, 2)}),
+        ]
+    nodes.append(Node(i + 8, "ImageBatch", (x + 800, y + 120), (210, 46), {}, {"image1": (i + 2, 0), "image2": (i + 6, 0)},
+                      f"{route}: its 4 renders"))
+    return nodes
+
+
+SISO_OR_DREAMBOOTH = Workflow(
+    name="siso_or_dreambooth",
+    note=("SISO or DreamBooth for this subject?\n\nFiles:\n" + FILES_NOTE +
+          "- input/: your ONE subject photo (upload it in Load Image).\n"
+          "Needs ComfyUI 0.33 or newer (its Train LoRA node; the DreamBooth route itself also runs on 0.3.75's).\n\n"
+          "The same checkpoint and the same photo go through both routes, and each route renders the same two prompts "
+          "(2 images each, seed 1, 4 steps): images 0-3 are SISO's, 4-7 DreamBooth's.\n"
+          "- SISO (top): SISO Optimize learns a LoRA from the simple prompt until its image looks like your photo by "
+          "DINOv2 and IR (early stop); the prompts say 'a dog'.\n"
+          f"- DreamBooth (middle): the model first draws {CLASS_IMAGES} class images from 'a photo of a dog' (seed 0); "
+          "DreamBooth Training Set pairs your photo with 'a photo of sks dog' and each class image with 'a photo of a "
+          "dog' (prior preservation, weight 1: as many subject copies as class images); ComfyUI's Train LoRA learns a "
+          f"LoRA ({DREAMBOOTH_STEPS} steps, learning rate {DREAMBOOTH_LR:g}, batch size 1 so each image keeps its own "
+          "prompt, 2 draws per step); the prompts say 'sks dog'. Save LoRA Weights writes output/loras/: move the file "
+          "to models/loras/ to load it in LoraLoaderModelOnly.\n\n"
+          "How to read the result (SISO Subject Score's table, best first):\n"
+          "- DINO sim and IR sim: how much a render looks like your subject (higher is closer). SISO optimises exactly "
+          "these, so compare the routes by their images too, not by the numbers alone.\n"
+          "- MSE to subject (diversity): how far a render is from the photo itself. Near 0 means the route copies the "
+          "photo (pose, background): overfitting, the single-image DreamBooth failure the SISO paper reports "
+          "(0.05 vs SISO's 0.11 on SDXL-Turbo). Prefer the route whose renders score high on DINO/IR with a diversity "
+          "not far below the other's, and which follow the prompts (astronaut, watercolor).\n"
+          "- Cost: SISO stops by itself (about a minute on a GPU); DreamBooth runs its steps plus the class images. "
+          "BENCHMARKS.md gives the figures measured for SD-Turbo."),
+    nodes=[
+        Node(1, "CheckpointLoaderSimple", (-420, 0), (320, 98), {"ckpt_name": TURBO}),
+        Node(2, "LoadImage", (-420, 160), (320, 330), {"image": "subject.png"}, title="Subject photo"),
+        Node(3, "LoadSubject", (-420, 540), (320, 102), {}, {"image": (2, 0)}),
+        Node(11, "CLIPTextEncode", (-420, 700), (320, 100), {"text": ""}, {"clip": (1, 1)}, "Negative prompt (unused at cfg 1.0)", NEGATIVE),
+        Node(40, "EmptyLatentImage", (-420, 860), (320, 106), {"width": 512, "height": 512, "batch_size": 2}, title="Renders: size, 2 per prompt"),
+        # SISO
+        Node(4, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "SISO: simple prompt", POSITIVE),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (4, 0), "subject": (3, 0)}),
+        Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
+        *_compare_renders(50, (6, 0), "a dog", "SISO", 1240, 0),
+        # DreamBooth
+        Node(7, "CLIPTextEncode", (-40, 1000), (400, 120), {"text": "a photo of sks dog"}, {"clip": (1, 1)},
+             "DreamBooth: your subject's rare-token prompt", POSITIVE),
+        Node(8, "CLIPTextEncode", (-40, 1160), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)},
+             "DreamBooth: class prompt", POSITIVE),
+        Node(9, "EmptyLatentImage", (-40, 1320), (400, 106), {"width": 512, "height": 512, "batch_size": CLASS_IMAGES},
+             title="Class images: size and how many"),
+        Node(10, "KSampler", (-40, 1470), (400, 262), {"seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"},
+             {"model": (1, 0), "positive": (8, 0), "negative": (11, 0), "latent_image": (9, 0)}, "Class images (the model's own)"),
+        Node(12, "ImageScale", (420, 1000), (320, 130), {"upscale_method": "bilinear", "width": 512, "height": 512, "crop": "center"},
+             {"image": (2, 0)}, "Photo at the class images' size"),
+        Node(13, "VAEEncode", (420, 1170), (210, 46), {}, {"pixels": (12, 0), "vae": (1, 2)}),
+        Node(14, "DreamBoothTrainingSet", (420, 1260), (400, 170), {"prior_weight": 1.0},
+             {"subject": (13, 0), "subject_prompt": (7, 0), "class_images": (10, 0), "class_prompt": (8, 0)}),
+        Node(15, "TrainLoraNode", (880, 1000), (320, 560),
+             {"batch_size": 1, "grad_accumulation_steps": 2, "steps": DREAMBOOTH_STEPS, "learning_rate": DREAMBOOTH_LR, "rank": 8,
+              "seed": 0},
+             {"model": (1, 0), "latents": (14, 0), "positive": (14, 1)}, "Train LoRA (DreamBooth)"),
+        Node(16, "SaveLoRA", (880, 1600), (320, 106), {"prefix": "loras/dreambooth_subject"}, {"lora": (15, 0)}),
+        Node(17, "LoraModelLoader", (880, 1740), (320, 106), {}, {"model": (1, 0), "lora": (15, 0)}),
+        Node(18, "VAEDecode", (420, 1480), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(19, "PreviewImage", (420, 1570), (400, 300), {}, {"images": (18, 0)}, "Class images (check them: they are the prior)"),
+        *_compare_renders(60, (17, 0), "a sks dog", "DreamBooth", 1240, 1000),
+        # comparison
+        Node(70, "ImageBatch", (2300, 600), (210, 46), {}, {"image1": (58, 0), "image2": (68, 0)}, "0-3 SISO, 4-7 DreamBooth"),
+        Node(71, "SISOSubjectScore", (2300, 700), (400, 300), WEIGHTS, {"images": (70, 0), "subject": (3, 0)},
+             "Scores and diversity: 0-3 SISO, 4-7 DreamBooth"),
+        Node(72, "PreviewImage", (2740, 0), (520, 420), {}, {"images": (58, 0)}, "SISO renders"),
+        Node(73, "PreviewImage", (2740, 1000), (520, 420), {}, {"images": (68, 0)}, "DreamBooth renders"),
+        Node(74, "PreviewImage", (2300, 1100), (400, 320), {}, {"images": (71, 3)}, "All renders, best score first"),
+    ],
+    groups=[("SISO: optimise until the image matches the photo", -60, -60, 2260, 580, "#3f789e"),
+            ("DreamBooth: class images, training set, Train LoRA", -60, 940, 2260, 960, "#b58b2a"),
+            ("Compare: SISO Subject Score ranks all 8 renders", 2280, -60, 1000, 1520, "#8A8")],
+    test_overrides={1: TINY, 5: {"width": 64, "height": 64, "max_iterations": 2}, 9: {"width": 64, "height": 64, "batch_size": 2},
+                    12: {"width": 64, "height": 64}, 15: {"steps": 1, "learning_rate": 0.05, "training_dtype": "fp32", "gradient_checkpointing": False},
+                    16: {"prefix": "loras/siso_or_dreambooth_test"}, 40: {"width": 64, "height": 64},
+                    **{k: {"steps": 1} for k in (51, 55, 61, 65)}},
+    note_size=(1300, 620),
+)
+
+TRAINING_WORKFLOWS = [SISO_OR_DREAMBOOTH]
+
+
+def version_gap(workflow: Workflow, object_info: dict) -> str | None:
+    """Why this ComfyUI cannot make the template (its node lacks widgets the template sets), or None."""
+    if workflow in TRAINING_WORKFLOWS:
+        info = object_info.get("TrainLoraNode")
+        missing = [w for w in TRAIN_LORA_033 if info is None or w not in {s[0] for s in widget_slots(info)}]
+        if missing:
+            return (f"{workflow.name} is made with ComfyUI 0.33's Train LoRA node (this ComfyUI's lacks "
+                    f"{', '.join(missing)}; a UI workflow's widget values are positional)")
+    return None
