@@ -26,7 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import siso
+from conftest import COMFYUI, siso
 
 seg = siso("siso_ops.segmentation")
 M = siso("siso_ops.masks")
@@ -35,13 +35,32 @@ checks = siso("nodes.checks")
 queue_checks = siso("nodes.queue_checks")
 mask_node = siso("nodes.mask")
 SubjectMask = mask_node.SubjectMask
-HAS_SAM3 = host.sam3_available()
+# The stock SAM3 nodes are one of ComfyUI's built-in extras, which a started server loads and the
+# in-process ComfyUI of these tests does not: the module fixture below loads them where they exist.
+SAM3_EXTRA = COMFYUI / "comfy_extras" / "nodes_sam3.py"
+HAS_SAM3 = SAM3_EXTRA.exists()
 NEEDS_SAM3 = pytest.mark.skipif(
     not HAS_SAM3, reason=f"SAM3 needs ComfyUI >= {host.SAM3_SINCE} (its stock SAM3_Detect node); this ComfyUI is "
                          f"{siso('siso_ops.host.sam3').comfyui_version()}")
 UNUSED = mask_node.UNUSED_WITH_SAM3
 WIDGETS = dict(text="dog", sam_model=UNUSED, grounding_dino_model=UNUSED, box_threshold=0.0, text_threshold=0.0,
                keep="union", grow_pixels=0, when_nothing_found="error")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stock_sam3_nodes():
+    """ComfyUI's SAM3 nodes in its node registry for this module (where this ComfyUI has them)."""
+    import asyncio
+
+    import nodes
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    if HAS_SAM3:
+        assert asyncio.run(nodes.load_custom_node(str(SAM3_EXTRA), module_parent="comfy_extras"))
+    assert host.sam3_available() == HAS_SAM3
+    yield
+    for name in set(nodes.NODE_CLASS_MAPPINGS) - before:
+        del nodes.NODE_CLASS_MAPPINGS[name]
+        nodes.NODE_DISPLAY_NAME_MAPPINGS.pop(name, None)
 
 
 def photos(batch=1, height=40, width=56, seed=0):
@@ -211,26 +230,23 @@ def test_a_tiny_sam3_from_comfyuis_classes_is_the_sam3_subjectmask_accepts(tiny_
 @NEEDS_SAM3
 def test_sam3_masks_equal_the_stock_sam3_detect_node_and_keep_the_rules(tiny_sam3):
     """SubjectMask's 'union' is the stock SAM3_Detect's union mask for the same prompt and threshold
-    (threshold 0: random weights score low, every query counts); 'most confident' is one of its
-    detections, inside the union; grow_pixels grows it as on the other route."""
+    (threshold 0: random weights score low, every query counts); 'most confident' grown by 2 pixels
+    lies inside the union grown by 2. (One image per run: a run is about 40 s on a 2-core CPU.)"""
     import nodes
     model, clip = tiny_sam3
-    image = photos(2, 40, 56)
+    image = photos(1, 40, 56)
     union, preview = SubjectMask.execute(image, **WIDGETS, sam3_model=model, sam3_clip=clip).result
-    assert union.shape == (2, 40, 56) and preview.shape == (2, 40, 56, 3)
+    assert union.shape == (1, 40, 56) and preview.shape == (1, 40, 56, 3)
     assert bool(((union == 0) | (union == 1)).all())
     conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(seg.sam3_prompt("dog")))
     stock = nodes.NODE_CLASS_MAPPINGS["SAM3_Detect"].execute(
         model=model, image=image, conditioning=conditioning, threshold=0.0, refine_iterations=2,
         individual_masks=False).result[0]
-    assert stock.shape == (2, 40, 56) and torch.equal(union, stock.float().cpu())
+    assert stock.shape == (1, 40, 56) and torch.equal(union, stock.float().cpu())
     assert bool(union.any()), "threshold 0 must find something"
-    one = SubjectMask.execute(image[:1], **dict(WIDGETS, keep="most confident", grow_pixels=2),
-                              sam3_model=model, sam3_clip=clip).result[0]
-    confident = SubjectMask.execute(image[:1], **dict(WIDGETS, keep="most confident"),
-                                    sam3_model=model, sam3_clip=clip).result[0]
-    assert bool((confident <= union[:1]).all())
-    assert torch.equal(one[0], M.grow_mask(confident[0], 2))
+    grown = SubjectMask.execute(image, **dict(WIDGETS, keep="most confident", grow_pixels=2),
+                                sam3_model=model, sam3_clip=clip).result[0]
+    assert bool(grown.any()) and bool((grown <= M.grow_mask(union, 2)).all())
 
 
 @NEEDS_SAM3
