@@ -29,7 +29,7 @@ def object_info() -> dict:
 
 def main():
     info = object_info()
-    for workflow in graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS:
+    for workflow in graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS + graphs.SAM3_WORKFLOWS:
         ui = graphs.build_ui(workflow, info)
         (conftest.REPO / "example_workflows" / f"{workflow.name}.json").write_text(json.dumps(ui, indent=1) + "\n")
         api = graphs.ui_to_api(ui, info, workflow.test_overrides)

@@ -33,8 +33,9 @@ import workflow_graphs as graphs
 from comfy_server import CKPT_NAME
 from conftest import REPO
 
-ALL = graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS
+ALL = graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS + graphs.SAM3_WORKFLOWS
 TODAY = graphs.TODAY_WORKFLOWS
+SAM3 = graphs.SAM3_WORKFLOWS
 FILE_WIDGETS = {**graphs.LOADER_WIDGETS, **graphs.WEIGHT_WIDGETS}
 
 
@@ -81,13 +82,18 @@ def test_every_loader_names_its_file_with_folder_and_public_url(spec):
     # SISO Subject Mask's checkpoints: their folders and their publishers' URLs (.pth files the
     # frontend lists but does not download; the BERT folder is named in the notes)
     for node in ui["nodes"]:
-        if node["type"] in graphs.SEGMENTATION_WIDGETS:
+        if node["type"] in graphs.SEGMENTATION_WIDGETS and not on_sam3(node):
             files = [described[node["id"]].widgets[w] for w in graphs.SEGMENTATION_WIDGETS[node["type"]]]
             models = node["properties"].get("models")
             assert [m["name"] for m in models] == files == list(graphs.SEGMENTATION_DOWNLOADS), (node["id"], models)
             for m in models:
                 assert (m["directory"], m["url"]) == graphs.SEGMENTATION_DOWNLOADS[m["name"]], m
                 assert m["directory"] in folder_paths.folder_names_and_paths and m["url"].endswith("/" + m["name"]), m
+
+
+def on_sam3(node: dict) -> bool:
+    """A SISO Subject Mask whose sam3_model is connected (its SAM / Grounding DINO files are unused)."""
+    return any(i["name"] == "sam3_model" and i.get("link") is not None for i in node["inputs"])
 
 
 @pytest.mark.parametrize("spec", TODAY, ids=[w.name for w in TODAY])
@@ -255,3 +261,46 @@ def test_refine_flux2_klein_route_with_the_mask_turned_on_keeps_the_background(s
     assert len(outputs.get(str(MASK_PREVIEW), {}).get("images", [])) == 1, outputs.get(str(MASK_PREVIEW))
     print(f"\nrefine route with the mask (Flux.2 klein, tiny) through the server: {time.monotonic() - started:.1f} s; "
           f"{report[0]}")
+
+
+# ----------------------------------------------------------------------------- SAM3 (ComfyUI 0.22 and later)
+@pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
+def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, object_info):
+    """SISO Subject Mask's sam3_model and sam3_clip come from one stock Load Checkpoint of the SAM3
+    file, which carries its download; no SAM, Grounding DINO or BERT file is named anywhere. Every
+    node type exists on ComfyUI 0.3.75 too, so the file opens there (its SAM3 file does not load)."""
+    from conftest import siso
+    host = siso("siso_ops.host")
+    assert graphs.SAM3_FILE == host.SAM3_FILE and graphs.MODEL_FILES[host.SAM3_FILE] == ("checkpoints", host.SAM3_URL)
+    assert graphs.UNUSED_WITH_SAM3 == siso("nodes.mask").UNUSED_WITH_SAM3
+    ui = committed(spec)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {l[0]: l for l in ui["links"]}
+    masks = [n for n in nodes.values() if n["type"] == "SubjectMask"]
+    assert masks and all(on_sam3(n) for n in masks)
+    for mask in masks:
+        linked = {i["name"]: links[i["link"]] for i in mask["inputs"] if i.get("link") is not None}
+        loader = nodes[linked["sam3_model"][1]]
+        assert loader["type"] == "CheckpointLoaderSimple" and loader["widgets_values"][0] == host.SAM3_FILE
+        assert linked["sam3_model"][1:3] == [loader["id"], 0] and linked["sam3_clip"][1:3] == [loader["id"], 1]
+        assert loader["properties"]["models"] == [{"name": host.SAM3_FILE, "url": host.SAM3_URL, "directory": "checkpoints"}]
+        assert not mask["properties"].get("models")
+    text = json.dumps(ui)
+    for name in list(graphs.SEGMENTATION_DOWNLOADS) + ["bert-base-uncased", "GroundingDINO_SwinT_OGC"]:
+        assert name not in text, name
+    assert host.SAM3_FILE in spec.note and host.SAM3_URL in spec.note and "0.22" in spec.note
+    import test_server
+    test_server.test_committed_workflows_are_what_the_server_nodes_make_of_their_description(spec, object_info)
+    test_server.test_ui_example_workflow_matches_server(spec, object_info)
+
+
+@pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
+def test_the_server_validates_the_sam3_template_up_to_its_absent_model_files(spec, server, object_info):
+    """Where ComfyUI has SAM3, POST /prompt refuses the template only for the model files this
+    test server lacks (the SAM3 file and the turbo checkpoint); SISO Subject Mask's unused SAM /
+    Grounding DINO dropdowns are not refused, as sam3_model and sam3_clip are connected."""
+    if "SAM3_Detect" not in object_info:
+        from conftest import siso
+        pytest.skip(f"SAM3 needs ComfyUI >= {siso('siso_ops.host').SAM3_SINCE} (its stock SAM3_Detect node); "
+                    "this test server has none")
+    test_the_server_validates_the_template_up_to_its_absent_model_files(spec, server, object_info)

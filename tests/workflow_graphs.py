@@ -190,6 +190,10 @@ SEGMENTATION_DOWNLOADS = {
                                                       "v0.1.0-alpha/groundingdino_swint_ogc.pth"),
 }
 MODEL_FILES.update(SEGMENTATION_DOWNLOADS)
+# ComfyUI's own SAM3 (0.22 and later), read by the stock Load Checkpoint: Comfy-Org's repackaging,
+# the file ComfyUI's own "Image Segmentation (SAM3)" blueprint names
+SAM3_FILE = "sam3.1_multiplex_fp16.safetensors"
+MODEL_FILES[SAM3_FILE] = ("checkpoints", HF + "Comfy-Org/sam3.1/resolve/main/checkpoints/" + SAM3_FILE)
 # The loaders' file widgets: every one must name a file of MODEL_FILES. SISO's weight inputs carry
 # the entry where a public URL exists (DINOv2); the IR file needs a login and is named in the note.
 LOADER_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",), "CLIPLoader": ("clip_name",),
@@ -469,6 +473,42 @@ SWAP = Workflow(
                     7: {"renoise_iterations": 2, "first_step_iterations": 2, "average_start": 1, "average_end": 3},
                     8: {"max_iterations": 2}},
 )
+
+# SISO Subject Mask's SAM + Grounding DINO dropdowns in a workflow where SAM3 replaces them
+UNUSED_WITH_SAM3 = "(unused with SAM3)"
+SWAP_SAM3 = Workflow(
+    name="siso_subject_swap_sam3",
+    note=("SISO subject swap with ComfyUI's own SAM3: the cat in the photo becomes YOUR cat\n\n"
+          "Needs a ComfyUI with SAM3 (0.22 and later; older ones: use siso_subject_swap, with SAM + Grounding DINO).\n"
+          "Files:\n" + FILES_NOTE +
+          f"- models/checkpoints/{SAM3_FILE}: SAM3 ({MODEL_FILES[SAM3_FILE][1]}; ComfyUI offers the download), "
+          "read by the stock Load Checkpoint. It replaces the SAM, Grounding DINO and BERT files of the other "
+          "subject-swap workflow: SISO Subject Mask's sam_model and grounding_dino_model are unused while "
+          "sam3_model and sam3_clip are connected.\n"
+          "- input/: the reference photo of YOUR subject, and the photo to edit.\n\n"
+          "SISO Subject Mask finds the subject to replace with SAM3 (the class word as its text, box_threshold as "
+          "SAM3's score threshold, 0.5 as SAM3's own node); check its preview, and use the hand-drawn-mask workflow "
+          "when it misses.\n\n" + SWAP_NOTE_TAIL),
+    nodes=[
+        *swap_input_nodes("Photo to edit"),
+        Node(12, "CheckpointLoaderSimple", (-420, 920), (320, 98), {"ckpt_name": SAM3_FILE}, title="SAM3 (Load Checkpoint)"),
+        Node(6, "SubjectMask", (-40, 340), (400, 300),
+             dict(text="cat", sam_model=UNUSED_WITH_SAM3, grounding_dino_model=UNUSED_WITH_SAM3, box_threshold=0.5),
+             {"image": (5, 0), "sam3_model": (12, 0), "sam3_clip": (12, 1)}),
+        Node(7, "ReNoiseInvert", (-40, 700), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
+        Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
+             {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (7, 0), "mask": (6, 0)}),
+        Node(9, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (8, 1)}, "Edited photo"),
+        Node(10, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Mask check"),
+        Node(11, "PreviewImage", (880, 920), (420, 380), {}, {"images": (7, 1)}, "Inversion check: reconstruction"),
+    ],
+    test_overrides={1: TINY, 5: {"image": "photo_masked.png"}, 6: {"box_threshold": 0.0, "keep": "most confident"},
+                    7: {"renoise_iterations": 2, "first_step_iterations": 2, "average_start": 1, "average_end": 3},
+                    8: {"max_iterations": 2}},
+)
+# Templates for a ComfyUI with SAM3: not in WORKFLOWS (the suite's ComfyUI 0.3.75 loads no SAM3
+# file); tests/test_today_templates.py checks them on every ComfyUI and validates them where SAM3 exists.
+SAM3_WORKFLOWS = [SWAP_SAM3]
 
 INSERTION = Workflow(
     name="siso_insert_into_scene",
