@@ -294,13 +294,44 @@ def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, ob
     test_server.test_ui_example_workflow_matches_server(spec, object_info)
 
 
+def outputs_needing(prompt: dict, class_type: str) -> set:
+    """The nodes of an API prompt that need (through links) a node of ``class_type``."""
+    needing = {key for key, node in prompt.items() if node["class_type"] == class_type}
+    while True:
+        more = {key for key, node in prompt.items() if key not in needing and any(
+            isinstance(v, list) and len(v) == 2 and v[0] in needing for v in node["inputs"].values())}
+        if not more:
+            return needing
+        needing |= more
+
+
 @pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
 def test_the_server_validates_the_sam3_template_up_to_its_absent_model_files(spec, server, object_info):
     """Where ComfyUI has SAM3, POST /prompt refuses the template only for the model files this
-    test server lacks (the SAM3 file and the turbo checkpoint); SISO Subject Mask's unused SAM /
-    Grounding DINO dropdowns are not refused, as sam3_model and sam3_clip are connected."""
+    test server lacks (the SAM3 file; the turbo checkpoint where absent); SISO Subject Mask's unused
+    SAM / Grounding DINO dropdowns are not refused, as sam3_model and sam3_clip are connected.
+    ComfyUI would queue the outputs that do not depend on a refused node (the inversion check):
+    the prompt names the outputs that need the mask as its targets, so nothing is queued."""
+    import uuid
     if "SAM3_Detect" not in object_info:
         from conftest import siso
         pytest.skip(f"SAM3 needs ComfyUI >= {siso('siso_ops.host').SAM3_SINCE} (its stock SAM3_Detect node); "
                     "this test server has none")
-    test_the_server_validates_the_template_up_to_its_absent_model_files(spec, server, object_info)
+    prompt = graphs.ui_to_api(committed(spec), object_info)
+    masked = [key for key in outputs_needing(prompt, "SubjectMask") if object_info[prompt[key]["class_type"]].get("output_node")]
+    assert masked
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
+                                         "partial_execution_targets": masked})
+    assert code == 400, (code, body)
+    spec_of_files = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
+    held = set(spec_of_files[0] if isinstance(spec_of_files[0], list) else spec_of_files[1]["options"])
+    expected = {str(n.id): {"ckpt_name"} for n in spec.nodes
+                if n.type == "CheckpointLoaderSimple" and n.widgets["ckpt_name"] not in held}
+    sam3_loader = next(n for n in spec.nodes if n.type == "CheckpointLoaderSimple" and n.widgets["ckpt_name"] == graphs.SAM3_FILE)
+    assert str(sam3_loader.id) in expected
+    got = {}
+    for node_id, entry in body.get("node_errors", {}).items():
+        for error in entry["errors"]:
+            assert error["type"] == "value_not_in_list", (node_id, error)
+            got.setdefault(node_id, set()).add(error["extra_info"]["input_name"])
+    assert got == expected, json.dumps(body, indent=1)[:3000]
