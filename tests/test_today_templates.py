@@ -108,10 +108,11 @@ def test_the_note_names_every_file_and_where_to_get_it(spec):
 
 
 REFINE = [graphs.FLUX2_KLEIN_REFINE, graphs.QWEN_EDIT_REFINE]
+REFINE_AND_SAM3 = REFINE + [graphs.FLUX2_KLEIN_REFINE_SAM3, graphs.QWEN_EDIT_REFINE_SAM3]
 MASK_NODE, MASK_PREVIEW, DECODE, OPTIMIZE = 29, 30, 13, 14
 
 
-@pytest.mark.parametrize("spec", REFINE, ids=[w.name for w in REFINE])
+@pytest.mark.parametrize("spec", REFINE_AND_SAM3, ids=[w.name for w in REFINE_AND_SAM3])
 def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_on(spec, object_info):
     """SISO Subject Mask on the zero-shot picture, its MASK into SISO Optimize's mask, bypassed (mode
     4) with its preview: the default route (and the API twin) has no mask; Ctrl+B on both gives
@@ -133,8 +134,11 @@ def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_o
     assert "mask" not in default[str(OPTIMIZE)]["inputs"] and str(MASK_NODE) not in default
     assert default == graphs.ui_to_api(ui, object_info) and api_twin(spec).keys() == default.keys()
     assert "Ctrl+B" in spec.note and "ReNoise" not in spec.note
+    bypassed = {n["id"] for n in nodes.values() if n["mode"] == graphs.BYPASS}
+    # the SAM3 variants: the SAM3 loader is bypassed with the mask, and turned on with it
+    assert bypassed == {MASK_NODE, MASK_PREVIEW} | ({max(n.id for n in spec.nodes)} if spec in graphs.SAM3_WORKFLOWS else set())
     for node in nodes.values():
-        if node["id"] in (MASK_NODE, MASK_PREVIEW):
+        if node["id"] in bypassed:
             node["mode"] = 0
     turned_on = graphs.ui_to_api(ui, object_info)
     assert turned_on[str(OPTIMIZE)]["inputs"]["mask"] == [str(MASK_NODE), 0]
@@ -265,7 +269,7 @@ def test_refine_flux2_klein_route_with_the_mask_turned_on_keeps_the_background(s
 
 # ----------------------------------------------------------------------------- SAM3 (ComfyUI 0.22 and later)
 @pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
-def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, object_info):
+def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, object_info, monkeypatch):
     """SISO Subject Mask's sam3_model and sam3_clip come from one stock Load Checkpoint of the SAM3
     file, which carries its download; no SAM, Grounding DINO or BERT file is named anywhere. Every
     node type exists on ComfyUI 0.3.75 too, so the file opens there (its SAM3 file does not load)."""
@@ -291,6 +295,8 @@ def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, ob
     assert host.SAM3_FILE in spec.note and host.SAM3_URL in spec.note and "0.22" in spec.note
     import test_server
     test_server.test_committed_workflows_are_what_the_server_nodes_make_of_their_description(spec, object_info)
+    monkeypatch.setattr(test_server, "USER_FILE_COMBOS",
+                        test_server.USER_FILE_COMBOS | {"unet_name", "clip_name", "vae_name", "lora_name"})
     test_server.test_ui_example_workflow_matches_server(spec, object_info)
 
 
@@ -317,16 +323,30 @@ def test_the_server_validates_the_sam3_template_up_to_its_absent_model_files(spe
         from conftest import siso
         pytest.skip(f"SAM3 needs ComfyUI >= {siso('siso_ops.host').SAM3_SINCE} (its stock SAM3_Detect node); "
                     "this test server has none")
-    prompt = graphs.ui_to_api(committed(spec), object_info)
+    ui = committed(spec)
+    for node in ui["nodes"]:     # the refine templates' optional mask, turned on (Ctrl+B)
+        node["mode"] = 0 if node["mode"] == graphs.BYPASS else node["mode"]
+    prompt = graphs.ui_to_api(ui, object_info)
     masked = [key for key in outputs_needing(prompt, "SubjectMask") if object_info[prompt[key]["class_type"]].get("output_node")]
     assert masked
     code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
                                          "partial_execution_targets": masked})
     assert code == 400, (code, body)
-    spec_of_files = object_info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"]
-    held = set(spec_of_files[0] if isinstance(spec_of_files[0], list) else spec_of_files[1]["options"])
-    expected = {str(n.id): {"ckpt_name"} for n in spec.nodes
-                if n.type == "CheckpointLoaderSimple" and n.widgets["ckpt_name"] not in held}
+    needed = set(masked)
+    while True:      # the nodes the targets need
+        more = {v[0] for key in needed for v in prompt[key]["inputs"].values()
+                if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)} - needed
+        if not more:
+            break
+        needed |= more
+    expected = {}
+    for key in needed:
+        node = prompt[key]
+        for widget in graphs.LOADER_WIDGETS.get(node["class_type"], ()):
+            spec_of_files = object_info[node["class_type"]]["input"]["required"][widget]
+            held = spec_of_files[0] if isinstance(spec_of_files[0], list) else spec_of_files[1]["options"]
+            if node["inputs"][widget] not in held:
+                expected.setdefault(key, set()).add(widget)
     sam3_loader = next(n for n in spec.nodes if n.type == "CheckpointLoaderSimple" and n.widgets["ckpt_name"] == graphs.SAM3_FILE)
     assert str(sam3_loader.id) in expected
     got = {}

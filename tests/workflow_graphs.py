@@ -15,7 +15,7 @@ import importlib.util
 import pathlib
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def _families():
@@ -474,42 +474,6 @@ SWAP = Workflow(
                     8: {"max_iterations": 2}},
 )
 
-# SISO Subject Mask's SAM + Grounding DINO dropdowns in a workflow where SAM3 replaces them
-UNUSED_WITH_SAM3 = "(unused with SAM3)"
-SWAP_SAM3 = Workflow(
-    name="siso_subject_swap_sam3",
-    note=("SISO subject swap with ComfyUI's own SAM3: the cat in the photo becomes YOUR cat\n\n"
-          "Needs a ComfyUI with SAM3 (0.22 and later; older ones: use siso_subject_swap, with SAM + Grounding DINO).\n"
-          "Files:\n" + FILES_NOTE +
-          f"- models/checkpoints/{SAM3_FILE}: SAM3 ({MODEL_FILES[SAM3_FILE][1]}; ComfyUI offers the download), "
-          "read by the stock Load Checkpoint. It replaces the SAM, Grounding DINO and BERT files of the other "
-          "subject-swap workflow: SISO Subject Mask's sam_model and grounding_dino_model are unused while "
-          "sam3_model and sam3_clip are connected.\n"
-          "- input/: the reference photo of YOUR subject, and the photo to edit.\n\n"
-          "SISO Subject Mask finds the subject to replace with SAM3 (the class word as its text, box_threshold as "
-          "SAM3's score threshold, 0.5 as SAM3's own node); check its preview, and use the hand-drawn-mask workflow "
-          "when it misses.\n\n" + SWAP_NOTE_TAIL),
-    nodes=[
-        *swap_input_nodes("Photo to edit"),
-        Node(12, "CheckpointLoaderSimple", (-420, 920), (320, 98), {"ckpt_name": SAM3_FILE}, title="SAM3 (Load Checkpoint)"),
-        Node(6, "SubjectMask", (-40, 340), (400, 300),
-             dict(text="cat", sam_model=UNUSED_WITH_SAM3, grounding_dino_model=UNUSED_WITH_SAM3, box_threshold=0.5),
-             {"image": (5, 0), "sam3_model": (12, 0), "sam3_clip": (12, 1)}),
-        Node(7, "ReNoiseInvert", (-40, 700), (400, 520), {}, {"model": (1, 0), "vae": (1, 2), "image": (5, 0), "positive": (2, 0)}),
-        Node(8, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, learning_rate=3e-4),
-             {"model": (1, 0), "vae": (1, 2), "positive": (2, 0), "subject": (4, 0), "inversion": (7, 0), "mask": (6, 0)}),
-        Node(9, "SaveImage", (880, 0), (420, 420), {"filename_prefix": "siso_swap"}, {"images": (8, 1)}, "Edited photo"),
-        Node(10, "PreviewImage", (880, 480), (420, 380), {}, {"images": (6, 1)}, "Mask check"),
-        Node(11, "PreviewImage", (880, 920), (420, 380), {}, {"images": (7, 1)}, "Inversion check: reconstruction"),
-    ],
-    test_overrides={1: TINY, 5: {"image": "photo_masked.png"}, 6: {"box_threshold": 0.0, "keep": "most confident"},
-                    7: {"renoise_iterations": 2, "first_step_iterations": 2, "average_start": 1, "average_end": 3},
-                    8: {"max_iterations": 2}},
-)
-# Templates for a ComfyUI with SAM3: not in WORKFLOWS (the suite's ComfyUI 0.3.75 loads no SAM3
-# file); tests/test_today_templates.py checks them on every ComfyUI and validates them where SAM3 exists.
-SAM3_WORKFLOWS = [SWAP_SAM3]
-
 INSERTION = Workflow(
     name="siso_insert_into_scene",
     note=("Insert YOUR subject into a generated scene (the two-stage insertion route of Image-Alchemy, with the SISO LoRA)\n\n"
@@ -800,3 +764,66 @@ QWEN_EDIT_REFINE = refine_workflow(
     (21, 0))
 
 TODAY_WORKFLOWS = [Z_IMAGE_TWO_STAGE, FLUX2_KLEIN_TWO_STAGE, FLUX2_KLEIN_REFINE, QWEN_EDIT_REFINE]
+
+
+# ----------------------------------------------------------------------------- SISO Subject Mask on SAM3
+# The subject-swap and refine templates with ComfyUI's own SAM3 (0.22 and later) in place of SAM +
+# Grounding DINO: one file, read by the stock Load Checkpoint, whose MODEL and CLIP go into SISO
+# Subject Mask's sam3_model and sam3_clip. Not in WORKFLOWS / TODAY_WORKFLOWS: ComfyUI 0.3.75 has no
+# SAM3; tests/test_today_templates.py checks them on every ComfyUI (every node type exists on
+# 0.3.75 too, so they open there) and validates them where SAM3 exists.
+UNUSED_WITH_SAM3 = "(unused with SAM3)"      # SISO Subject Mask's SAM / Grounding DINO dropdowns here
+SAM3_LOADER_TITLE = "SAM3 (Load Checkpoint)"
+SAM3_FILES_NOTE = (
+    f"- models/checkpoints/{SAM3_FILE}: SAM3 ({MODEL_FILES[SAM3_FILE][1]}; ComfyUI offers the download), read by "
+    f"the stock Load Checkpoint '{SAM3_LOADER_TITLE}'. It replaces the SAM, Grounding DINO and BERT files: SISO "
+    "Subject Mask's sam_model and grounding_dino_model are unused while its sam3_model and sam3_clip are connected, "
+    "and its box_threshold is SAM3's score threshold (0.5, as SAM3's own node).\n")
+
+
+def with_sam3(workflow: Workflow, loader_pos: tuple, note_changes: list, group_changes: dict | None = None) -> Workflow:
+    """``workflow`` with SISO Subject Mask on SAM3: a Load Checkpoint of the SAM3 file (bypassed
+    where the mask is) into each SISO Subject Mask's sam3_model / sam3_clip; ``note_changes``
+    (old, new) rewrite the note's file list, each ``old`` must be there."""
+    loader_id = max(n.id for n in workflow.nodes) + 1
+    nodes, mode = [], None
+    for node in workflow.nodes:
+        if node.type == "SubjectMask":
+            node = replace(node, widgets=dict(node.widgets, sam_model=UNUSED_WITH_SAM3,
+                                              grounding_dino_model=UNUSED_WITH_SAM3, box_threshold=0.5),
+                           links=dict(node.links, sam3_model=(loader_id, 0), sam3_clip=(loader_id, 1)))
+            mode = node.mode
+        nodes.append(node)
+    nodes.append(Node(loader_id, "CheckpointLoaderSimple", loader_pos, (320, 98), {"ckpt_name": SAM3_FILE},
+                      title=SAM3_LOADER_TITLE, mode=mode))
+    note = workflow.note
+    for old, new in note_changes:
+        if old not in note:
+            raise ValueError(f"{workflow.name}: its note has no {old[:60]!r}")
+        note = note.replace(old, new)
+    note = (f"Uses ComfyUI's own SAM3 for the mask: needs a ComfyUI with SAM3 (0.22 and later). On an older ComfyUI "
+            f"open {workflow.name} (SAM + Grounding DINO) instead.\n\n" + note)
+    groups = [((group_changes or {}).get(g[0], g[0]), *g[1:]) for g in workflow.groups]
+    overrides = copy.deepcopy(workflow.test_overrides)
+    for node in nodes:
+        if node.type == "SubjectMask" and node.id in overrides:
+            overrides[node.id].pop("text_threshold", None)
+    return Workflow(name=f"{workflow.name}_sam3", note=note, nodes=nodes, groups=groups, test_overrides=overrides,
+                    note_size=workflow.note_size)
+
+
+SWAP_SAM3 = with_sam3(SWAP, (-420, 920), [
+    (SEGMENTATION_FILES, SAM3_FILES_NOTE),
+    ("SISO Subject Mask finds the subject to replace (Grounding DINO with the class word, then SAM)",
+     "SISO Subject Mask finds the subject to replace (SAM3, with the class word)")])
+KEEP_BACKGROUND_FILES = KEEP_BACKGROUND_NOTE[KEEP_BACKGROUND_NOTE.index(" Its files (not offered"):]
+REFINE_SAM3_CHANGES = [
+    ("'SISO Subject Mask' and 'Mask check' are bypassed (purple)",
+     f"'{SAM3_LOADER_TITLE}', 'SISO Subject Mask' and 'Mask check' are bypassed (purple)"),
+    ("Select both and press Ctrl+B", "Select the three and press Ctrl+B"),
+    (KEEP_BACKGROUND_FILES, " Its file:\n" + SAM3_FILES_NOTE)]
+REFINE_SAM3_GROUPS = {"Optional: keep the background (select both, Ctrl+B)":
+                      "Optional: keep the background (select the three, Ctrl+B)"}
+FLUX2_KLEIN_REFINE_SAM3 = with_sam3(FLUX2_KLEIN_REFINE, (-40, 880), REFINE_SAM3_CHANGES, REFINE_SAM3_GROUPS)
+QWEN_EDIT_REFINE_SAM3 = with_sam3(QWEN_EDIT_REFINE, (-40, 880), REFINE_SAM3_CHANGES, REFINE_SAM3_GROUPS)
+SAM3_WORKFLOWS = [SWAP_SAM3, FLUX2_KLEIN_REFINE_SAM3, QWEN_EDIT_REFINE_SAM3]
