@@ -821,7 +821,9 @@ REFINE_SAM3_CHANGES = [
     ("'SISO Subject Mask' and 'Mask check' are bypassed (purple)",
      f"'{SAM3_LOADER_TITLE}', 'SISO Subject Mask' and 'Mask check' are bypassed (purple)"),
     ("Select both and press Ctrl+B", "Select the three and press Ctrl+B"),
-    (KEEP_BACKGROUND_FILES, " Its file:\n" + SAM3_FILES_NOTE)]
+    (KEEP_BACKGROUND_FILES, " Its file:\n" + SAM3_FILES_NOTE.replace(
+        "ComfyUI offers the download", "the missing-models list of ComfyUI's frontend 1.49 leaves out the files of "
+        "bypassed nodes: download it by hand"))]
 REFINE_SAM3_GROUPS = {"Optional: keep the background (select both, Ctrl+B)":
                       "Optional: keep the background (select the three, Ctrl+B)"}
 FLUX2_KLEIN_REFINE_SAM3 = with_sam3(FLUX2_KLEIN_REFINE, (-40, 880), REFINE_SAM3_CHANGES, REFINE_SAM3_GROUPS)
