@@ -79,15 +79,26 @@ def _tensor_problem(name: str, value) -> str | None:
     return None
 
 
+class _Linked:
+    """What a connected input holds before it runs (at queue time and in ComfyUI's validation,
+    which hands a linked input on as None): known to be connected, its value not yet made."""
+
+    def __repr__(self):
+        return "<linked>"
+
+
+LINKED = _Linked()
+
+
 def schema_inputs(node) -> dict:
     """Input id -> its schema entry, read from the node's schema now (file dropdowns included)."""
     return {spec.id: spec for spec in node.define_schema().inputs}
 
 
-def schema_problem(node, values: dict) -> str | None:
+def schema_problem(node, values: dict, linked=()) -> str | None:
     """The first input of ``values`` that breaks its schema, as a message naming it; None if all
     hold. Inputs absent from ``values`` (linked, or optional and unset) are not checked."""
-    return next((problem for _, problem in schema_problems(node, values)), None)
+    return next((problem for _, problem in schema_problems(node, values, linked)), None)
 
 
 def _boolean_problem(name: str, value) -> str | None:
@@ -99,8 +110,10 @@ def _boolean_problem(name: str, value) -> str | None:
             "send true or false without quotes")
 
 
-def schema_problems(node, values: dict):
-    """(input, message) for each input of ``values`` that breaks its schema."""
+def schema_problems(node, values: dict, linked=()):
+    """(input, message) for each input of ``values`` that breaks its schema. ``linked``: the
+    inputs known to be connected, which a ``CHOICE_CHECKS`` entry sees as ``LINKED``."""
+    seen = dict(values, **{name: LINKED for name in linked})
     for name, spec in schema_inputs(node).items():
         if name not in values or values[name] is None:
             continue
@@ -110,7 +123,7 @@ def schema_problems(node, values: dict):
             if isinstance(value, (str, bool, int)) and not isinstance(value, float) and value in legacy:
                 continue
             custom = getattr(node, "CHOICE_CHECKS", {}).get(name)
-            problem = custom(value, values) if custom is not None else _choice_problem(name, spec.options, value)
+            problem = custom(value, seen) if custom is not None else _choice_problem(name, spec.options, value)
         elif isinstance(spec, io.Int.Input):
             problem = _number_problem(name, spec, value, integer=True)
         elif isinstance(spec, io.Float.Input):
@@ -133,8 +146,8 @@ def _bound_values(execute, cls, args, kwargs) -> dict:
     return values
 
 
-def problem_for(node, values: dict) -> str | None:
-    return schema_problem(node, values) or node.check_values(**values)
+def problem_for(node, values: dict, linked=()) -> str | None:
+    return schema_problem(node, values, linked) or node.check_values(**dict(values, **{n: LINKED for n in linked}))
 
 
 def file_choice(name: str, resolve, unused_when=None):
@@ -181,7 +194,9 @@ class CheckedNode(io.ComfyNode):
     def validate_inputs(cls, **values):
         # values queue_check refused are reported by ComfyUI under their input already
         values = {k: v for k, v in values.items() if not isinstance(v, host.RefusedValue)}
-        return problem_for(cls, values) or True
+        # ComfyUI hands a connected input on as None here; an unconnected optional one is absent
+        linked = [k for k, v in values.items() if v is None]
+        return problem_for(cls, values, linked) or True
 
 
 def checked(execute):

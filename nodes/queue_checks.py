@@ -16,7 +16,7 @@ import logging
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
-from .checks import InputError, schema_inputs, schema_problems
+from .checks import LINKED, InputError, schema_inputs, schema_problems
 
 
 # Stock nodes whose output is their own widget ``value``: a constant, known at queue time.
@@ -60,21 +60,22 @@ def _input_named_by(message: str, names) -> str | None:
 def node_refusals(node, prompt: dict, inputs: dict) -> dict:
     """{input: message} for the constant inputs of one node of a prompt that the pack refuses."""
     specs = schema_inputs(node)
-    values, sent = {}, {}
+    values, sent, linked = {}, {}, []
     for name, raw in inputs.items():
         if name not in specs:
             continue
         known, value = _constant(prompt, raw)
         if not known:
+            linked.append(name)
             continue
         try:
             values[name] = _as_comfyui_casts(specs[name], value)
         except Exception:
             continue   # ComfyUI refuses it itself ("Failed to convert an input value")
         sent[name] = value
-    refusals = dict(schema_problems(node, values))
+    refusals = dict(schema_problems(node, values, linked))
     remaining = {k: v for k, v in values.items() if k not in refusals}
-    problem = node.check_values(**remaining)
+    problem = node.check_values(**dict(remaining, **{name: LINKED for name in linked}))
     if problem:
         name = _input_named_by(problem, list(remaining)) or next(iter(remaining), None)
         if name is not None:

@@ -29,7 +29,7 @@ def object_info() -> dict:
 
 def main():
     info = object_info()
-    for workflow in graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS + graphs.TRAINING_WORKFLOWS:
+    for workflow in graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS + graphs.TRAINING_WORKFLOWS + graphs.SAM3_WORKFLOWS:
         gap = graphs.version_gap(workflow, info)
         if gap:
             print("skipped:", gap)

@@ -318,7 +318,8 @@ def test_the_node_is_registered_and_documents_every_input_and_output():
     schema = SubjectMask.define_schema()
     assert schema.category == siso("nodes.graph_types").CATEGORY and "bert-base-uncased" in schema.description
     assert [i.id for i in schema.inputs] == ["image", "text", "sam_model", "grounding_dino_model", "box_threshold",
-                                             "text_threshold", "keep", "grow_pixels", "when_nothing_found"]
+                                             "text_threshold", "keep", "grow_pixels", "when_nothing_found",
+                                             "sam3_model", "sam3_clip"]   # SAM3: tests/test_subject_mask_sam3.py
     assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
     assert [o.display_name for o in schema.outputs] == ["mask", "preview"]
 

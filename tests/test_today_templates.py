@@ -33,8 +33,9 @@ import workflow_graphs as graphs
 from comfy_server import CKPT_NAME
 from conftest import REPO
 
-ALL = graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS
+ALL = graphs.WORKFLOWS + graphs.TODAY_WORKFLOWS + graphs.SAM3_WORKFLOWS
 TODAY = graphs.TODAY_WORKFLOWS
+SAM3 = graphs.SAM3_WORKFLOWS
 FILE_WIDGETS = {**graphs.LOADER_WIDGETS, **graphs.WEIGHT_WIDGETS}
 
 
@@ -81,13 +82,18 @@ def test_every_loader_names_its_file_with_folder_and_public_url(spec):
     # SISO Subject Mask's checkpoints: their folders and their publishers' URLs (.pth files the
     # frontend lists but does not download; the BERT folder is named in the notes)
     for node in ui["nodes"]:
-        if node["type"] in graphs.SEGMENTATION_WIDGETS:
+        if node["type"] in graphs.SEGMENTATION_WIDGETS and not on_sam3(node):
             files = [described[node["id"]].widgets[w] for w in graphs.SEGMENTATION_WIDGETS[node["type"]]]
             models = node["properties"].get("models")
             assert [m["name"] for m in models] == files == list(graphs.SEGMENTATION_DOWNLOADS), (node["id"], models)
             for m in models:
                 assert (m["directory"], m["url"]) == graphs.SEGMENTATION_DOWNLOADS[m["name"]], m
                 assert m["directory"] in folder_paths.folder_names_and_paths and m["url"].endswith("/" + m["name"]), m
+
+
+def on_sam3(node: dict) -> bool:
+    """A SISO Subject Mask whose sam3_model is connected (its SAM / Grounding DINO files are unused)."""
+    return any(i["name"] == "sam3_model" and i.get("link") is not None for i in node["inputs"])
 
 
 @pytest.mark.parametrize("spec", TODAY, ids=[w.name for w in TODAY])
@@ -102,10 +108,11 @@ def test_the_note_names_every_file_and_where_to_get_it(spec):
 
 
 REFINE = [graphs.FLUX2_KLEIN_REFINE, graphs.QWEN_EDIT_REFINE]
+REFINE_AND_SAM3 = REFINE + [graphs.FLUX2_KLEIN_REFINE_SAM3, graphs.QWEN_EDIT_REFINE_SAM3]
 MASK_NODE, MASK_PREVIEW, DECODE, OPTIMIZE = 29, 30, 13, 14
 
 
-@pytest.mark.parametrize("spec", REFINE, ids=[w.name for w in REFINE])
+@pytest.mark.parametrize("spec", REFINE_AND_SAM3, ids=[w.name for w in REFINE_AND_SAM3])
 def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_on(spec, object_info):
     """SISO Subject Mask on the zero-shot picture, its MASK into SISO Optimize's mask, bypassed (mode
     4) with its preview: the default route (and the API twin) has no mask; Ctrl+B on both gives
@@ -127,8 +134,11 @@ def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_o
     assert "mask" not in default[str(OPTIMIZE)]["inputs"] and str(MASK_NODE) not in default
     assert default == graphs.ui_to_api(ui, object_info) and api_twin(spec).keys() == default.keys()
     assert "Ctrl+B" in spec.note and "ReNoise" not in spec.note
+    bypassed = {n["id"] for n in nodes.values() if n["mode"] == graphs.BYPASS}
+    # the SAM3 variants: the SAM3 loader is bypassed with the mask, and turned on with it
+    assert bypassed == {MASK_NODE, MASK_PREVIEW} | ({max(n.id for n in spec.nodes)} if spec in graphs.SAM3_WORKFLOWS else set())
     for node in nodes.values():
-        if node["id"] in (MASK_NODE, MASK_PREVIEW):
+        if node["id"] in bypassed:
             node["mode"] = 0
     turned_on = graphs.ui_to_api(ui, object_info)
     assert turned_on[str(OPTIMIZE)]["inputs"]["mask"] == [str(MASK_NODE), 0]
@@ -255,3 +265,93 @@ def test_refine_flux2_klein_route_with_the_mask_turned_on_keeps_the_background(s
     assert len(outputs.get(str(MASK_PREVIEW), {}).get("images", [])) == 1, outputs.get(str(MASK_PREVIEW))
     print(f"\nrefine route with the mask (Flux.2 klein, tiny) through the server: {time.monotonic() - started:.1f} s; "
           f"{report[0]}")
+
+
+# ----------------------------------------------------------------------------- SAM3 (ComfyUI 0.22 and later)
+@pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
+def test_the_sam3_template_needs_one_mask_file_read_by_the_stock_loader(spec, object_info, monkeypatch):
+    """SISO Subject Mask's sam3_model and sam3_clip come from one stock Load Checkpoint of the SAM3
+    file, which carries its download; no SAM, Grounding DINO or BERT file is named anywhere. Every
+    node type exists on ComfyUI 0.3.75 too, so the file opens there (its SAM3 file does not load)."""
+    from conftest import siso
+    host = siso("siso_ops.host")
+    assert graphs.SAM3_FILE == host.SAM3_FILE and graphs.MODEL_FILES[host.SAM3_FILE] == ("checkpoints", host.SAM3_URL)
+    assert graphs.UNUSED_WITH_SAM3 == siso("nodes.mask").UNUSED_WITH_SAM3
+    ui = committed(spec)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {l[0]: l for l in ui["links"]}
+    masks = [n for n in nodes.values() if n["type"] == "SubjectMask"]
+    assert masks and all(on_sam3(n) for n in masks)
+    for mask in masks:
+        linked = {i["name"]: links[i["link"]] for i in mask["inputs"] if i.get("link") is not None}
+        loader = nodes[linked["sam3_model"][1]]
+        assert loader["type"] == "CheckpointLoaderSimple" and loader["widgets_values"][0] == host.SAM3_FILE
+        assert linked["sam3_model"][1:3] == [loader["id"], 0] and linked["sam3_clip"][1:3] == [loader["id"], 1]
+        assert loader["properties"]["models"] == [{"name": host.SAM3_FILE, "url": host.SAM3_URL, "directory": "checkpoints"}]
+        assert not mask["properties"].get("models")
+    text = json.dumps(ui)
+    for name in list(graphs.SEGMENTATION_DOWNLOADS) + ["bert-base-uncased", "GroundingDINO_SwinT_OGC"]:
+        assert name not in text, name
+    assert host.SAM3_FILE in spec.note and host.SAM3_URL in spec.note and "0.22" in spec.note
+    import test_server
+    test_server.test_committed_workflows_are_what_the_server_nodes_make_of_their_description(spec, object_info)
+    monkeypatch.setattr(test_server, "USER_FILE_COMBOS",
+                        test_server.USER_FILE_COMBOS | {"unet_name", "clip_name", "vae_name", "lora_name"})
+    test_server.test_ui_example_workflow_matches_server(spec, object_info)
+
+
+def outputs_needing(prompt: dict, class_type: str) -> set:
+    """The nodes of an API prompt that need (through links) a node of ``class_type``."""
+    needing = {key for key, node in prompt.items() if node["class_type"] == class_type}
+    while True:
+        more = {key for key, node in prompt.items() if key not in needing and any(
+            isinstance(v, list) and len(v) == 2 and v[0] in needing for v in node["inputs"].values())}
+        if not more:
+            return needing
+        needing |= more
+
+
+@pytest.mark.parametrize("spec", SAM3, ids=[w.name for w in SAM3])
+def test_the_server_validates_the_sam3_template_up_to_its_absent_model_files(spec, server, object_info):
+    """Where ComfyUI has SAM3, POST /prompt refuses the template only for the model files this
+    test server lacks (the SAM3 file; the turbo checkpoint where absent); SISO Subject Mask's unused
+    SAM / Grounding DINO dropdowns are not refused, as sam3_model and sam3_clip are connected.
+    ComfyUI would queue the outputs that do not depend on a refused node (the inversion check):
+    the prompt names the outputs that need the mask as its targets, so nothing is queued."""
+    import uuid
+    if "SAM3_Detect" not in object_info:
+        from conftest import siso
+        pytest.skip(f"SAM3 needs ComfyUI >= {siso('siso_ops.host').SAM3_SINCE} (its stock SAM3_Detect node); "
+                    "this test server has none")
+    ui = committed(spec)
+    for node in ui["nodes"]:     # the refine templates' optional mask, turned on (Ctrl+B)
+        node["mode"] = 0 if node["mode"] == graphs.BYPASS else node["mode"]
+    prompt = graphs.ui_to_api(ui, object_info)
+    masked = [key for key in outputs_needing(prompt, "SubjectMask") if object_info[prompt[key]["class_type"]].get("output_node")]
+    assert masked
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
+                                         "partial_execution_targets": masked})
+    assert code == 400, (code, body)
+    needed = set(masked)
+    while True:      # the nodes the targets need
+        more = {v[0] for key in needed for v in prompt[key]["inputs"].values()
+                if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)} - needed
+        if not more:
+            break
+        needed |= more
+    expected = {}
+    for key in needed:
+        node = prompt[key]
+        for widget in graphs.LOADER_WIDGETS.get(node["class_type"], ()):
+            spec_of_files = object_info[node["class_type"]]["input"]["required"][widget]
+            held = spec_of_files[0] if isinstance(spec_of_files[0], list) else spec_of_files[1]["options"]
+            if node["inputs"][widget] not in held:
+                expected.setdefault(key, set()).add(widget)
+    sam3_loader = next(n for n in spec.nodes if n.type == "CheckpointLoaderSimple" and n.widgets["ckpt_name"] == graphs.SAM3_FILE)
+    assert str(sam3_loader.id) in expected
+    got = {}
+    for node_id, entry in body.get("node_errors", {}).items():
+        for error in entry["errors"]:
+            assert error["type"] == "value_not_in_list", (node_id, error)
+            got.setdefault(node_id, set()).add(error["extra_info"]["input_name"])
+    assert got == expected, json.dumps(body, indent=1)[:3000]

@@ -15,7 +15,7 @@ import importlib.util
 import pathlib
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def _families():
@@ -190,6 +190,10 @@ SEGMENTATION_DOWNLOADS = {
                                                       "v0.1.0-alpha/groundingdino_swint_ogc.pth"),
 }
 MODEL_FILES.update(SEGMENTATION_DOWNLOADS)
+# ComfyUI's own SAM3 (0.22 and later), read by the stock Load Checkpoint: Comfy-Org's repackaging,
+# the file ComfyUI's own "Image Segmentation (SAM3)" blueprint names
+SAM3_FILE = "sam3.1_multiplex_fp16.safetensors"
+MODEL_FILES[SAM3_FILE] = ("checkpoints", HF + "Comfy-Org/sam3.1/resolve/main/checkpoints/" + SAM3_FILE)
 # The loaders' file widgets: every one must name a file of MODEL_FILES. SISO's weight inputs carry
 # the entry where a public URL exists (DINOv2); the IR file needs a login and is named in the note.
 LOADER_WIDGETS = {"CheckpointLoaderSimple": ("ckpt_name",), "UNETLoader": ("unet_name",), "CLIPLoader": ("clip_name",),
@@ -834,7 +838,7 @@ SISO_OR_DREAMBOOTH = Workflow(
         Node(40, "EmptyLatentImage", (-420, 860), (320, 106), {"width": 512, "height": 512, "batch_size": 2}, title="Renders: size, 2 per prompt"),
         # SISO
         Node(4, "CLIPTextEncode", (-40, 0), (400, 120), {"text": "a photo of a dog"}, {"clip": (1, 1)}, "SISO: simple prompt", POSITIVE),
-        Node(5, "SISOOptimize", (420, 0), (400, 740), WEIGHTS, {"model": (1, 0), "vae": (1, 2), "positive": (4, 0), "subject": (3, 0)}),
+        Node(5, "SISOOptimize", (420, 0), (400, 740), dict(WEIGHTS, **SD_TURBO), {"model": (1, 0), "vae": (1, 2), "positive": (4, 0), "subject": (3, 0)}),
         Node(6, "ApplySISOLoRA", (880, 0), (320, 78), {}, {"model": (1, 0), "subject_lora": (5, 0)}),
         *_compare_renders(50, (6, 0), "a dog", "SISO", 1240, 0),
         # DreamBooth
@@ -890,3 +894,68 @@ def version_gap(workflow: Workflow, object_info: dict) -> str | None:
             return (f"{workflow.name} is made with ComfyUI 0.33's Train LoRA node (this ComfyUI's lacks "
                     f"{', '.join(missing)}; a UI workflow's widget values are positional)")
     return None
+
+
+# ----------------------------------------------------------------------------- SISO Subject Mask on SAM3
+# The subject-swap and refine templates with ComfyUI's own SAM3 (0.22 and later) in place of SAM +
+# Grounding DINO: one file, read by the stock Load Checkpoint, whose MODEL and CLIP go into SISO
+# Subject Mask's sam3_model and sam3_clip. Not in WORKFLOWS / TODAY_WORKFLOWS: ComfyUI 0.3.75 has no
+# SAM3; tests/test_today_templates.py checks them on every ComfyUI (every node type exists on
+# 0.3.75 too, so they open there) and validates them where SAM3 exists.
+UNUSED_WITH_SAM3 = "(unused with SAM3)"      # SISO Subject Mask's SAM / Grounding DINO dropdowns here
+SAM3_LOADER_TITLE = "SAM3 (Load Checkpoint)"
+SAM3_FILES_NOTE = (
+    f"- models/checkpoints/{SAM3_FILE}: SAM3 ({MODEL_FILES[SAM3_FILE][1]}; ComfyUI offers the download), read by "
+    f"the stock Load Checkpoint '{SAM3_LOADER_TITLE}'. It replaces the SAM, Grounding DINO and BERT files: SISO "
+    "Subject Mask's sam_model and grounding_dino_model are unused while its sam3_model and sam3_clip are connected, "
+    "and its box_threshold is SAM3's score threshold (0.5, as SAM3's own node).\n")
+
+
+def with_sam3(workflow: Workflow, loader_pos: tuple, note_changes: list, group_changes: dict | None = None) -> Workflow:
+    """``workflow`` with SISO Subject Mask on SAM3: a Load Checkpoint of the SAM3 file (bypassed
+    where the mask is) into each SISO Subject Mask's sam3_model / sam3_clip; ``note_changes``
+    (old, new) rewrite the note's file list, each ``old`` must be there."""
+    loader_id = max(n.id for n in workflow.nodes) + 1
+    nodes, mode = [], None
+    for node in workflow.nodes:
+        if node.type == "SubjectMask":
+            node = replace(node, widgets=dict(node.widgets, sam_model=UNUSED_WITH_SAM3,
+                                              grounding_dino_model=UNUSED_WITH_SAM3, box_threshold=0.5),
+                           links=dict(node.links, sam3_model=(loader_id, 0), sam3_clip=(loader_id, 1)))
+            mode = node.mode
+        nodes.append(node)
+    nodes.append(Node(loader_id, "CheckpointLoaderSimple", loader_pos, (320, 98), {"ckpt_name": SAM3_FILE},
+                      title=SAM3_LOADER_TITLE, mode=mode))
+    note = workflow.note
+    for old, new in note_changes:
+        if old not in note:
+            raise ValueError(f"{workflow.name}: its note has no {old[:60]!r}")
+        note = note.replace(old, new)
+    note = (f"Uses ComfyUI's own SAM3 for the mask: needs a ComfyUI with SAM3 (0.22 and later). On an older ComfyUI "
+            f"open {workflow.name} (SAM + Grounding DINO) instead.\n\n" + note)
+    groups = [((group_changes or {}).get(g[0], g[0]), *g[1:]) for g in workflow.groups]
+    overrides = copy.deepcopy(workflow.test_overrides)
+    for node in nodes:
+        if node.type == "SubjectMask" and node.id in overrides:
+            overrides[node.id].pop("text_threshold", None)
+    return Workflow(name=f"{workflow.name}_sam3", note=note, nodes=nodes, groups=groups, test_overrides=overrides,
+                    note_size=workflow.note_size)
+
+
+SWAP_SAM3 = with_sam3(SWAP, (-420, 920), [
+    (SEGMENTATION_FILES, SAM3_FILES_NOTE),
+    ("SISO Subject Mask finds the subject to replace (Grounding DINO with the class word, then SAM)",
+     "SISO Subject Mask finds the subject to replace (SAM3, with the class word)")])
+KEEP_BACKGROUND_FILES = KEEP_BACKGROUND_NOTE[KEEP_BACKGROUND_NOTE.index(" Its files (not offered"):]
+REFINE_SAM3_CHANGES = [
+    ("'SISO Subject Mask' and 'Mask check' are bypassed (purple)",
+     f"'{SAM3_LOADER_TITLE}', 'SISO Subject Mask' and 'Mask check' are bypassed (purple)"),
+    ("Select both and press Ctrl+B", "Select the three and press Ctrl+B"),
+    (KEEP_BACKGROUND_FILES, " Its file:\n" + SAM3_FILES_NOTE.replace(
+        "ComfyUI offers the download", "the missing-models list of ComfyUI's frontend 1.49 leaves out the files of "
+        "bypassed nodes: download it by hand"))]
+REFINE_SAM3_GROUPS = {"Optional: keep the background (select both, Ctrl+B)":
+                      "Optional: keep the background (select the three, Ctrl+B)"}
+FLUX2_KLEIN_REFINE_SAM3 = with_sam3(FLUX2_KLEIN_REFINE, (-40, 880), REFINE_SAM3_CHANGES, REFINE_SAM3_GROUPS)
+QWEN_EDIT_REFINE_SAM3 = with_sam3(QWEN_EDIT_REFINE, (-40, 880), REFINE_SAM3_CHANGES, REFINE_SAM3_GROUPS)
+SAM3_WORKFLOWS = [SWAP_SAM3, FLUX2_KLEIN_REFINE_SAM3, QWEN_EDIT_REFINE_SAM3]

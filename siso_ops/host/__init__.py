@@ -15,6 +15,7 @@ schedule, and a differentiable decoder. The host's objects are never mutated.
     sampling             sigma schedules, stock noise, the guider-driven loop
     decoding             stock encode / decode, empty latents, the differentiable decoder copy
     segmentation_models  SubjectMask's models and their cache
+    sam3                 SubjectMask with ComfyUI's own SAM3 (the stock loader's MODEL + CLIP, the stock SAM3_Detect)
     prompts              the server's on-prompt hook and the refused value its validation reports (queue-time checks)
     progress             progress bars with previews, the pack's websocket events, Cancel told apart from failure
     references           reference images in the conditioning (Flux.2 / Kontext / Qwen-Image-Edit): what is refused
@@ -47,6 +48,8 @@ from .compiled_models import user_compiled, drop_user_compile, user_compile_note
 from .references import check_reference_path, reference_latents  # noqa: F401
 from .segmentation_models import (  # noqa: F401
     segmentation_runtime, subject_masks, keep_segmentation_models_while)
+from .sam3 import (  # noqa: F401
+    SAM3_FILE, SAM3_URL, SAM3_SINCE, sam3_available, sam3_problem, subject_masks_sam3, missing_sam3_message)
 from .memory_probe import (  # noqa: F401
     device_memory, memory_reserve, model_weight_bytes, model_weights_in_ram, decoder_weight_bytes,
     lora_parameter_count, model_conditioning, prepare_denoiser_probe, probe_apply_model, prepare_decoder_probe,

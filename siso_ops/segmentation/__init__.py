@@ -126,13 +126,11 @@ def subject_masks(images: torch.Tensor, settings: MaskSettings, detector, sam, r
             detections = M.non_max_suppression(
                 detect(detector, rgb[i], caption, settings.box_threshold, settings.text_threshold))
             if len(detections) == 0:
-                where = f"image {i + 1} of {batch} (batch index {i})" if batch > 1 else "the image (batch index 0)"
-                message = (f"SubjectMask found no '{settings.text}' (prompt '{caption}') in {where} at box_threshold "
-                           f"{settings.box_threshold} and text_threshold {settings.text_threshold}")
-                if settings.when_nothing_found == "error":
-                    raise M.NothingFound(f"{message}. Lower the thresholds, change the text, or set "
-                                         "when_nothing_found to 'empty mask (warn)'.")
-                warnings.append(f"{message}: its mask is empty.")
+                _nothing_found(settings, f"SubjectMask found no '{settings.text}' (prompt '{caption}') in "
+                                         f"{_where(i, batch)} at box_threshold {settings.box_threshold} and "
+                                         f"text_threshold {settings.text_threshold}",
+                               ". Lower the thresholds, change the text, or set when_nothing_found to 'empty mask (warn)'.",
+                               warnings)
             found.append(detections)
             step()
     masks = torch.zeros(batch, height, width)
@@ -140,20 +138,82 @@ def subject_masks(images: torch.Tensor, settings: MaskSettings, detector, sam, r
     with torch.inference_mode(), on_device(sam, runtime):
         for i, detections in enumerate(found):
             runtime.check_interrupt()
-            chosen = []
+            segments = None
             if len(detections):
                 # The most confident detection is known before segmenting: segment only it.
-                candidates = detections.take(slice(0, 1)) if settings.keep == "most confident" else detections
-                segments = segment_boxes(sam, rgb[i], candidates.boxes)
-                mask, chosen = M.choose_mask(segments, candidates.scores, settings.keep)
-                masks[i] = M.grow_mask(mask, settings.grow_pixels)
-                if settings.grow_pixels < 0 and bool(mask.any()) and not bool(masks[i].any()):
-                    where = f"image {i + 1} of {batch}" if batch > 1 else "the image"
-                    message = (f"SubjectMask found '{settings.text}' in {where}, but grow_pixels "
-                               f"{settings.grow_pixels} shrank its mask to nothing")
-                    if settings.when_nothing_found == "error":
-                        raise M.NothingFound(f"{message}: use a grow_pixels closer to 0.")
-                    warnings.append(f"{message}: its mask is empty.")
-            previews[i] = M.preview(rgb[i], masks[i], detections.boxes, chosen)
+                if settings.keep == "most confident":
+                    detections = detections.take(slice(0, 1))
+                segments = segment_boxes(sam, rgb[i], detections.boxes)
+            masks[i], previews[i] = _keep_and_grow(settings, rgb[i], found[i], detections, segments, i, batch, warnings)
             step()
+    return MaskResult(masks, previews, found, warnings)
+
+
+def _where(i: int, batch: int) -> str:
+    return f"image {i + 1} of {batch} (batch index {i})" if batch > 1 else "the image (batch index 0)"
+
+
+def _nothing_found(settings: MaskSettings, message: str, fix: str, warnings: list) -> None:
+    """Stop with ``message + fix`` (when_nothing_found 'error') or record the warning: the image's
+    mask stays empty."""
+    if settings.when_nothing_found == "error":
+        raise M.NothingFound(message + fix)
+    warnings.append(f"{message}: its mask is empty.")
+
+
+def _keep_and_grow(settings: MaskSettings, rgb: torch.Tensor, shown: "M.Detections", detections: "M.Detections",
+                   segments, i: int, batch: int, warnings: list) -> tuple:
+    """One image's mask and preview from its segmented detections (``segments`` K x H x W for the
+    K ``detections``; None: nothing found): the keep rule, then grow or shrink; ``shown`` are
+    the boxes drawn on the preview (``detections`` are among them, first)."""
+    mask = torch.zeros(rgb.shape[:2])
+    chosen = []
+    if segments is not None and len(detections):
+        picked, chosen = M.choose_mask(segments, detections.scores, settings.keep)
+        mask = M.grow_mask(picked, settings.grow_pixels)
+        if settings.grow_pixels < 0 and bool(picked.any()) and not bool(mask.any()):
+            where = f"image {i + 1} of {batch}" if batch > 1 else "the image"
+            _nothing_found(settings, f"SubjectMask found '{settings.text}' in {where}, but grow_pixels "
+                                     f"{settings.grow_pixels} shrank its mask to nothing",
+                           ": use a grow_pixels closer to 0.", warnings)
+    return mask, M.preview(rgb, mask, shown.boxes, chosen)
+
+
+def sam3_prompt(text: str) -> str:
+    """The text as ComfyUI's SAM3 text encoder reads it: each phrase of the Grounding DINO caption
+    ('dog.', 'dog. cat.') becomes one SAM3 prompt asking for up to MAX_CANDIDATES detections
+    ('dog:8, cat:8'; SAM3's tokenizer splits prompts at commas and reads ':N' as their number)."""
+    phrases = [" ".join(p.replace(",", " ").replace(":", " ").split()) for p in M.caption_for(text).split(".")]
+    return ", ".join(f"{p}:{M.MAX_CANDIDATES}" for p in phrases if p)
+
+
+def subject_masks_found_and_segmented(images: torch.Tensor, settings: MaskSettings, find: Callable,
+                                      runtime: Runtime | None = None, on_step: Callable | None = None,
+                                      model_name: str = "SAM3") -> MaskResult:
+    """One mask per image for a model that finds and segments the text in one pass (SAM3):
+    ``find(rgb)`` (one H x W x 3 image) gives its Detections (best first) and their K x H x W
+    masks. The same keep rule, grow, refusals and preview as ``subject_masks``; only
+    ``box_threshold`` applies (the caller passes it to the model as its score threshold)."""
+    settings.check()
+    runtime = runtime or Runtime()
+    step = on_step or (lambda: None)
+    prompt = sam3_prompt(settings.text)
+    rgb = as_rgb(images)
+    batch, height, width = rgb.shape[:3]
+    masks = torch.zeros(batch, height, width)
+    previews = torch.zeros(batch, height, width, 3)
+    found, warnings = [], []
+    for i in range(batch):
+        runtime.check_interrupt()
+        detections, segments = find(rgb[i])
+        if len(detections) == 0:
+            _nothing_found(settings, f"SubjectMask found no '{settings.text}' ({model_name} prompt '{prompt}') in "
+                                     f"{_where(i, batch)} at box_threshold {settings.box_threshold} ({model_name}'s "
+                                     "score threshold)",
+                           ". Lower box_threshold, change the text, or set when_nothing_found to 'empty mask (warn)'.",
+                           warnings)
+            segments = None
+        found.append(detections)
+        masks[i], previews[i] = _keep_and_grow(settings, rgb[i], detections, detections, segments, i, batch, warnings)
+        step()
     return MaskResult(masks, previews, found, warnings)
