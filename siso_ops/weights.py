@@ -144,6 +144,17 @@ def _renamed(path: str, size: int) -> tuple | None:
             f"Rename it to '{proper}' (in the same folder) and refresh.")
 
 
+def _refuse_what_is_not_weights(file, path: str, size: int) -> None:
+    """Raises ``file``'s error for a file that is no weights file at all, or one under the other
+    format's name: what every reader checks before it parses anything."""
+    problem = _not_weights(path, size)
+    if problem:
+        raise file.error(problem)
+    renamed = _renamed(path, size)
+    if renamed:
+        raise file.error(*renamed)
+
+
 def _first_sentence(error: Exception) -> str:
     """The first sentence of a loader's error, without torch's advice to load without the safety check."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
@@ -239,12 +250,7 @@ def read_checkpoint(path: str, what: str, allowed=(), source: str | None = None)
         raise WeightFileError(f"The {what} file {path} was not found. {file.download_again()}")
     try:
         size = os.path.getsize(path)
-        problem = _not_weights(path, size)
-        if problem:
-            raise file.error(problem)
-        renamed = _renamed(path, size)
-        if renamed:
-            raise file.error(*renamed)
+        _refuse_what_is_not_weights(file, path, size)
         if path.endswith(".safetensors"):
             import safetensors.torch
             try:
@@ -353,12 +359,7 @@ def read_safetensors_header(path: str, what: str) -> tuple:
 @functools.lru_cache(maxsize=64)   # keyed by size and modification time: a changed file is read again
 def _header(path: str, size: int, modified: int, what: str) -> tuple:
     file = _File(path, what, None)
-    problem = _not_weights(path, size)
-    if problem:
-        raise file.error(problem)
-    renamed = _renamed(path, size)
-    if renamed:
-        raise file.error(*renamed)
+    _refuse_what_is_not_weights(file, path, size)
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8), "little")
