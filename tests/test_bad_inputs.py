@@ -720,7 +720,7 @@ def test_subject_score_in_bf16_warns_where_bf16_is_emulated_as_siso_optimize_doe
     prompt = scoring()
     prompt["12"]["inputs"]["precision"] = "bf16"
     shown = _run(server, prompt)["outputs"]["12"]["text"][0]
-    assert shown.split("\n")[len(expected)] == "rank | image | DINO sim | IR sim | score", shown
+    assert shown.split("\n")[len(expected)] == "rank | image | DINO sim | IR sim | score | MSE to subject (diversity)", shown
     for warning in expected:
         assert f"Warning: {warning}." in shown, shown
     assert shown.count("Warning:") == len(expected), shown
