@@ -16,10 +16,11 @@ AUTO = 0
 
 def _source(family: Family) -> str:
     """Where a family's auto values come from, in the user's words."""
+    variant = f", {family.variant}" if family.variant else ""   # families.for_config: what the file showed
     if not family.checked:
-        return f"auto: the {family.name} family row"
+        return f"auto: the {family.name} family row{variant}"
     if family.checked.startswith("a subclass"):     # inherited_family: its parent's row
-        return f"auto: {family.checked}"
+        return f"auto: {family.checked}{variant}"
     return f"auto: the generic default for a class with no table row ({family.model_classes[0]})"
 
 

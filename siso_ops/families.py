@@ -29,6 +29,12 @@ first stage. What differs, per family:
   the 1-megapixel families, which keeps memory down while the model still draws its own
   resolution's composition) and the paper's generation learning rate. Editing takes its size
   and steps from the inversion and the paper's editing rate (``EDIT_LEARNING_RATE``).
+- ``variants``: where one row covers a step-distilled and an undistilled model that the loaded
+  file tells apart, the advice for each and what shows it: a value of the model config ComfyUI
+  detects from the file's keys (``unet_config``; Flux.1 dev and Flux.2 dev carry a guidance
+  embedding, schnell and klein do not). The run takes the variant the file shows
+  (``for_config``), else the row's own numbers. Variants a file cannot show (Z-Image-Turbo or
+  Z-Image base, klein or klein base) keep the distilled advice: set steps by hand for those.
 - ``checked``: "" for a row of the table (a tiny model pins its path). Otherwise why SISO takes
   the self-checked path for a class no row names (a subclass of a row's class, or a class with
   no row at all): before the loop, on the run's own inputs, the path is checked (self_check.py)
@@ -43,6 +49,19 @@ import torch
 
 KL_DECODER_BLOCKS = ("ResnetBlock", "AttnBlock")
 UNET_BLOCKS = ("ResBlock", "BasicTransformerBlock")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of a row, told apart by its file: ComfyUI's detected model config (``unet_config``)
+    holds ``key`` = ``value``. Its advice as SISO Optimize's auto values."""
+    name: str                 # in the user's words, with what shows it
+    key: str
+    value: object
+    steps: int
+    grad_steps: int
+    absent: object = None     # what a config without ``key`` means (ComfyUI leaves out a key whose value is
+                              # the network's default); None: nothing
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,8 @@ class Family:
     grad_steps: int = 1       # the last steps gradients flow through,
     size: int = 512           # width and height of the optimised image (px),
     learning_rate: float = 2e-4   # AdamW's rate when generating (the paper's generation rate)
+    variants: tuple = ()      # Variant: the models of the row a loaded file tells apart
+    variant: str = ""         # the Variant the loaded file showed (for_config), "" for the row's own numbers
 
 
 PAPER_LEARNING_RATE = 2e-4    # the paper's (generation README's) rate
@@ -82,12 +103,20 @@ FAMILIES = (
            optimise="1 step, grad_steps 1", stage2="4 steps, cfg 1.0", source="the paper",
            steps=1, grad_steps=1, size=512),
     Family("Flux.1 (schnell, dev)", ("Flux",), in_place=True, diffusers="flux",
-           optimise="1 step (schnell), grad_steps 1", stage2="4 steps (schnell), cfg 1.0", source="the paper (FLUX-schnell)",
-           steps=1, grad_steps=1, size=512),
+           optimise="schnell: 1 step, grad_steps 1; dev: 8 steps, grad_steps 2",
+           stage2="schnell: 4 steps, cfg 1.0; dev: 20+ steps, FluxGuidance 3.5",
+           source="the paper (FLUX-schnell); dev: the model authors' sampling advice, SISO steps not measured",
+           steps=1, grad_steps=1, size=512,
+           variants=(Variant("schnell (the file has no guidance embedding)", "guidance_embed", False, 1, 1),
+                     Variant("dev (the file has a guidance embedding)", "guidance_embed", True, 8, 2))),
     Family("Flux.2 (dev, klein)", ("Flux2",), in_place=True,
-           optimise="4 steps, grad_steps 1 (distilled klein); dev: 8 steps, grad_steps 2", stage2="klein: 4 steps, cfg 1.0; dev: 20+ steps",
+           optimise="klein (distilled): 4 steps, grad_steps 1; dev: 8 steps, grad_steps 2",
+           stage2="klein: 4 steps, cfg 1.0; dev: 20+ steps",
            source="the model authors' sampling advice; SISO steps not measured",
-           steps=4, grad_steps=1, size=768),
+           steps=4, grad_steps=1, size=768,
+           variants=(Variant("klein (the file has no guidance embedding; klein base: set steps by hand)",
+                             "guidance_embed", False, 4, 1),
+                     Variant("dev (the file has a guidance embedding)", "guidance_embed", True, 8, 2))),
     Family("Chroma", ("Chroma",), in_place=True, optimise="8 steps, grad_steps 2", stage2="26+ steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured",
            steps=8, grad_steps=2, size=768),
@@ -99,10 +128,15 @@ FAMILIES = (
            stage2="Large Turbo: 4 steps, cfg 1.0; others: 28 steps, cfg 4.5",
            source="the model authors' sampling advice; SISO steps not measured",
            steps=4, grad_steps=1, size=768),
-    Family("Z-Image / Lumina 2 (NextDiT)", ("Lumina2",), optimise="Z-Image-Turbo: 8 steps, grad_steps 1",
+    Family("Z-Image / Lumina 2 (NextDiT)", ("Lumina2",),
+           optimise="Z-Image-Turbo: 8 steps, grad_steps 1; Lumina 2: 8 steps, grad_steps 2",
            stage2="Z-Image-Turbo: 8 steps, cfg 1.0; Lumina 2: 30 steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured",
-           steps=8, grad_steps=1, size=768),
+           steps=8, grad_steps=1, size=768,
+           variants=(Variant("Z-Image (the file has Z-Image's modulation; Z-Image base: set steps by hand)",
+                             "z_image_modulation", True, 8, 1, absent=False),
+                     Variant("Lumina 2 (the file has no Z-Image modulation)", "z_image_modulation", False, 8, 2,
+                             absent=False))),
     Family("Qwen-Image", ("QwenImage",), decoder_blocks=(),
            optimise="4 steps with a Lightning LoRA, grad_steps 1",
            stage2="Lightning: 4-8 steps, cfg 1.0; base: 50 steps, cfg 4",
@@ -115,9 +149,12 @@ FAMILIES = (
            source="the model authors' sampling advice; SISO steps not measured",
            steps=8, grad_steps=2, size=768),
     Family("HunyuanImage 2.1", ("HunyuanImage21",), in_place=True, decoder_blocks=(),
-           optimise="distilled: 8 steps, grad_steps 1", stage2="distilled: 8 steps, cfg 1.0; base: 50 steps, cfg 3.5",
+           optimise="distilled: 8 steps, grad_steps 1; base: 8 steps, grad_steps 2",
+           stage2="distilled: 8 steps, cfg 1.0; base: 50 steps, cfg 3.5",
            source="the model authors' sampling advice; SISO steps not measured",
-           steps=8, grad_steps=1, size=768),
+           steps=8, grad_steps=1, size=768,
+           variants=(Variant("distilled (the file has a guidance embedding)", "guidance_embed", True, 8, 1),
+                     Variant("base (the file has no guidance embedding)", "guidance_embed", False, 8, 2))),
     Family("Cosmos Predict2 (text to image)", ("CosmosPredict2",), decoder_blocks=(),
            optimise="8 steps, grad_steps 2", stage2="35 steps, cfg 7",
            source="the model authors' sampling advice; SISO steps not measured",
@@ -207,6 +244,20 @@ def family_of(model_class_name: str) -> Family | None:
         if model_class_name in family.model_classes:
             return family
     return None
+
+
+def for_config(family: Family, config) -> Family:
+    """``family`` with the auto values of the variant the loaded file shows: the first of
+    ``family.variants`` whose key has its value in ``config`` (ComfyUI's detected model config,
+    ``unet_config``). A config that names none (a key missing: a class of another pack, an older
+    ComfyUI) keeps the row's own numbers."""
+    if not isinstance(config, dict):
+        return family
+    for variant in family.variants:
+        shown = config[variant.key] if variant.key in config else variant.absent
+        if shown is not None and shown == variant.value:
+            return replace(family, steps=variant.steps, grad_steps=variant.grad_steps, variant=variant.name)
+    return family
 
 
 def inherited_family(row: Family, class_name: str, parent: str) -> Family:

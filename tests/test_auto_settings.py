@@ -93,7 +93,8 @@ def test_a_tiny_z_image_at_the_node_defaults_optimises_at_its_family_8_steps(zim
     best, report, calls = run(model, vae, positive, subject, feature_files, monkeypatch, max_iterations=2)
     assert "after 2 iterations" in report and calls == [row.steps], (calls, report)
     assert best.shape == (1, row.size, row.size, 3)
-    source = f"(auto: the {row.name} family row)"
+    z_image = next(v for v in row.variants if v.key == "z_image_modulation" and v.value is True)
+    source = f"(auto: the {row.name} family row, {z_image.name})"   # the variant the model's config shows
     assert f"768x768 px, steps 8, grad_steps 1, learning_rate 0.0002 {source}" in report, report
 
 
@@ -175,3 +176,77 @@ def test_editing_takes_size_and_steps_from_the_inversion_and_the_paper_editing_r
     # steps and size set on the node are not used when editing (as before auto existed)
     settings, _ = auto_settings.resolve(replace(auto, width=512, steps=4), row, inversion)
     assert (settings.width, settings.steps) == (64, 1)
+
+
+# ----------------------------------------------------------------------------- variants a file shows
+def _variant_row(class_name: str):
+    row = families.family_of(class_name)
+    assert row.variants, class_name
+    return row
+
+
+@pytest.mark.parametrize("class_name", [f.model_classes[0] for f in families.FAMILIES if f.variants])
+def test_each_variant_of_a_row_gives_its_own_advice_and_a_config_that_shows_none_keeps_the_row(class_name):
+    row = _variant_row(class_name)
+    for variant in row.variants:
+        assert f"{variant.steps} step" in row.optimise and f"grad_steps {variant.grad_steps}" in row.optimise, variant
+        taken = families.for_config(row, {variant.key: variant.value, "image_model": "x"})
+        assert (taken.steps, taken.grad_steps, taken.variant) == (variant.steps, variant.grad_steps, variant.name)
+        assert (taken.name, taken.size, taken.lora) == (row.name, row.size, row.lora)   # only the advice changes
+    assert len({(v.key, v.value) for v in row.variants}) == len(row.variants)   # no two variants on one value
+    for nothing in (None, {"image_model": "x"}):
+        kept = families.for_config(row, nothing)
+        absent = next((v for v in row.variants if v.absent is not None and v.absent == v.value), None)
+        if nothing is None or absent is None:
+            assert kept == row
+        else:   # a key ComfyUI leaves out at the network's default: that default's variant
+            assert (kept.steps, kept.grad_steps, kept.variant) == (absent.steps, absent.grad_steps, absent.name)
+
+
+# tiny model -> (row class, the variant's words, steps, grad_steps): what each tiny config is
+VARIANT_MODELS = {
+    "flux_dev": ("Flux", "dev (the file has a guidance embedding)", 8, 2),
+    "flux_schnell": ("Flux", "schnell (the file has no guidance embedding)", 1, 1),
+    "flux2": ("Flux2", "dev (the file has a guidance embedding)", 8, 2),
+    "zimage": ("Lumina2", "Z-Image (the file has Z-Image's modulation; Z-Image base: set steps by hand)", 8, 1),
+    "lumina2": ("Lumina2", "Lumina 2 (the file has no Z-Image modulation)", 8, 2),
+    "hunyuan_image21": ("HunyuanImage21", "base (the file has no guidance embedding)", 8, 2),
+}
+
+
+def _tiny(name):
+    import tiny
+    return tiny.build_model(name) if name in tiny.FAMILIES else tf.build_model(name)
+
+
+@pytest.mark.parametrize("name", list(VARIANT_MODELS))
+def test_the_loaded_model_s_config_picks_the_variant(name):
+    """Through the host, on models built by ComfyUI's own classes: the variant comes from the
+    MODEL's detected config. For the guidance embedding the value is the one ComfyUI's detection
+    reads from the file's keys (``guidance_in.*``): detect_unet_config on the tiny network's own
+    state dict gives it back. (Z-Image is detected by its 3840-wide layers, which no tiny model
+    has; its config value is checked as the class holds it.)"""
+    row_class, words, steps, grad_steps = VARIANT_MODELS[name]
+    model = _tiny(name)
+    family = host.model_family(model)
+    assert (family.name, family.variant, family.steps, family.grad_steps) == \
+        (families.family_of(row_class).name, words, steps, grad_steps)
+    config = model.model.model_config.unet_config
+    if "guidance_embed" in config:
+        import comfy.model_detection
+        detected = comfy.model_detection.detect_unet_config(model.model.diffusion_model.state_dict(), "")
+        assert detected["guidance_embed"] is config["guidance_embed"], name
+
+
+def test_a_tiny_flux_dev_at_the_node_defaults_optimises_at_dev_s_8_steps_and_says_why(subject, feature_files,
+                                                                                       monkeypatch):
+    """Flux.1 dev at auto takes the dev advice (8 steps, grad_steps 2), not schnell's 1 step, and
+    the report says which variant and what showed it. 64 px set to keep the test small."""
+    import tiny
+    model, vae, positive = tiny.build_model("flux_dev"), tiny.build_vae(16), tiny.conditioning("flux_dev")
+    row = families.family_of("Flux")
+    best, report, calls = run(model, vae, positive, subject, feature_files, monkeypatch, width=64, height=64,
+                              max_iterations=2)
+    assert calls == [8] and best.shape == (1, 64, 64, 3), (calls, report)
+    assert (f"steps 8, grad_steps 2, learning_rate 0.0002 (auto: the {row.name} family row, dev (the file has a "
+            "guidance embedding))") in report, report

@@ -73,7 +73,8 @@ def _unlisted_family(model, cls) -> families.Family:
 
 def model_family(model) -> families.Family:
     """The MODEL's row of the family table, or for a class no row names the family of the
-    self-checked path (``checked`` set: see families.py); raises before any work when SISO cannot
+    self-checked path (``checked`` set: see families.py), with the auto values of the variant
+    its file shows (families.for_config); raises before any work when SISO cannot
     train it."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(model, "get_model_object"):
@@ -81,6 +82,8 @@ def model_family(model) -> families.Family:
     family = families.family_of(type(base).__name__)
     if family is None:
         family = _unlisted_family(model, type(base))
+    # the row's variant the loaded file shows (Flux.1 dev or schnell...): its auto values
+    family = families.for_config(family, getattr(getattr(base, "model_config", None), "unet_config", None))
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, SUPPORTED_SAMPLING):
         raise ValueError(f"SISO cannot optimise {describe_model(model)}: its sampling "
