@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -532,6 +533,124 @@ def install_paper_loop(text_encoder, encode, te_device):
     gen.host.TrainableModel = PaperTrainable   # this process only: the paper's loop
 
 
+@dataclasses.dataclass
+class PathRun:
+    """What every measured path of one child shares: the host objects, the synthetic inputs, the
+    similarity networks, the settings builder and the memory meter."""
+    model: object
+    vae: object
+    positive: list
+    subject: object
+    photo: object
+    mask: object
+    networks: tuple
+    settings_for: object      # (max_iterations, patience) -> GenerationSettings
+    memory: Memory
+
+    def optimise(self, settings, **kwargs):
+        from conftest import siso
+        return siso("siso_ops.generation").optimize_subject(self.model, self.vae, self.positive, self.subject, None,
+                                                            None, settings, feature_networks=self.networks, **kwargs)
+
+
+def synthetic_inputs(size: int, vae, positive: list, references: int, subject_mod):
+    """(subject, photo, editing mask, conditioning): a fixed synthetic subject and photo (smooth
+    colour fields), the centre square as the mask; with ``references``, the photo as VAEEncode +
+    ReferenceLatent would append it to the conditioning's reference_latents."""
+    import torch
+
+    def synthetic(seed):
+        g = torch.Generator().manual_seed(seed)
+        base_image = torch.rand(1, 3, 8, 8, generator=g)
+        return torch.nn.functional.interpolate(base_image, size=(size, size), mode="bilinear").permute(0, 2, 3, 1)
+
+    subject = subject_mod.prepare_subject(synthetic(1))
+    photo = synthetic(2)
+    if references:
+        with torch.inference_mode():
+            reference = vae.encode(photo)
+        positive = [[cond, dict(extra, reference_latents=list(extra.get("reference_latents", [])) + [reference] * references)]
+                    for cond, extra in positive]
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    return subject, photo, mask, positive
+
+
+def memory_estimate_entry(plan) -> dict | None:
+    """The run's memory estimate (siso_ops.memory's plan) as the JSON entry reports it."""
+    if plan is None or plan.estimate is None:
+        return None
+    chosen, estimate = plan.checkpointing, plan.estimate
+    return {"checkpointing": chosen, "peak_mb": estimate.peak(chosen) / 2**20,
+            "needed_mb": estimate.needed(chosen) / 2**20, "other_mode_peak_mb": estimate.peak(not chosen) / 2**20,
+            "weights_mb": {k: v / 2**20 for k, v in estimate.weights.items()},
+            "activations_mb": {k: v.peak(chosen) / 2**20 for k, v in estimate.activations.items()},
+            "available_mb": plan.available.usable / 2**20}
+
+
+def measure_path(run: PathRun, path: str, iterations: int):
+    """(the path's entry, the checkpointing the run chose or None): ``iterations`` timed
+    iterations after a warm-up one (0: one iteration, the warm-up included), wall and CPU seconds,
+    peak memory, losses and the memory estimate against the peak."""
+    import torch
+    from conftest import siso
+    editing, renoise = siso("siso_ops.editing"), siso("siso_ops.renoise")
+    inversion = None
+    if path == "editing":
+        with torch.inference_mode():
+            inversion, _ = editing.invert_photo(run.model, run.vae, run.photo, run.positive, editing.InversionSettings(
+                renoise=renoise.ReNoiseSettings().ddim()))
+    stamps, cpu_stamps = [], []
+    run.memory.reset()
+    start_mb = run.memory.current_mb()
+    before, cpu_before = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        _, _, result = run.optimise(
+            run.settings_for(iterations + 2, iterations + 2) if iterations else run.settings_for(1, 1),
+            inversion=inversion, mask=run.mask if inversion is not None else None,
+            on_iteration=lambda r: (stamps.append(time.perf_counter()), cpu_stamps.append(time.process_time())))
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]    # the first step warms up
+    if not iterations:
+        # --iterations 0: one iteration only (a forward and a backward: the peak), its time
+        # including the warm-up; for models whose iteration takes minutes on this machine
+        seconds = [stamps[0] - before]
+    # CPU seconds the process got per timed iteration (all its threads) and the load average:
+    # on a shared machine, wall time grows when other processes take the cores
+    cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][1:] if iterations else [cpu_stamps[0] - cpu_before]
+    entry = {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mb": run.memory.peak_mb(),
+             "start_mb": start_mb, "first_iteration_s": stamps[0] - before, "cpu_seconds": cpu_seconds,
+             "load_average": os.getloadavg(), "threads": torch.get_num_threads(),
+             "losses": [h["loss"] for h in result.history]}
+    plan = getattr(result, "memory", None)
+    estimate = memory_estimate_entry(plan)
+    if estimate is not None:
+        entry["estimate"] = estimate
+    return entry, (plan.checkpointing if plan is not None else None)
+
+
+def extra_measurements(run: PathRun, entry: dict, stem: str, early_stop: bool, profile_dir: str | None,
+                       count_ops: bool):
+    """The generation path's optional runs, added to its entry: to the early stop (at most 50
+    iterations, patience 7), the profiled iterations, the operator counts."""
+    import torch
+    from conftest import siso
+    host, gen, fn = siso("siso_ops.host"), siso("siso_ops.generation"), siso("siso_ops.feature_networks")
+    if early_stop:
+        run.memory.reset()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            _, _, result = run.optimise(run.settings_for(50, 7))
+        entry["early_stop"] = {"wall_s": time.perf_counter() - start, "iterations": result.iterations,
+                               "stop_reason": result.stop_reason}
+    if profile_dir:
+        entry["profile"] = profile_iteration(
+            lambda on_iteration: run.optimise(run.settings_for(4, 4), on_iteration=on_iteration),
+            os.path.join(profile_dir, stem), gen, host, fn)
+    if count_ops:
+        entry["count"] = count_iteration(
+            lambda on_iteration: run.optimise(run.settings_for(3, 3), on_iteration=on_iteration), gen, host, fn)
+
+
 def child(model_name: str, config: str, size: int, iterations: int, early_stop: bool, tiny_models: bool,
           paths=PATHS, profile_dir: str | None = None, count_ops: bool = False):
     sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -539,9 +658,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
     import torch
     from conftest import siso
 
-    host, gen, opt, fn, pre, editing, lora_mod, subject_mod, renoise = (siso(f"siso_ops.{m}") for m in (
-        "host", "generation", "optimize", "feature_networks", "preprocess", "editing", "lora", "subject",
-        "renoise"))
+    host, gen, opt, subject_mod = (siso(f"siso_ops.{m}") for m in ("host", "generation", "optimize", "subject"))
     device = host.compute_device()
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     memory = Memory(device, total_mb - 1536 if device.type == "cpu" else None)
@@ -577,22 +694,7 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
     if paper:
         install_paper_loop(*text)
 
-    # --- a fixed synthetic subject and photo (smooth colour fields)
-    def synthetic(seed):
-        g = torch.Generator().manual_seed(seed)
-        base_image = torch.rand(1, 3, 8, 8, generator=g)
-        return torch.nn.functional.interpolate(base_image, size=(size, size), mode="bilinear").permute(0, 2, 3, 1)
-
-    subject = subject_mod.prepare_subject(synthetic(1))
-    photo = synthetic(2)
-    if references:
-        # as VAEEncode + ReferenceLatent: the encoded photo appended to the conditioning's reference_latents
-        with torch.inference_mode():
-            reference = vae.encode(photo)
-        positive = [[cond, dict(extra, reference_latents=list(extra.get("reference_latents", [])) + [reference] * references)]
-                    for cond, extra in positive]
-    mask = torch.zeros(1, size, size)
-    mask[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    subject, photo, mask, positive = synthetic_inputs(size, vae, positive, references, subject_mod)
 
     def settings_for(max_iterations, patience):
         optimization = opt.OptimizationSettings(max_iterations=max_iterations, early_stop_patience=patience)
@@ -615,63 +717,14 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         out["weights"] = weights
     if references:
         out["references"] = references
+    run = PathRun(model=model, vae=vae, positive=positive, subject=subject, photo=photo, mask=mask,
+                  networks=(dino, ir), settings_for=settings_for, memory=memory)
     for path in paths:
-        inversion = None
-        if path == "editing":
-            with torch.inference_mode():
-                inversion, _ = editing.invert_photo(model, vae, photo, positive, editing.InversionSettings(
-                    renoise=renoise.ReNoiseSettings().ddim()))
-        stamps, cpu_stamps = [], []
-        memory.reset()
-        start_mb = memory.current_mb()
-        before, cpu_before = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            _, _, result = gen.optimize_subject(
-                model, vae, positive, subject, None, None,
-                settings_for(iterations + 2, iterations + 2) if iterations else settings_for(1, 1),
-                feature_networks=(dino, ir), inversion=inversion, mask=mask if inversion is not None else None,
-                on_iteration=lambda r: (stamps.append(time.perf_counter()), cpu_stamps.append(time.process_time())))
-        seconds = [b - a for a, b in zip(stamps, stamps[1:])][1:]    # the first step warms up
-        if not iterations:
-            # --iterations 0: one iteration only (a forward and a backward: the peak), its time
-            # including the warm-up; for models whose iteration takes minutes on this machine
-            seconds = [stamps[0] - before]
-        # CPU seconds the process got per timed iteration (all its threads) and the load average:
-        # on a shared machine, wall time grows when other processes take the cores
-        cpu_seconds = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][1:] if iterations else [cpu_stamps[0] - cpu_before]
-        entry = {"seconds": seconds, "median_s": statistics.median(seconds), "peak_mb": memory.peak_mb(),
-                 "start_mb": start_mb, "first_iteration_s": stamps[0] - before, "cpu_seconds": cpu_seconds,
-                 "load_average": os.getloadavg(), "threads": torch.get_num_threads(),
-                 "losses": [h["loss"] for h in result.history]}
-        plan = getattr(result, "memory", None)
-        if plan is not None:
-            out["gradient_checkpointing"] = plan.checkpointing
-            if plan.estimate is not None:
-                chosen, estimate = plan.checkpointing, plan.estimate
-                entry["estimate"] = {
-                    "checkpointing": chosen, "peak_mb": estimate.peak(chosen) / 2**20,
-                    "needed_mb": estimate.needed(chosen) / 2**20, "other_mode_peak_mb": estimate.peak(not chosen) / 2**20,
-                    "weights_mb": {k: v / 2**20 for k, v in estimate.weights.items()},
-                    "activations_mb": {k: v.peak(chosen) / 2**20 for k, v in estimate.activations.items()},
-                    "available_mb": plan.available.usable / 2**20}
-        if early_stop and path == "generation":
-            memory.reset()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                _, _, result = gen.optimize_subject(model, vae, positive, subject, None, None,
-                                                    settings_for(50, 7), feature_networks=(dino, ir))
-            entry["early_stop"] = {"wall_s": time.perf_counter() - start, "iterations": result.iterations,
-                                   "stop_reason": result.stop_reason}
-        if profile_dir and path == "generation":
-            entry["profile"] = profile_iteration(
-                lambda on_iteration: gen.optimize_subject(model, vae, positive, subject, None, None, settings_for(4, 4),
-                                                          feature_networks=(dino, ir), on_iteration=on_iteration),
-                os.path.join(profile_dir, f"{model_name}-{config}"), gen, host, fn)
-        if count_ops and path == "generation":
-            entry["count"] = count_iteration(
-                lambda on_iteration: gen.optimize_subject(model, vae, positive, subject, None, None, settings_for(3, 3),
-                                                          feature_networks=(dino, ir), on_iteration=on_iteration),
-                gen, host, fn)
+        entry, checkpointing = measure_path(run, path, iterations)
+        if checkpointing is not None:
+            out["gradient_checkpointing"] = checkpointing
+        if path == "generation":
+            extra_measurements(run, entry, f"{model_name}-{config}", early_stop, profile_dir, count_ops)
         out["paths"][path] = entry
         print(f"# {model_name} {config} {path}: {entry['median_s']:.2f} s/iteration, peak {entry['peak_mb']:.0f} MB"
               + (f" (estimate {estimate_against_peak(entry, device.type)[0]:.0f} MB against measured "

@@ -15,8 +15,11 @@ from .. import segmentation
 from .models import throw_if_interrupted
 
 SAM3_NODE = "SAM3_Detect"
-# The oldest release seen with the stock SAM3 nodes (added by Comfy-Org/ComfyUI PR 13408, April
-# 2026); 0.33 is the one tested here.
+# Only for the words of the message: the pack finds SAM3 by its node (sam3_available), never by
+# version. The stock SAM3 nodes came with Comfy-Org/ComfyUI PR 13408 (merged 2026-04-23); the PR's
+# thread shows them absent from v0.19.5, and Comfy-Org/ComfyUI issue 14243 shows SAM3 Detect in a
+# clean 0.22.0, so the first release is 0.20, 0.21 or 0.22: the message names the oldest one seen
+# with them. 0.33 is the one tested here.
 SAM3_SINCE = "0.22"
 SAM3_FILE = "sam3.1_multiplex_fp16.safetensors"
 SAM3_URL = "https://huggingface.co/Comfy-Org/sam3.1/resolve/main/checkpoints/sam3.1_multiplex_fp16.safetensors"
