@@ -304,7 +304,7 @@ def plan(mode, model, vae, positive, width, height, device, dtype, grad_steps, r
                                       target, networks)
     except Exception as error:   # an exotic layer the shape-only pass cannot run: no estimate, no refusal
         log.warning("SISO: memory estimate unavailable (%s: %s); low_memory %s", type(error).__name__, error,
-                    "on" if mode == "auto" else mode)
+                    "on (auto, the safe side without an estimate)" if mode == "auto" else ("on" if mode else "off"))
         return MemoryPlan(None, None, mode, resolve_checkpointing(mode, None, None))
     available = available_memory(device)
     chosen = resolve_checkpointing(mode, estimate, available, dtype)
