@@ -15,7 +15,7 @@ from ..siso_ops.report import loss_curve
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
 from .lora import lora_file_header_rank
-from .queue_checks import constant_int, linked_image_size, linked_lora_rank
+from .queue_checks import constant_int, linked_image_size, linked_lora_rank, linked_vae_block
 from .progress import IterationProgress
 from .graph_types import ADVANCED, CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -131,8 +131,9 @@ class SISOOptimize(CheckedNode):
 
     @classmethod
     def check_values(cls, width=None, height=None, dino_weight=None, ir_weight=None, **values):
-        # 8 is the smallest VAE block; the VAE is a link here, so its own block (16 for Flux.2) is
-        # checked when the run starts, before any work (host.check_size)
+        # 8 is the smallest VAE block; the VAE is a link here: its own block (16 for Flux.2) is
+        # checked by check_prompt where the prompt names its file, and always when the run starts,
+        # before any work (host.check_size)
         # 0 is auto: the family's size, checked against the VAE's block when the run starts
         for name, value in (("width", width), ("height", height)):
             if isinstance(value, int) and value != AUTO and value < 64:
@@ -163,6 +164,15 @@ class SISOOptimize(CheckedNode):
         mask = cls._mask_problem(prompt, inputs)
         if mask:
             problems["mask"] = mask
+        # width and height against the block of the VAE the prompt names, where its file's header
+        # says it (16 for Flux.2's VAE; check_values knows only the 8 every VAE divides)
+        vae = linked_vae_block(prompt, inputs.get("vae"), host.vae_file_block)
+        for name in ("width", "height") if vae and inputs.get("inversion") is None else ():
+            value = constant_int(prompt, inputs.get(name))
+            block = vae[0]
+            if value and value % block:
+                problems[name] = (f"{name} {value} is not a multiple of {block}: the VAE {vae[1]} works on {block}-pixel "
+                                  f"blocks; use {value - value % block} or {value - value % block + block}, or 0 (auto)")
         return problems
 
     @staticmethod

@@ -143,6 +143,22 @@ def linked_lora_rank(prompt: dict, link, rank_of_file) -> tuple | None:
     return None
 
 
+def linked_vae_block(prompt: dict, link, block_of_file) -> tuple | None:
+    """(pixels per latent cell, the file in the user's words) of the VAE a link carries, where the
+    prompt names its file and the file's header says it (``block_of_file(folder, name, prefix)``,
+    host.vae_file_block): a stock VAELoader's file, or the VAE inside CheckpointLoaderSimple's
+    checkpoint; else None."""
+    kind, inputs, output = _source(prompt, link)
+    if kind == "VAELoader" and output == 0 and isinstance(inputs.get("vae_name"), str):
+        folder, name, prefix = "vae", inputs["vae_name"], ""
+    elif kind == "CheckpointLoaderSimple" and output == 2 and isinstance(inputs.get("ckpt_name"), str):
+        folder, name, prefix = "checkpoints", inputs["ckpt_name"], "first_stage_model."
+    else:
+        return None
+    block = block_of_file(folder, name, prefix)
+    return (block, f"{name} ({kind}, node {link[0]})") if block else None
+
+
 def queue_check(pack_nodes):
     """An on-prompt handler: marks each refused constant input of the pack's nodes (see the module
     docstring). Never raises: ComfyUI would only log it and queue the prompt unchecked."""

@@ -177,9 +177,10 @@ def test_a_reference_path_that_keeps_state_between_calls_is_refused_before_any_w
 
 # ----------------------------------------------------------------------------- sizes
 def test_a_size_that_is_not_a_multiple_of_the_vaes_block_is_refused_before_any_work(subject, monkeypatch):
-    """The queue-time check can only ask for a multiple of 8 (the VAE is a link there); Flux.2's
-    VAE works on 16-pixel blocks, so the run refuses 72 px, naming 16, before the memory estimate
-    or the networks; 80 px passes that check."""
+    """Where the queue cannot read the VAE's block (a VAE from a node other than a stock loader of a
+    file, test below), it can only ask for a multiple of 8; Flux.2's VAE works on 16-pixel blocks,
+    so the run refuses 72 px, naming 16, before the memory estimate or the networks; 80 px passes
+    that check."""
     model, vae, positive = tf.build_model("flux2"), tf.build_vae("flux2"), tf.conditioning("flux2")
     assert host.latent_scale(vae) == 16
     monkeypatch.setattr(gen.memory, "plan", lambda *a, **k: pytest.fail("work started"))
@@ -188,3 +189,46 @@ def test_a_size_that_is_not_a_multiple_of_the_vaes_block_is_refused_before_any_w
                                                                  "works on 16-pixel blocks; use 64 or 80"):
         gen.optimize_subject(model, vae, positive, subject, "d", "i", gen.GenerationSettings(width=72, height=64))
     host.check_size(vae, 80, 64)
+
+
+def test_the_queue_reads_the_vae_block_from_the_file_a_stock_loader_names(tmp_path, monkeypatch):
+    """A prompt whose SISO Optimize takes its VAE from a stock VAELoader: the file's header says
+    its block before anything runs. Flux.2's VAE file, laid out as published (the SD autoencoder
+    with 32 latent channels and a batch norm: tests/family_files.py), is read as 16 px, which is
+    what ComfyUI's own VAE loader makes of the same file; width 776 (a multiple of 8, not of 16)
+    is refused at queue time naming 16 and the file; 768 and auto pass. An SD-layout VAE file
+    says nothing more than the 8-pixel rule. (The server's on-prompt handler calls this check_prompt;
+    its other cases go through the server in test_bad_inputs.py.)"""
+    import folder_paths
+    import safetensors.torch
+    import comfy.sd
+    import comfy.utils
+    import family_files
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    flux2 = folder / "flux2-vae.safetensors"
+    safetensors.torch.save_file(family_files.tiny_flux2_vae_state_dict(), str(flux2))
+    with torch.inference_mode():
+        sd_vae = tiny.build_vae(4).first_stage_model.state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd_vae.items()}, str(folder / "sd-vae.safetensors"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae",
+                        ([str(folder)], folder_paths.folder_names_and_paths["vae"][1]))
+    assert host.vae_file_block("vae", "flux2-vae.safetensors") == 16
+    with torch.inference_mode():   # what ComfyUI's loader makes of the same file
+        assert comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(flux2))).spacial_compression_encode() == 16
+    assert host.vae_file_block("vae", "sd-vae.safetensors") is None
+    assert host.vae_file_block("vae", "no-such-file.safetensors") is None
+
+    optimize = NODE["SISOOptimize"]
+
+    def refusals(vae_name, width, height=768):
+        prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": vae_name}},
+                  "2": {"class_type": "SISOOptimize", "inputs": {"vae": ["1", 0], "width": width, "height": height}}}
+        return optimize.check_prompt(prompt, "2")
+
+    assert refusals("flux2-vae.safetensors", 776) == {
+        "width": "width 776 is not a multiple of 16: the VAE flux2-vae.safetensors (VAELoader, node 1) works on "
+                 "16-pixel blocks; use 768 or 784, or 0 (auto)"}
+    assert set(refusals("flux2-vae.safetensors", 776, 40 * 16 + 8)) == {"width", "height"}
+    assert refusals("flux2-vae.safetensors", 768) == {} and refusals("flux2-vae.safetensors", 0, 0) == {}
+    assert refusals("sd-vae.safetensors", 776) == {}

@@ -41,7 +41,7 @@ from .environment import training_mode  # noqa: F401
 from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)
 from .decoding import (  # noqa: F401
-    encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder)
+    encode_photo, decode_latent, latent_scale, check_size, empty_latent, DifferentiableDecoder, vae_file_block)
 from .prompts import add_prompt_check, RefusedValue  # noqa: F401
 from .progress import progress_bar, previews_enabled, send_event, is_cancel  # noqa: F401
 from .compiled_models import user_compiled, drop_user_compile, user_compile_note  # noqa: F401

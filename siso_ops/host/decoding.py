@@ -59,6 +59,43 @@ def check_size(vae, width: int, height: int):
                              f"blocks; use {value - value % scale} or {value - value % scale + scale}")
 
 
+# Keys by which ComfyUI's VAE loader (comfy.sd.VAE) takes a file down another branch before the
+# SD-autoencoder one that reads a batch-norm latent as Flux.2's (0.3.75 and 0.33): a file that has
+# one is not claimed here.
+_OTHER_VAE_KINDS = ("dec_in_proj.weight", "decoder.mid.block_1.mix_factor", "taesd_decoder.1.weight",
+                    "vquantizer.codebook.weight", "backbone.1.0.block.0.1.num_batches_tracked",
+                    "blocks.11.num_batches_tracked", "encoder.backbone.1.0.block.0.1.num_batches_tracked",
+                    "decoder.up_blocks.2.upsamplers.0.upscale_conv.weight", "student.dconv_encoder.proj_out.weight",
+                    "decoder.conv_in_x_t.weight")
+
+
+def vae_file_block(folder: str, name: str, prefix: str = "") -> int | None:
+    """The pixels per latent cell of a VAE file as ComfyUI's VAE loader will read it, from the
+    safetensors header alone (no tensor read), where the layout says it: 16 for Flux.2's VAE (the
+    SD autoencoder with 32 latent channels and a batch norm over its 2x2-patchified latent:
+    ``bn.running_mean``, which makes comfy.sd.VAE double its block). None for every other file,
+    which the queue leaves to the 8-pixel rule and the run checks against the loaded VAE itself
+    (check_size). ``folder``, ``name``: a file of a ComfyUI model folder ("vae", "checkpoints"), as a
+    loader's dropdown names it; ``prefix``: where a checkpoint keeps its VAE (``first_stage_model.``)."""
+    import folder_paths
+    from ..weights import read_safetensors_header
+    try:
+        path = folder_paths.get_full_path(folder, name)
+    except Exception:
+        return None
+    if not path or not str(path).lower().endswith(".safetensors"):
+        return None
+    try:
+        entries = read_safetensors_header(path, "VAE file")[0]
+    except (ValueError, OSError):     # the loader names a bad file itself
+        return None
+    keys = {k[len(prefix):] for k in entries if k.startswith(prefix)}
+    conv_in = entries.get(prefix + "decoder.conv_in.weight")
+    if conv_in is None or len(conv_in.shape) != 4 or conv_in.shape[1] != 32 or any(k in keys for k in _OTHER_VAE_KINDS):
+        return None
+    return 16 if "bn.running_mean" in keys else None
+
+
 def empty_latent(model, width: int, height: int, vae=None) -> torch.Tensor:
     """The zeros a stock EmptyLatentImage-like node gives this model: its latent channels and
     dimensions (one frame for the Wan-latent image models), at the VAE's scale."""
