@@ -32,7 +32,7 @@ first stage. What differs, per family:
 - ``variants``: where one row covers a step-distilled and an undistilled model that the loaded
   file tells apart, the advice for each and what shows it: a value of the model config ComfyUI
   detects from the file's keys (``unet_config``; Flux.1 dev and Flux.2 dev carry a guidance
-  embedding, schnell and klein do not). The run takes the variant the file shows
+  embedding, schnell and klein do not; SD3's Medium and Large differ in depth). The run takes the variant the file shows
   (``for_config``), else the row's own numbers. Variants a file cannot show (Z-Image-Turbo or
   Z-Image base, klein or klein base) keep the distilled advice: set steps by hand for those.
 - ``checked``: "" for a row of the table (a tiny model pins its path). Otherwise why SISO takes
@@ -124,10 +124,15 @@ FAMILIES = (
            optimise="8 steps, grad_steps 2", stage2="26+ steps, cfg 4",
            source="the model authors' sampling advice; SISO steps not measured",
            steps=8, grad_steps=2, size=768),
-    Family("SD3 / SD3.5 (MMDiT)", ("SD3",), diffusers="mmdit", optimise="4 steps, grad_steps 1 (3.5 Large Turbo)",
+    Family("SD3 / SD3.5 (MMDiT)", ("SD3",), diffusers="mmdit",
+           optimise="3.5 Large Turbo: 4 steps, grad_steps 1; Medium: 8 steps, grad_steps 2",
            stage2="Large Turbo: 4 steps, cfg 1.0; others: 28 steps, cfg 4.5",
            source="the model authors' sampling advice; SISO steps not measured",
-           steps=4, grad_steps=1, size=768),
+           steps=4, grad_steps=1, size=768,
+           # ComfyUI's detection reads depth as the MMDiT's width / 64: 24 (SD3 Medium, SD3.5 Medium,
+           # neither distilled), 38 (SD3.5 Large and its distilled Large Turbo: the same layers)
+           variants=(Variant("Large (38 blocks: Large Turbo's advice; 3.5 Large: set steps by hand)", "depth", 38, 4, 1),
+                     Variant("Medium (24 blocks: SD3 Medium or SD3.5 Medium, not distilled)", "depth", 24, 8, 2))),
     Family("Z-Image / Lumina 2 (NextDiT)", ("Lumina2",),
            optimise="Z-Image-Turbo: 8 steps, grad_steps 1; Lumina 2: 8 steps, grad_steps 2",
            stage2="Z-Image-Turbo: 8 steps, cfg 1.0; Lumina 2: 30 steps, cfg 4",

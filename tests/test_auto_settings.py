@@ -211,6 +211,8 @@ VARIANT_MODELS = {
     "zimage": ("Lumina2", "Z-Image (the file has Z-Image's modulation; Z-Image base: set steps by hand)", 8, 1),
     "lumina2": ("Lumina2", "Lumina 2 (the file has no Z-Image modulation)", 8, 2),
     "hunyuan_image21": ("HunyuanImage21", "base (the file has no guidance embedding)", 8, 2),
+    # a 1-block MMDiT is neither Medium (24) nor Large (38): the row's own numbers, no variant named
+    "sd3": ("SD3", "", 4, 1),
 }
 
 
@@ -222,9 +224,9 @@ def _tiny(name):
 @pytest.mark.parametrize("name", list(VARIANT_MODELS))
 def test_the_loaded_model_s_config_picks_the_variant(name):
     """Through the host, on models built by ComfyUI's own classes: the variant comes from the
-    MODEL's detected config. For the guidance embedding the value is the one ComfyUI's detection
-    reads from the file's keys (``guidance_in.*``): detect_unet_config on the tiny network's own
-    state dict gives it back. (Z-Image is detected by its 3840-wide layers, which no tiny model
+    MODEL's detected config. For the guidance embedding and SD3's depth the value is the one
+    ComfyUI's detection reads from the file's weights (``guidance_in.*``; the MMDiT's width / 64):
+    detect_unet_config on the tiny network's own state dict gives it back. (Z-Image is detected by its 3840-wide layers, which no tiny model
     has; its config value is checked as the class holds it.)"""
     row_class, words, steps, grad_steps = VARIANT_MODELS[name]
     model = _tiny(name)
@@ -232,10 +234,11 @@ def test_the_loaded_model_s_config_picks_the_variant(name):
     assert (family.name, family.variant, family.steps, family.grad_steps) == \
         (families.family_of(row_class).name, words, steps, grad_steps)
     config = model.model.model_config.unet_config
-    if "guidance_embed" in config:
+    read_from_weights = {"guidance_embed", "depth"} & {v.key for v in families.family_of(row_class).variants} & set(config)
+    if read_from_weights:
         import comfy.model_detection
         detected = comfy.model_detection.detect_unet_config(model.model.diffusion_model.state_dict(), "")
-        assert detected["guidance_embed"] is config["guidance_embed"], name
+        assert {k: detected[k] for k in read_from_weights} == {k: config[k] for k in read_from_weights}, name
 
 
 def test_a_tiny_flux_dev_at_the_node_defaults_optimises_at_dev_s_8_steps_and_says_why(subject, feature_files,
