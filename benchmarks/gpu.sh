@@ -5,10 +5,20 @@
 # figures compare; operator counts and a profile per configuration under $OUT/prof.
 #   OUT=/some/dir benchmarks/gpu.sh            (on the device machine: run from the repository root)
 #   benchmarks/gpu.sh --tiny                   (CPU dry run of the same command on tiny models)
+# On the device machine (bare, no network), run benchmarks/gpu_prepare.sh here first and carry .gpu:
+# its wheels go to /tmp/site and its ComfyUI copy is the one used; python3 is the device's own.
 set -euo pipefail
 OUT=${OUT:-$(mktemp -d)}
-PY=${PYTHON:-.venv/bin/python}
-export SISO_COMFYUI_DIR=${SISO_COMFYUI_DIR:-$PWD/.comfyui}
+if [ -d .gpu/whl ]; then
+  PY=${PYTHON:-python3}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export SISO_COMFYUI_DIR=${SISO_COMFYUI_DIR:-$PWD/.gpu/comfyui}
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+else
+  PY=${PYTHON:-.venv/bin/python}
+  export SISO_COMFYUI_DIR=${SISO_COMFYUI_DIR:-$PWD/.comfyui}
+fi
 mkdir -p "$OUT/prof"
 if [ "${1:-}" = "--tiny" ]; then
   exec timeout 600 "$PY" benchmarks/bench.py --tiny --configs paper,defaults,checkpointing-off,compiled \
