@@ -136,7 +136,9 @@ def child(route: str, size: int, class_images: int, steps: int, siso_iterations:
                                                grad_accumulation_steps=dataset.accumulation, steps=steps,
                                                learning_rate=1e-4, rank=8, seed=0))
     end_wall, end_cpu = time.perf_counter(), time.process_time()
-    lora = result.args[0] if hasattr(result, "args") else result[0]
+    # the LoRA's tensors: 0.33's Train LoRA outputs them first, 0.3.75's after the trained MODEL
+    outputs = result.args if hasattr(result, "args") else result
+    lora = next(o for o in outputs if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values()))
     walls = [b[0] - a[0] for a, b in zip(draws, draws[1:])]
     cpus = [b[1] - a[1] for a, b in zip(draws, draws[1:])]
     out.update(wall_s=end_wall - wall, cpu_s=end_cpu - cpu, peak_mb=memory.peak_mb(), load_average=os.getloadavg(),

@@ -5,6 +5,7 @@
 # figures compare; operator counts and a profile per configuration under $OUT/prof.
 #   OUT=/some/dir benchmarks/gpu.sh            (on the device machine: run from the repository root)
 #   benchmarks/gpu.sh --tiny                   (CPU dry run of the same command on tiny models)
+#   OUT=/some/dir benchmarks/gpu.sh --dreambooth   (issue 29: SISO or DreamBooth, both routes to their end)
 # On the device machine (bare, no network), run benchmarks/gpu_prepare.sh here first and carry .gpu:
 # its wheels go to /tmp/site and its ComfyUI copy is the one used; python3 is the device's own.
 set -euo pipefail
@@ -25,6 +26,11 @@ if [ "${1:-}" = "--tiny" ]; then
     --paths generation --iterations 1 --json "$OUT/tiny.json"
 fi
 export SISO_DEVICE=cuda
+if [ "${1:-}" = "--dreambooth" ]; then
+  # issue 29's GPU figures, a second call on the warm machine: SISO to its early stop against
+  # DreamBooth's 500 Train LoRA steps (benchmarks/dreambooth.py's defaults, SD-Turbo at 256 px)
+  exec timeout 540 "$PY" benchmarks/dreambooth.py --json "$OUT/dreambooth.json"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || true
 timeout 470 "$PY" benchmarks/bench.py --models sdxl_turbo --configs paper,defaults,checkpointing-off,compiled \
   --paths generation --iterations 3 --count-ops --profile "$OUT/prof" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu_table.txt"
