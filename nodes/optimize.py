@@ -5,7 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
 from ..siso_ops.compiled import COMPILE_CHOICES
-from ..siso_ops.auto_settings import AUTO
+from ..siso_ops.auto_settings import AUTO, size_off_block
 from ..siso_ops.families import FAMILIES
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.lora import MAX_RANK, warm_start_rank_problem
@@ -138,8 +138,9 @@ class SISOOptimize(CheckedNode):
         for name, value in (("width", width), ("height", height)):
             if isinstance(value, int) and value != AUTO and value < 64:
                 return f"{name} {value} is below 64: use 0 (auto: the model's family size) or at least 64"
-            if isinstance(value, int) and value % 8:
-                return f"{name} {value} is not a multiple of 8: use {value - value % 8} or {value - value % 8 + 8}"
+            problem = size_off_block(name, value, 8) if isinstance(value, int) else None
+            if problem:
+                return problem
         rate = values.get("learning_rate")
         if isinstance(rate, (int, float)) and 0 < rate < 1e-6:
             return f"learning_rate {rate:g} is below 1e-6: use 0 (auto: the model's family rate) or at least 1e-6"
@@ -169,10 +170,11 @@ class SISOOptimize(CheckedNode):
         vae = linked_vae_block(prompt, inputs.get("vae"), host.vae_file_block)
         for name in ("width", "height") if vae and inputs.get("inversion") is None else ():
             value = constant_int(prompt, inputs.get(name))
-            block = vae[0]
-            if value and value % block:
-                problems[name] = (f"{name} {value} is not a multiple of {block}: the VAE {vae[1]} works on {block}-pixel "
-                                  f"blocks; use {value - value % block} or {value - value % block + block}, or 0 (auto)")
+            block, where = vae
+            problem = value and size_off_block(name, value, block, f"the VAE {where} works on {block}-pixel blocks",
+                                               auto=True)
+            if problem:
+                problems[name] = problem
         return problems
 
     @staticmethod

@@ -75,3 +75,15 @@ def describe(used: list) -> str:
         else:
             groups.append(([value], source))
     return "; ".join(f"{', '.join(values)} ({source})" for values, source in groups)
+
+
+def size_off_block(name: str, value: int, block: int, why: str = "", auto: bool = False) -> str | None:
+    """The refusal of a width or height ``value`` that is not a multiple of the VAE's ``block``
+    (pixels per latent cell), with the two nearest sizes that are; None when it is one. ``why``:
+    whose block it is; ``auto``: also offer 0 (auto: the family's size)."""
+    if value % block == 0:
+        return None
+    lower = value - value % block
+    because = f"{why}; " if why else ""
+    return (f"{name} {value} is not a multiple of {block}: {because}use {lower} or {lower + block}"
+            + (", or 0 (auto)" if auto else ""))

@@ -8,7 +8,10 @@ import copy
 import torch
 
 import comfy.sample
+import folder_paths
 
+from ..auto_settings import size_off_block
+from ..weights import read_safetensors_header
 from .models import model_family, throw_if_interrupted
 from .training import checkpointed
 
@@ -54,9 +57,9 @@ def latent_scale(vae) -> int:
 def check_size(vae, width: int, height: int):
     scale = latent_scale(vae)
     for name, value in (("width", width), ("height", height)):
-        if value % scale:
-            raise ValueError(f"{name} {value} is not a multiple of {scale}: this model's VAE works on {scale}-pixel "
-                             f"blocks; use {value - value % scale} or {value - value % scale + scale}")
+        problem = size_off_block(name, value, scale, f"this model's VAE works on {scale}-pixel blocks")
+        if problem:
+            raise ValueError(problem)
 
 
 # Keys by which ComfyUI's VAE loader (comfy.sd.VAE) takes a file down another branch before the
@@ -77,8 +80,6 @@ def vae_file_block(folder: str, name: str, prefix: str = "") -> int | None:
     which the queue leaves to the 8-pixel rule and the run checks against the loaded VAE itself
     (check_size). ``folder``, ``name``: a file of a ComfyUI model folder ("vae", "checkpoints"), as a
     loader's dropdown names it; ``prefix``: where a checkpoint keeps its VAE (``first_stage_model.``)."""
-    import folder_paths
-    from ..weights import read_safetensors_header
     try:
         path = folder_paths.get_full_path(folder, name)
     except Exception:
