@@ -6,6 +6,7 @@ from ..siso_ops import host
 from ..siso_ops.editing import InversionSettings, check_photo, invert_photo
 from ..siso_ops.renoise import ReNoiseSettings
 from .checks import CheckedNode, checked
+from .queue_checks import later_mask_problem
 from .graph_types import CATEGORY, Inversion
 
 log = logging.getLogger("siso")
@@ -50,7 +51,7 @@ class ReNoiseInvert(CheckedNode):
                 Inversion.Output(display_name="inversion", tooltip="The inverted latent, its schedule and per-step noises: connect to SISO Optimize Subject LoRA."),
                 io.Image.Output(display_name="reconstruction", tooltip="The inversion denoised by the unchanged model: should look like the photo."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -77,6 +78,12 @@ class ReNoiseInvert(CheckedNode):
         settings.check()
         host.check_vae(vae, model)
         check_photo(image, host.latent_scale(vae))
+        # the mask a later SISO Optimize edits under, where the prompt tells its size, against this
+        # photo's size that only the run tells (the queue compared the two where it knew both)
+        problem = later_mask_problem(getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None),
+                                     (image.shape[2], image.shape[1]), host.input_image_size)
+        if problem:
+            raise ValueError(problem)
         bar = host.progress_bar(settings.inverted_steps, node_id=getattr(cls.hidden, "unique_id", None))
 
         def on_step(done, total):

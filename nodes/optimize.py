@@ -15,7 +15,7 @@ from ..siso_ops.report import loss_curve
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked, file_choice
 from .lora import lora_file_header_rank
-from .queue_checks import constant_int, linked_image_size, linked_lora_rank, linked_vae_block
+from .queue_checks import constant_int, later_warm_start_problem, linked_image_size, linked_lora_rank, linked_vae_block
 from .progress import IterationProgress
 from .graph_types import ADVANCED, CATEGORY, Inversion, Subject, SubjectLoRA
 
@@ -126,7 +126,7 @@ class SISOOptimize(CheckedNode):
                 io.Image.Output(display_name="loss_curve", tooltip="Loss (white), DINO (blue) and IR (orange) distance per iteration; the best iteration is circled."),
                 io.String.Output(display_name="report", tooltip="Why it stopped and the best loss."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -205,6 +205,22 @@ class SISOOptimize(CheckedNode):
         return None
 
     @classmethod
+    def _check_later_nodes(cls, model, lora_rank, lora_target):
+        # a later SISO Optimize that goes on from this LoRA with a rank or target of its own would
+        # refuse it only after this run: where this node's values were computed in the run, the
+        # queue could not compare them
+        prompt, node_id = getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None)
+        own = prompt.get(str(node_id), {}).get("inputs", {}) if isinstance(prompt, dict) else {}
+        def target_layers(target):
+            try:
+                return host.lora_target_names(model, target)
+            except Exception:   # a model SISO refuses: optimize_subject says why, before any work
+                return None
+        problem = later_warm_start_problem(prompt, node_id, lora_rank, lora_target, own.get("model"), target_layers)
+        if problem:
+            raise ValueError(problem)
+
+    @classmethod
     @checked
     def execute(cls, model, vae, positive, subject, dino_weights, ir_weights, seed, width, height, steps, grad_steps,
                 scheduler, max_iterations, learning_rate, lora_rank, lora_alpha, lora_target, dino_weight, ir_weight,
@@ -223,6 +239,7 @@ class SISOOptimize(CheckedNode):
         # optimize_subject checks the model, the settings and the editing inputs before any work.
         # Resolve both files first so a missing one fails fast.
         host.check_vae(vae, model)
+        cls._check_later_nodes(model, lora_rank, lora_target)
         dino_path = host.weight_file_path("dino", dino_weights) if dino_weight > 0 else None
         ir_path = host.weight_file_path("ir", ir_weights) if ir_weight > 0 else None
         warnings = precision_warnings(host.compute_device(), precision) + list(getattr(subject, "warnings", []))

@@ -8,6 +8,11 @@ before validation) and puts a ``RefusedValue`` in place of each refused value: C
 per-input unwrapping of a widget value (``"__value__" in value``, both 0.3.75 and 0.33) raises
 our message, which ComfyUI reports once, under that input ("Failed to convert an input value").
 A value from a stock Primitive node is a constant and is checked there too.
+
+What the queue cannot see, because a node computes it while the prompt runs, is checked when the
+first expensive SISO node that knows it starts: its own run-time value against what the prompt fixes
+further down (``later_warm_start_problem`` at SISO Optimize, ``later_mask_problem`` at SISO
+ReNoise Invert), so a refusal that would come after that node's work comes before it.
 """
 from __future__ import annotations
 
@@ -112,6 +117,9 @@ def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
         return (width, height) if width is not None and height is not None else None
     if kind in ("SubjectMask", "ImageToMask") and output == 0:
         return linked_image_size(prompt, inputs.get("image"), size_of_file)
+    if kind == "ImageScale" and output == 0:   # both sides given: exactly that size (0 keeps the aspect)
+        width, height = constant_int(prompt, inputs.get("width")), constant_int(prompt, inputs.get("height"))
+        return (width, height) if width and height else None
     return None
 
 
@@ -157,6 +165,56 @@ def linked_vae_block(prompt: dict, link, block_of_file) -> tuple | None:
         return None
     block = block_of_file(folder, name, prefix)
     return (block, f"{name} ({kind}, node {link[0]})") if block else None
+
+
+def _fed_by(prompt: dict, node_id: str, output: int, class_type: str, input_name: str) -> list:
+    """Ids of the ``class_type`` nodes whose ``input_name`` is output ``output`` of ``node_id``."""
+    return sorted(key for key, entry in prompt.items()
+                  if isinstance(entry, dict) and entry.get("class_type") == class_type
+                  and isinstance(entry.get("inputs"), dict)
+                  and entry["inputs"].get(input_name) in ([node_id, output], (node_id, output)))
+
+
+def later_warm_start_problem(prompt: dict, node_id: str, lora_rank: int, lora_target: str, model_link,
+                             target_layers) -> str | None:
+    """At a SISO Optimize's start: why a later SISO Optimize that goes on from this node's LoRA
+    (its initial_lora) will refuse it after this run, where the prompt fixes that node's lora_rank
+    (the queue checked the pair if both were constants; here this node's is a run-time value), or
+    where it trains another lora_target of the same model (``target_layers(target)``: the layers
+    a target picks on the loaded model; two choices may pick the same ones); else None."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return None
+    for later in _fed_by(prompt, str(node_id), 0, "SISOOptimize", "initial_lora"):
+        inputs = prompt[later]["inputs"]
+        rank = constant_int(prompt, inputs.get("lora_rank"))
+        if rank is not None and rank != lora_rank:
+            return (f"lora_rank: SISO Optimize node {later} goes on from this node's LoRA (its initial_lora) at "
+                    f"lora_rank {rank}, but this node's lora_rank is {lora_rank}: it would refuse the LoRA after this "
+                    f"optimisation. Set this node's lora_rank to {rank}, or node {later}'s to {lora_rank}")
+        known, target = _constant(prompt, inputs.get("lora_target"))
+        if known and isinstance(target, str) and target != lora_target and inputs.get("model") == model_link \
+                and target_layers(target) != target_layers(lora_target):
+            return (f"lora_target: SISO Optimize node {later} goes on from this node's LoRA (its initial_lora) with "
+                    f"lora_target '{target}', which trains other layers of this model than this node's "
+                    f"'{lora_target}': it would refuse the LoRA after this optimisation. Set both lora_target inputs "
+                    "to the same choice")
+    return None
+
+
+def later_mask_problem(prompt: dict, node_id: str, photo_size: tuple, size_of_file) -> str | None:
+    """At SISO ReNoise Invert's start: why a SISO Optimize that edits with this inversion will refuse
+    its mask after the inversion, where the prompt tells the mask's size (linked_image_size) and the
+    photo's (width, height) is known only now (the queue checked the pair where it knew both)."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return None
+    for later in _fed_by(prompt, str(node_id), 0, "SISOOptimize", "inversion"):
+        mask = linked_image_size(prompt, prompt[later]["inputs"].get("mask"), size_of_file)
+        if mask and tuple(mask) != tuple(photo_size):
+            return (f"image: SISO Optimize node {later} edits with this inversion under a {mask[0]}x{mask[1]} mask, "
+                    f"but the photo here is {photo_size[0]}x{photo_size[1]}: it would refuse the mask after the "
+                    "inversion. Make the mask from the same photo that goes into this node's image, or scale this "
+                    f"photo to {mask[0]}x{mask[1]}")
+    return None
 
 
 def queue_check(pack_nodes):

@@ -107,6 +107,31 @@ def computed(value_a: str, value_b: str, field_name: str, target: str):
     return edit
 
 
+def computed_int(text: str, field_name: str, target: str):
+    """Feed the INT ``field_name`` of node ``target`` (an id) from stock StringLength of ``text``: a
+    number computed when the prompt runs, which no queue-time check can see."""
+    def edit(prompt, server):
+        prompt["910"] = {"class_type": "StringLength", "inputs": {"string": text}}
+        prompt[target]["inputs"][field_name] = ["910", 0]
+    return edit
+
+
+def both(*edits):
+    def edit(prompt, server):
+        for one in edits:
+            one(prompt, server)
+    return edit
+
+
+def photo_through(node: dict):
+    """SISO ReNoise Invert's photo through a stock node (node 907) that takes the photo it had."""
+    def edit(prompt, server):
+        invert = prompt[node_of(prompt, "ReNoiseInvert")]["inputs"]
+        prompt["907"] = dict(node, inputs=dict(node["inputs"], image=invert["image"]))
+        invert["image"] = ["907", 0]
+    return edit
+
+
 def existing_lora(name: str):
     """A file of that name in the loras folder already."""
     def edit(prompt, server):
@@ -435,15 +460,46 @@ CASES = [
     Case("chained SISO Optimize, rank 4 into lora_rank 8", two_stage, "SISOOptimize", about="initial_lora",
          expect="initial_lora: the LoRA from the SISO Optimize before it (node 5, lora_rank 4) has rank 4 but lora_rank "
                 "is 8: set lora_rank to 4", edit=chained(8), target="960"),
+    # ... where this node's rank or target is computed in the run (stock StringLength here), the
+    # first SISO Optimize refuses at its start, before its optimisation, not the second after it
+    Case("chained SISO Optimize, rank computed in the run 4 into lora_rank 8", two_stage, "SISOOptimize", at="run",
+         expect="lora_rank: SISO Optimize node 960 goes on from this node's LoRA (its initial_lora) at lora_rank 8, but "
+                "this node's lora_rank is 4: it would refuse the LoRA after this optimisation. Set this node's "
+                "lora_rank to 8, or node 960's to 4",
+         edit=both(chained(8), computed_int("abcd", "lora_rank", "5")), target="5"),
+    Case("chained SISO Optimize, all linear layers after attention", two_stage, "SISOOptimize", at="run",
+         expect="lora_target: SISO Optimize node 960 goes on from this node's LoRA (its initial_lora) with lora_target "
+                "'all linear layers', which trains other layers of this model than this node's 'attention",
+         edit=both(chained(4), lambda prompt, server: prompt["960"]["inputs"].update(lora_target="all linear layers")),
+         target="5"),
+    # ---- the photo SISO ReNoise Invert inverts, through a stock scaling node, against the mask
+    Case("editing photo from ImageScale of another size than the mask", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 64x64 but the photo SISO ReNoise Invert inverts is 96x96",
+         edit=photo_through({"class_type": "ImageScale", "inputs": {"upscale_method": "nearest-exact", "width": 96,
+                                                                    "height": 96, "crop": "disabled"}})),
+    # ... scaled by a factor, so only the run tells its size: SISO ReNoise Invert refuses at its
+    # start, before the inversion, instead of SISO Optimize after it
+    Case("editing photo scaled in the run, mask of the photo before", swap_drawn, "ReNoiseInvert", at="run",
+         expect="image: SISO Optimize node 7 edits with this inversion under a 64x64 mask, but the photo here is "
+                "96x96: it would refuse the mask after the inversion. Make the mask from the same photo that goes "
+                "into this node's image, or scale this photo to 64x64",
+         edit=photo_through({"class_type": "ImageScaleBy", "inputs": {"upscale_method": "nearest-exact",
+                                                                      "scale_by": 1.5}})),
     # ---- SISO Subject Score (issue 31): images below SISO Load Subject's 32 px, an empty batch
     Case("score image 1x1", scoring, "SISOSubjectScore", about="images",
          expect="images: the images are 1x1 pixels; SISO Subject Score needs at least 32 a side, as SISO Load Subject",
          edit=load_image("score_1x1.png", 1, 1, "3")),
-    Case("score image made 16x16 in the run", scoring, "SISOSubjectScore", at="run",
-         expect="the images are 16x16 pixels; SISO Subject Score needs at least 32 a side",
+    Case("score image ImageScale to 16x16", scoring, "SISOSubjectScore", about="images",
+         expect="images: the images are 16x16 pixels; SISO Subject Score needs at least 32 a side",
          edit=lambda prompt, server: (
              prompt.__setitem__("907", {"class_type": "ImageScale", "inputs": {
                  "image": ["3", 0], "upscale_method": "nearest-exact", "width": 16, "height": 16, "crop": "disabled"}}),
+             prompt["12"]["inputs"].__setitem__("images", ["907", 0]))),
+    Case("score image made 16x16 in the run", scoring, "SISOSubjectScore", at="run",
+         expect="the images are 16x16 pixels; SISO Subject Score needs at least 32 a side",
+         edit=lambda prompt, server: (
+             prompt.__setitem__("907", {"class_type": "ImageScaleBy", "inputs": {
+                 "image": ["3", 0], "upscale_method": "nearest-exact", "scale_by": 0.25}}),
              prompt["12"]["inputs"].__setitem__("images", ["907", 0]))),
     Case("score empty batch from EmptyImage", scoring, "SISOSubjectScore", about="images",
          expect="images is an empty batch (0 images): the node that makes it gives none",

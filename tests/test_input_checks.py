@@ -251,3 +251,26 @@ def test_cancel_before_the_loop_stops_before_the_networks_are_read(monkeypatch):
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert opened == []
+
+
+def test_a_later_warm_start_is_compared_only_where_it_would_refuse():
+    """At SISO Optimize's start (queue_checks.later_warm_start_problem): the later node's rank is
+    compared where the prompt fixes it; its lora_target only on the same model link, and only where
+    the two choices pick other layers of the loaded model (two may pick the same ones)."""
+    queue = siso("nodes.queue_checks")
+    attention, all_linear = "attention (DiT: + context and MLP)", "all linear layers"
+    prompt = {"5": {"class_type": "SISOOptimize", "inputs": {"model": ["1", 0], "lora_rank": ["910", 0]}},
+              "910": {"class_type": "StringLength", "inputs": {"string": "abcd"}},
+              "960": {"class_type": "SISOOptimize", "inputs": {"model": ["1", 0], "initial_lora": ["5", 0],
+                                                              "lora_rank": 4, "lora_target": all_linear}}}
+    layers = {attention: {"a"}, all_linear: {"a", "b"}}
+    problem = queue.later_warm_start_problem(prompt, "5", 4, attention, ["1", 0], layers.get)
+    assert problem.startswith("lora_target: SISO Optimize node 960 ") and "Set both lora_target" in problem
+    assert queue.later_warm_start_problem(prompt, "5", 4, attention, ["1", 0], lambda target: {"a"}) is None
+    assert queue.later_warm_start_problem(prompt, "5", 4, attention, ["2", 0], layers.get) is None   # another model
+    assert queue.later_warm_start_problem(prompt, "5", 4, all_linear, ["1", 0], layers.get) is None
+    problem = queue.later_warm_start_problem(prompt, "5", 8, all_linear, ["1", 0], layers.get)
+    assert problem.startswith("lora_rank: SISO Optimize node 960 ") and "Set this node's lora_rank to 4" in problem
+    prompt["960"]["inputs"]["lora_rank"] = ["910", 0]   # computed there too: only that node can tell
+    assert queue.later_warm_start_problem(prompt, "5", 8, all_linear, ["1", 0], layers.get) is None
+    assert queue.later_warm_start_problem(None, "5", 8, all_linear, ["1", 0], layers.get) is None   # in-process
