@@ -37,7 +37,7 @@ define install_torchaudio
 	  || $(1) -m pip install -q --disable-pip-version-check --no-deps "torchaudio<=$$torch"; fi
 endef
 
-.PHONY: run test test-method bench env comfyui clean workflows screenshots browser
+.PHONY: run test test-method test-method-oldest bench env comfyui clean workflows screenshots browser
 
 env: $(VENV)/.ready
 
@@ -51,13 +51,27 @@ $(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYU
 	touch $@
 
 # The method alone (siso_ops outside host/): a venv with torch, timm and safetensors only (torchvision
-# comes with timm; pytest runs the tests), no ComfyUI. Its marker is made once: CI reuses it.
+# comes with timm; pytest runs the tests; OpenCLIP writes the IR test's file), no ComfyUI. Its
+# marker is made once: CI reuses it. The same with the OLDEST timm, safetensors and numpy that
+# requirements.txt allows (its ">=" bounds, read from the file): the similarity networks are built
+# through timm's own functions, whose signatures move between releases.
 METHOD_VENV := $(CURDIR)/.venv-method
+OLDEST_VENV := $(CURDIR)/.venv-method-oldest
+OLDEST := $(shell sed -nE 's/^(timm|safetensors|numpy)>=([0-9.]+).*/\1==\2/p' requirements.txt)
+METHOD_TOOLS := "pytest>=8" "open_clip_torch>=2.24"
 $(METHOD_VENV)/.ready:
 	rm -rf $(METHOD_VENV)
 	$(PYTHON) -m venv $(METHOD_VENV)
 	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
-	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check "timm>=1.0.9" "safetensors>=0.4.2" "pytest>=8"
+	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check "timm>=1.0.9" "safetensors>=0.4.2" $(METHOD_TOOLS)
+	touch $@
+$(OLDEST_VENV)/.ready: requirements.txt
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check $(OLDEST) $(METHOD_TOOLS)
+	$(OLDEST_VENV)/bin/python -c "import timm, safetensors, numpy; print('oldest supported: timm', timm.__version__, \
+		'safetensors', safetensors.__version__, 'numpy', numpy.__version__)"
 	touch $@
 
 # Another ComfyUI's venv, layered over .venv. torch and torchvision stay .venv's; torchaudio
@@ -100,6 +114,9 @@ test: env browser
 # ComfyUI, is left out by --confcutdir.
 test-method: $(METHOD_VENV)/.ready
 	cd $(CURDIR) && $(METHOD_VENV)/bin/python -m pytest -q --confcutdir=tests/method tests/method $(PYTEST_ARGS)
+
+test-method-oldest: $(OLDEST_VENV)/.ready
+	cd $(CURDIR) && $(OLDEST_VENV)/bin/python -m pytest -q --confcutdir=tests/method tests/method $(PYTEST_ARGS)
 
 # Starts ComfyUI with this pack on $(HOST):$(PORT). The pack is linked into the runtime's
 # custom_nodes folder; with COMFYUI_DIR set, that is the user's own ComfyUI.
