@@ -1,10 +1,13 @@
-"""``compile``: the similarity networks' forward and backward through ``torch.compile`` (pure torch).
+"""``compile``: the similarity networks' and the decoder copy's forward and backward through
+``torch.compile`` (pure torch).
 
 Only the parts whose shapes never change within a run are compiled: each similarity network sees
-one 1 x 3 x S x S image per iteration (S = 518 for DINOv2, 290 for IR), so one compile serves
-every iteration. The compiled forward is kept on the FeatureNetwork, keyed by device, dtype,
-gradient checkpointing and input shape; the networks stay cached between runs (generation.py),
-so a second run with the same key compiles nothing. On CUDA the compiled code also replays as
+one 1 x 3 x S x S image per iteration (S = 518 for DINOv2, 290 for IR), and the decoder one latent
+of the run's size, so one compile serves every iteration. A network's compiled forward is kept on
+the FeatureNetwork, keyed by device, dtype, gradient checkpointing and input shape; the networks
+stay cached between runs (generation.py), so a second run with the same key compiles nothing. The
+decoder's compiled function is kept here and takes each run's decoder copy as an argument; it
+does not replay as CUDA graphs (decoder_forward says why). On CUDA the compiled code also replays as
 CUDA graphs (``mode="reduce-overhead"``): the many small kernels of a ViT block become one launch.
 
 Cancel: ComfyUI's interrupt check takes a lock, which torch.compile cannot trace (each per-block
@@ -57,7 +60,7 @@ def compiles(device: torch.device, choice: str) -> bool:
     return device.type == "cuda" and can_compile(device)
 
 
-def _compiled_forward(module: torch.nn.Module, device: torch.device):
+def _compiled_forward(module, device: torch.device):
     # CUDA graphs only where they exist; on the CPU the default mode (inductor's fused kernels).
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(module, mode=mode)
@@ -92,6 +95,49 @@ def prepare_networks(networks, choice: str, device: torch.device, dtype: torch.d
     if reused:
         parts.append(f"reused the compiled {' and '.join(n.role for n in reused)}")
     return "Similarity networks: " + "; ".join(parts)
+
+
+def _decode(module: torch.nn.Module, latent: torch.Tensor) -> torch.Tensor:
+    return module.decode(latent)
+
+
+# decode functions compiled so far, kept across runs: key -> torch.compile'd _decode
+_DECODERS: dict = {}
+
+
+def decoder_forward(choice: str, device: torch.device, dtype: torch.dtype, checkpointing: bool, kind: str):
+    """The compiled decode for this run's decoder copy (``fn(module, latent)``), or None: eager.
+
+    Each run decodes with a new private copy of the VAE's decoder, so the copy is an argument of
+    the compiled function, not baked into it: torch.compile lifts a module's weights into graph
+    inputs (``inline_inbuilt_nn_modules``), and its guards check their shapes and dtypes, not which
+    module holds them. One compile per (device, dtype, checkpointing, decoder class) and latent
+    shape therefore serves every later run of the same VAE (tests/test_compile.py counts it)."""
+    if not compiles(device, choice):
+        return None
+    key = (str(device), dtype, bool(checkpointing), kind)
+    if key not in _DECODERS:
+        # inductor's fused kernels, without CUDA graphs on any device: the decoder's work is a few
+        # dozen large convolutions at the image's size (not bound by launches, as the networks'
+        # hundreds of small kernels are), and CUDA graphs would keep its activations in a private
+        # memory pool between iterations, outside what the memory estimate plans for
+        _DECODERS[key] = torch.compile(_decode)
+    return _DECODERS[key]
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's own count)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def decoder_note(decoder) -> str:
+    """The report's sentence for the decoder copy: what its first compiled call built, or ""."""
+    if decoder is None or decoder.compile_seconds is None:
+        return ""
+    if decoder.compile_graphs:
+        return f"Decoder: compiled in {decoder.compile_seconds:.1f} s"
+    return "Decoder: reused the compiled decoder"
 
 
 def finish_networks(networks):

@@ -48,7 +48,7 @@ class GenerationSettings:
     # "auto": only when the memory estimate says the run would not fit without it (memory.py).
     gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"                # compute precision of the forward passes, see precision.py
-    compile: str = "auto"                  # torch.compile the similarity networks: auto / on / off, see compiled.py
+    compile: str = "auto"                  # torch.compile the similarity networks and the decoder copy: auto / on / off (compiled.py)
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
 
     def check(self):
@@ -121,12 +121,15 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
                 trainable = _trainable_clone(model, settings, checkpointing, initial_lora)
                 _between_phases()
                 decoder = host.DifferentiableDecoder(vae, model, device, dtype=dtype, checkpointing=checkpointing)
+                decoder.use_compiled(compiled.decoder_forward(settings.compile, device, dtype, checkpointing,
+                                                              type(decoder.module).__name__))
                 _between_phases()
                 found = _loop(trainable, decoder, score, model, vae, positive, settings, dtype, inversion,
                               on_iteration)
                 result = GenerationResult(**{f.name: getattr(found, f.name) for f in fields(found)},
                                           memory=memory_plan, loading=trainable.loading, settings=settings_used,
-                                          compiled="; ".join(filter(None, (compiling, host.user_compile_note(model)))))
+                                          compiled="; ".join(filter(None, (compiling, compiled.decoder_note(decoder),
+                                                                                  host.user_compile_note(model)))))
                 lora = SubjectLoRA(
                     tensors=trainable.export(result.best_state), rank=trainable.rank, alpha=trainable.alpha,
                     model=host.describe_model(model), best_iteration=result.best_iteration,

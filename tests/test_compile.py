@@ -1,5 +1,5 @@
-"""``compile``: the similarity networks through torch.compile (inductor on the CPU here), and a
-MODEL from ComfyUI's TorchCompileModel upstream of SISO Optimize.
+"""``compile``: the similarity networks and the decoder copy through torch.compile (inductor on the
+CPU here), and a MODEL from ComfyUI's TorchCompileModel upstream of SISO Optimize.
 
 Cost: compiling both tiny networks' forward and backward takes about 60 s on this 2-core CPU
 (measured 57 s with nothing else running), so it happens once in this file (module fixture) and
@@ -17,6 +17,8 @@ from conftest import siso
 from test_generation import SIZE, assert_shared_modules_are_stock, host_state, ksampler, run_node
 
 compiled = siso("siso_ops.compiled")
+decoding = siso("siso_ops.host.decoding")
+host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
 similarity = siso("siso_ops.similarity")
@@ -119,14 +121,93 @@ def test_a_compiled_network_checks_cancel_once_per_call(compiled_networks, tiny_
         dino.use_compiled(None)
 
 
+# The decoder copy, compiled against eager, float32: the same reordering of reductions as above
+# (inductor's convolutions and group norms), here convolutions of 3 x 3 x C inputs (C up to 64 in
+# the tiny VAE: n = 576, sqrt(n) * u = 1.4e-6 relative each) chained over about 12 layers between
+# group norms: 1e-4 of the largest pixel value bounds the image, and the gradient w.r.t. the
+# latent chains as many in backward: 1e-4 of its largest entry. Measured below; about 1e-5 and 5e-6.
+PIXEL_RTOL = 1e-4
+
+
+def decoded(decoder, latent):
+    latent = latent.clone().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        image = decoder(latent)
+        image.sum().backward()
+    return image.detach(), latent.grad
+
+
+def test_the_compiled_decoder_equals_eager_and_a_later_runs_copy_reuses_its_code(sd15, monkeypatch):
+    """Each run decodes with a new private copy of the VAE's decoder: the copy is an argument of
+    the compiled function, so the first run compiles and a later run's copy compiles nothing.
+    While compiled the copy checks Cancel once per call, not before every block, and ComfyUI's
+    split attention (this CPU's VAE attention) stays eager."""
+    model, vae, _, _ = sd15
+    latent = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode(False):
+        eager, first, later = (host.DifferentiableDecoder(vae, model, CPU) for _ in range(3))
+    image, gradient = decoded(eager, latent)
+    decode = compiled.decoder_forward("on", CPU, torch.float32, False, type(first.module).__name__)
+    assert compiled.decoder_forward("auto", CPU, torch.float32, False, type(first.module).__name__) is None  # CPU
+    blocks = len(first.interrupt_hooks)
+    attentions = lambda decoder: [b.optimized_attention for b in decoder.module.modules()
+                                  if hasattr(b, "optimized_attention")]
+    split = decoding.vae_blocks.normal_attention
+    stock = attentions(later)
+    assert stock   # the VAE's mid-block attention
+    checks = []
+    monkeypatch.setattr(decoding, "throw_if_interrupted", lambda: checks.append(1))
+    first.use_compiled(decode)
+    assert first.interrupt_hooks == [] and blocks > 1
+    assert [a.__wrapped__ if a is not b else a for a, b in zip(attentions(first), stock)] == stock
+    assert all(a is not split for a in attentions(first))   # split attention (if any) now runs eager
+    compiled_image, compiled_gradient = decoded(first, latent)
+    print(f"\ncompiled - eager: image {float((compiled_image - image).abs().max() / image.abs().max()):.2e}, gradient "
+          f"{float((compiled_gradient - gradient).abs().max() / gradient.abs().max()):.2e} of their largest entries; "
+          f"first call {first.compile_seconds:.1f} s, {first.compile_graphs} graphs")
+    torch.testing.assert_close(compiled_image, image, rtol=0, atol=PIXEL_RTOL * float(image.abs().max()))
+    torch.testing.assert_close(compiled_gradient, gradient, rtol=0, atol=PIXEL_RTOL * float(gradient.abs().max()))
+    assert gradient.abs().max() > 0
+    assert checks == [1]                      # one Cancel check for the call, none per block
+    assert first.compile_graphs > 0 and compiled.decoder_note(first).startswith("Decoder: compiled in ")
+    before = graphs()
+    later.use_compiled(decode)
+    decoded(later, latent)
+    decoded(later, latent)
+    assert graphs() == before                 # a new copy, the same code: nothing compiled again
+    assert later.compile_graphs == 0 and compiled.decoder_note(later) == "Decoder: reused the compiled decoder"
+    later.use_compiled(None)                  # eager again: the per-block checks come back
+    assert len(later.interrupt_hooks) == blocks
+    assert attentions(later) == stock
+    for decoder in (eager, first, later):
+        decoder.release()
+
+
+def test_the_compiled_decoder_with_low_memory_recomputes_its_blocks_and_equals_eager(sd15):
+    """low_memory on: the copy's blocks run under non-reentrant checkpointing, which torch.compile
+    traces; the same image and gradient as eager within the same bounds."""
+    model, vae, _, _ = sd15
+    latent = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode(False):
+        eager, recomputing = (host.DifferentiableDecoder(vae, model, CPU, checkpointing=True) for _ in range(2))
+    image, gradient = decoded(eager, latent)
+    recomputing.use_compiled(compiled.decoder_forward("on", CPU, torch.float32, True, type(eager.module).__name__))
+    compiled_image, compiled_gradient = decoded(recomputing, latent)
+    assert recomputing.compile_graphs > 0
+    torch.testing.assert_close(compiled_image, image, rtol=0, atol=PIXEL_RTOL * float(image.abs().max()))
+    torch.testing.assert_close(compiled_gradient, gradient, rtol=0, atol=PIXEL_RTOL * float(gradient.abs().max()))
+    for decoder in (eager, recomputing):
+        decoder.release()
+
+
 def test_a_compiled_run_gives_the_eager_runs_losses_and_says_so(compiled_networks, sd15, subject, tiny_networks):
     """Two iterations of SISO compiled and eager: the same losses within the networks' tolerance
     grown by the LoRA steps: AdamW's first steps move each weight by about the learning rate
     whatever the gradient's size, so a difference of rounding size in a gradient entry near 0
     changes the LoRA by up to 2e-2 there; measured below 1e-6 apart, bounded at 1e-4."""
     model, vae, positive, _ = sd15
-    runs = []
-    for choice in ("on", "off"):
+    runs, compiled_graphs = [], []
+    for choice in ("on", "off", "on"):
         settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=3, precision="fp32", compile=choice,
                                           gradient_checkpointing=False, optimization=optim.OptimizationSettings(
                                               max_iterations=2, learning_rate=1e-2, early_stop_patience=10))
@@ -134,12 +215,17 @@ def test_a_compiled_run_gives_the_eager_runs_losses_and_says_so(compiled_network
         with torch.inference_mode():
             runs.append(gen.optimize_subject(model, vae, positive, subject, None, None, settings,
                                              feature_networks=tiny_networks)[2])
-        assert graphs() == before     # the module fixture compiled these shapes: reused
-    on, off = runs
+        compiled_graphs.append(graphs()[0] - before[0])
+    on, off, again = runs
     print(f"\nlosses compiled {[h['loss'] for h in on.history]}, eager {[h['loss'] for h in off.history]}")
     assert [h["loss"] for h in on.history] == pytest.approx([h["loss"] for h in off.history], abs=1e-4)
+    assert [h["loss"] for h in again.history] == pytest.approx([h["loss"] for h in on.history], abs=1e-4)
     assert on.history[0]["loss"] != on.history[-1]["loss"]
-    assert on.compiled == "Similarity networks: reused the compiled DINOv2 and IR" and off.compiled == ""
+    # the module fixture compiled the networks; the first run's decoder compiles unless a test
+    # before it compiled the same decoder shapes; the eager run and a second run compile nothing
+    assert on.compiled.startswith("Similarity networks: reused the compiled DINOv2 and IR; Decoder: ")
+    assert compiled_graphs[1:] == [0, 0] and off.compiled == ""
+    assert again.compiled == "Similarity networks: reused the compiled DINOv2 and IR; Decoder: reused the compiled decoder"
     assert all(n.active is None and not n.module.grad_checkpointing for n in tiny_networks)
 
 

@@ -4,13 +4,16 @@ private, unclamped copy of the VAE's decoder (the host VAE is untouched)."""
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
+import comfy.ldm.modules.diffusionmodules.model as vae_blocks
 import comfy.sample
 import folder_paths
 
 from ..auto_settings import size_off_block
+from ..compiled import compiled_graphs
 from ..weights import read_safetensors_header
 from .models import model_family, throw_if_interrupted
 from .training import checkpointed
@@ -140,10 +143,50 @@ class DifferentiableDecoder:
             if isinstance(value, torch.Tensor):
                 setattr(self.latent_format, name, value.detach().clone())
         self.dtype = dtype
+        self.compiled = None          # compiled.decoder_forward's function, while compiled
+        self.compile_seconds = None   # its first call's forward and backward (the compile)
+        self.compile_graphs = 0       # graphs that call built (0: a later run reusing the code)
+
+    def use_compiled(self, decode):
+        """Decode through ``decode(module, latent)`` (compiled.decoder_forward) from now on; None:
+        eager. While compiled, the per-block Cancel hooks come off (torch.compile cannot trace the
+        check's lock) and the decoder checks Cancel once per call; ComfyUI's split attention, which
+        reads the free memory to choose its slices (the VAE attention on a machine without PyTorch
+        attention), stays eager, or every change of free memory would compile again."""
+        for handle in self.interrupt_hooks:
+            handle.remove()
+        self.compiled, self.interrupt_hooks = decode, []
+        for block in self.module.modules():
+            attention = getattr(block, "optimized_attention", None)
+            if decode is not None and attention is vae_blocks.normal_attention:
+                block.optimized_attention = torch.compiler.disable(attention)
+            elif decode is None and getattr(attention, "__wrapped__", None) is vae_blocks.normal_attention:
+                block.optimized_attention = vae_blocks.normal_attention
+        if decode is None:
+            from ..feature_networks import check_before_blocks
+            self.interrupt_hooks = check_before_blocks(self.module, throw_if_interrupted)
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.module.decode(latent)
+        throw_if_interrupted()
+        if self.compile_seconds is None:
+            # the first call compiles: a forward and backward of a copy of the real input, under
+            # the caller's autocast and grad mode, so the loop's calls meet the same guards and the
+            # report can say what compiling took
+            start, graphs = time.perf_counter(), compiled_graphs()
+            with torch.enable_grad():
+                warm = latent.detach().clone().requires_grad_(True)
+                self.compiled(self.module, warm).float().sum().backward()
+            if latent.device.type == "cuda":
+                torch.cuda.synchronize(latent.device)
+            self.compile_seconds = time.perf_counter() - start
+            self.compile_graphs = compiled_graphs() - graphs
+        return self.compiled(self.module, latent)
 
     def __call__(self, model_latent: torch.Tensor) -> torch.Tensor:
         latent = self.latent_format.process_out(model_latent)
-        pixels = self.module.decode(latent.to(self.dtype))
+        pixels = self._decode(latent.to(self.dtype))
         if pixels.ndim == 5:        # [B, C, T, H, W] of a video VAE decoding one frame
             pixels = pixels[:, :, 0]
         return (pixels.float() + 1.0) / 2.0
@@ -152,4 +195,5 @@ class DifferentiableDecoder:
         for handle in self.interrupt_hooks:
             handle.remove()
         self.interrupt_hooks = []
+        self.compiled = None
         self.module = None
