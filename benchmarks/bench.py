@@ -92,7 +92,8 @@ VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointi
             "q8_0-checkpointing-on": {"weights": "gguf_q8_0", "gradient_checkpointing": True},
             "reference-checkpointing-on": {"references": 1, "gradient_checkpointing": True},
             "reference-checkpointing-off": {"references": 1, "gradient_checkpointing": False},
-            # the similarity networks compiled (siso_ops/compiled.py), with the fastest memory setting
+            # the similarity networks and the decoder copy compiled (siso_ops/compiled.py), with the
+            # fastest memory setting
             "compiled": {"compile": "on", "gradient_checkpointing": False}}
 PATHS = ("generation", "editing")
 PROMPT = "a photo of a dog"
@@ -621,6 +622,8 @@ def measure_path(run: PathRun, path: str, iterations: int):
              "start_mb": start_mb, "first_iteration_s": stamps[0] - before, "cpu_seconds": cpu_seconds,
              "load_average": os.getloadavg(), "threads": torch.get_num_threads(),
              "losses": [h["loss"] for h in result.history]}
+    if getattr(result, "compiled", ""):   # what was compiled and how long it took (the report's words)
+        entry["compiled"] = result.compiled
     plan = getattr(result, "memory", None)
     estimate = memory_estimate_entry(plan)
     if estimate is not None:
@@ -728,7 +731,8 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
         out["paths"][path] = entry
         print(f"# {model_name} {config} {path}: {entry['median_s']:.2f} s/iteration, peak {entry['peak_mb']:.0f} MB"
               + (f" (estimate {estimate_against_peak(entry, device.type)[0]:.0f} MB against measured "
-                 f"{estimate_against_peak(entry, device.type)[1]:.0f} MB)" if "estimate" in entry else ""),
+                 f"{estimate_against_peak(entry, device.type)[1]:.0f} MB)" if "estimate" in entry else "")
+              + (f"; {entry['compiled']}" if "compiled" in entry else ""),
               file=sys.stderr, flush=True)
     print(json.dumps(out), flush=True)
 
@@ -1005,8 +1009,11 @@ def summarise(results: list, args, device: str) -> str:
             continue
         extra = ""
         stop = r["paths"].get("generation", {}).get("early_stop")
+        compiled = r["paths"].get("generation", {}).get("compiled")
+        if compiled:   # compile time, apart from the timed iterations
+            extra += f"; {compiled}"
         if stop:
-            extra = (f"; start to early stop: {stop['wall_s']:.1f} s over {stop['iterations']} iterations "
+            extra += (f"; start to early stop: {stop['wall_s']:.1f} s over {stop['iterations']} iterations "
                      f"({stop['stop_reason']})")
         if "architecture" in r:   # a real DiT architecture with bfloat16 weights, no text encoder
             cond = r["conditioning"]
