@@ -17,6 +17,7 @@ of before every block. See docs/compile.md for what that does to Cancel's latenc
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 
@@ -117,11 +118,17 @@ def decoder_forward(choice: str, device: torch.device, dtype: torch.dtype, check
         return None
     key = (str(device), dtype, bool(checkpointing), kind)
     if key not in _DECODERS:
-        # inductor's fused kernels, without CUDA graphs on any device: the decoder's work is a few
-        # dozen large convolutions at the image's size (not bound by launches, as the networks'
-        # hundreds of small kernels are), and CUDA graphs would keep its activations in a private
-        # memory pool between iterations, outside what the memory estimate plans for
-        _DECODERS[key] = torch.compile(_decode)
+        # A function of its own per key: torch.compile keeps its compiled graphs on the code object
+        # and stops compiling new variants of one code object after a limit (dynamo's
+        # recompile_limit, 8), running them eager; a session that switches VAEs, precision and
+        # low_memory must not reach it through one shared function. Inductor's fused kernels,
+        # without CUDA graphs on any device: the decoder's work is a few dozen large convolutions
+        # at the image's size (not bound by launches, as the networks' hundreds of small kernels
+        # are), and CUDA graphs would keep its activations in a private memory pool between
+        # iterations, outside what the memory estimate plans for.
+        name = f"_decode_{len(_DECODERS)}"
+        own = types.FunctionType(_decode.__code__.replace(co_name=name), _decode.__globals__, name)
+        _DECODERS[key] = torch.compile(own)
     return _DECODERS[key]
 
 

@@ -191,7 +191,11 @@ def test_the_compiled_decoder_with_low_memory_recomputes_its_blocks_and_equals_e
     with torch.inference_mode(False):
         eager, recomputing = (host.DifferentiableDecoder(vae, model, CPU, checkpointing=True) for _ in range(2))
     image, gradient = decoded(eager, latent)
-    recomputing.use_compiled(compiled.decoder_forward("on", CPU, torch.float32, True, type(eager.module).__name__))
+    decode = compiled.decoder_forward("on", CPU, torch.float32, True, type(eager.module).__name__)
+    other = compiled.decoder_forward("on", CPU, torch.float32, False, type(eager.module).__name__)
+    # a code object of its own per key: dynamo's per-code recompile limit counts each key apart
+    assert decode.__wrapped__.__code__ is not other.__wrapped__.__code__
+    recomputing.use_compiled(decode)
     compiled_image, compiled_gradient = decoded(recomputing, latent)
     assert recomputing.compile_graphs > 0
     torch.testing.assert_close(compiled_image, image, rtol=0, atol=PIXEL_RTOL * float(image.abs().max()))
