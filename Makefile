@@ -57,13 +57,14 @@ $(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYU
 # through timm's own functions, whose signatures move between releases.
 METHOD_VENV := $(CURDIR)/.venv-method
 OLDEST_VENV := $(CURDIR)/.venv-method-oldest
+METHOD_PACKAGES := $(shell sed -nE 's/^((timm|safetensors|numpy)>=[0-9.]+).*/"\1"/p' requirements.txt)
 OLDEST := $(shell sed -nE 's/^(timm|safetensors|numpy)>=([0-9.]+).*/\1==\2/p' requirements.txt)
 METHOD_TOOLS := "pytest>=8" "open_clip_torch>=2.24"
 $(METHOD_VENV)/.ready:
 	rm -rf $(METHOD_VENV)
 	$(PYTHON) -m venv $(METHOD_VENV)
 	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
-	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check "timm>=1.0.9" "safetensors>=0.4.2" $(METHOD_TOOLS)
+	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(METHOD_PACKAGES) $(METHOD_TOOLS)
 	touch $@
 $(OLDEST_VENV)/.ready: requirements.txt
 	rm -rf $(OLDEST_VENV)

@@ -106,8 +106,8 @@ class SISOOptimize(CheckedNode):
                     "before this input existed run in fp32, as they did.")),
                 io.Combo.Input("compile", options=list(COMPILE_CHOICES), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Compiles the two similarity networks (DINOv2 and the image-retrieval network) and SISO's copy of "
-                    "the VAE decoder into fused code once per run, so each iteration spends less time launching small GPU operations. Helps on "
-                    "NVIDIA GPUs; the first run pays a one-time compile (tens of seconds to minutes; the report says "
+                    "the VAE decoder into fused code once per run, so each iteration spends less time launching small "
+                    "GPU operations. Helps on NVIDIA GPUs; the first run pays a one-time compile (tens of seconds to minutes; the report says "
                     "how long), later runs with the same size and settings reuse it. Results equal the uncompiled run "
                     "within rounding. auto: on NVIDIA GPUs, off on the CPU (measured no faster there). on / off: "
                     "always / never.")),

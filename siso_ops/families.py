@@ -32,8 +32,8 @@ first stage. What differs, per family:
 - ``variants``: where one row covers a step-distilled and an undistilled model that the loaded
   file tells apart, the advice for each and what shows it: a value of the model config ComfyUI
   detects from the file's keys (``unet_config``; Flux.1 dev and Flux.2 dev carry a guidance
-  embedding, schnell and klein do not; SD3's Medium and Large differ in depth). The run takes the variant the file shows
-  (``for_config``), else the row's own numbers. Variants a file cannot show (Z-Image-Turbo or
+  embedding, schnell and klein do not; SD3's Medium and Large differ in depth). The run takes the
+  variant the file shows (``for_config``), else the row's own numbers. Variants a file cannot show (Z-Image-Turbo or
   Z-Image base, klein or klein base) keep the distilled advice: set steps by hand for those.
 - ``checked``: "" for a row of the table (a tiny model pins its path). Otherwise why SISO takes
   the self-checked path for a class no row names (a subclass of a row's class, or a class with
