@@ -66,13 +66,19 @@ $(METHOD_VENV)/.ready:
 	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
 	$(METHOD_VENV)/bin/python -m pip install -q --disable-pip-version-check $(METHOD_PACKAGES) $(METHOD_TOOLS)
 	touch $@
-$(OLDEST_VENV)/.ready: requirements.txt
+# It is layered over .venv-method (a .pth line), so torch (5.6 GB with its CUDA libraries) is not
+# installed a second time: its own oldest timm, safetensors and numpy come first on sys.path.
+$(OLDEST_VENV)/.ready: requirements.txt $(METHOD_VENV)/.ready
 	rm -rf $(OLDEST_VENV)
 	$(PYTHON) -m venv $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH)
+	$(METHOD_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(OLDEST_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_siso_method_venv.pth"
 	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check $(OLDEST) $(METHOD_TOOLS)
-	$(OLDEST_VENV)/bin/python -c "import timm, safetensors, numpy; print('oldest supported: timm', timm.__version__, \
-		'safetensors', safetensors.__version__, 'numpy', numpy.__version__)"
+	$(OLDEST_VENV)/bin/python -c "import importlib, torch; from packaging.version import Version; \
+		want = dict(p.split('==') for p in '$(OLDEST)'.split()); \
+		got = {n: importlib.import_module(n).__version__ for n in want}; \
+		assert all(Version(got[n]) == Version(want[n]) for n in want), f'the oldest venv imports {got}, not {want}'; \
+		print('oldest supported:', got, '(torch', torch.__version__, 'from .venv-method)')"
 	touch $@
 
 # Another ComfyUI's venv, layered over .venv. torch and torchvision stay .venv's; torchaudio
