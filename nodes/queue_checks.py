@@ -103,11 +103,21 @@ def constant_int(prompt: dict, value) -> int | None:
     return value if known and isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# Nodes whose first output has the size of one of their inputs, whatever their other values: SISO
+# Subject Mask (its photo's), and stock nodes read in ComfyUI's comfy_extras (0.3.75 and 0.33):
+# ImageToMask slices a channel, InvertMask / ThresholdMask / GrowMask / FeatherMask work on a copy
+# of their mask, MaskComposite pastes the source into a copy of the destination, and SAM3_Detect
+# (0.33) interpolates its masks to its image's height and width. tests/test_input_checks.py runs
+# each stock mask node; tests/test_subject_mask_sam3.py runs SAM3_Detect.
+SAME_SIZE_AS = {"SubjectMask": "image", "ImageToMask": "image", "InvertMask": "mask", "ThresholdMask": "mask",
+                "GrowMask": "mask", "FeatherMask": "mask", "MaskComposite": "destination", "SAM3_Detect": "image"}
+
+
 def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
     """(width, height) of the IMAGE or MASK a link carries, where the prompt tells it before it runs:
     LoadImage's image or mask and LoadImageMask's mask (their file's size), a stock SolidMask's
-    (its width and height), ImageToMask of one of these, SISO Subject Mask's masks (its photo's);
-    else None."""
+    (its width and height) or ImageScale's (both sides set), and the nodes of SAME_SIZE_AS fed by
+    one of these; else None."""
     kind, inputs, output = _source(prompt, link)
     if kind in ("LoadImage", "LoadImageMask") and output in ((0, 1) if kind == "LoadImage" else (0,)) \
             and isinstance(inputs.get("image"), str):
@@ -115,8 +125,8 @@ def linked_image_size(prompt: dict, link, size_of_file) -> tuple | None:
     if kind == "SolidMask" and output == 0:
         width, height = constant_int(prompt, inputs.get("width")), constant_int(prompt, inputs.get("height"))
         return (width, height) if width is not None and height is not None else None
-    if kind in ("SubjectMask", "ImageToMask") and output == 0:
-        return linked_image_size(prompt, inputs.get("image"), size_of_file)
+    if output == 0 and kind in SAME_SIZE_AS:
+        return linked_image_size(prompt, inputs.get(SAME_SIZE_AS[kind]), size_of_file)
     if kind == "ImageScale" and output == 0:   # both sides given: exactly that size (0 keeps the aspect)
         width, height = constant_int(prompt, inputs.get("width")), constant_int(prompt, inputs.get("height"))
         return (width, height) if width and height else None

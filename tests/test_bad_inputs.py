@@ -438,15 +438,27 @@ CASES = [
              prompt.__setitem__("904", {"class_type": "LoadImage", "inputs": {"image": "subject_2.png"}}),
              stock_mask({"class_type": "ImageToMask", "inputs": {"image": ["904", 0], "channel": "red"}})(
                  prompt, server))),
-    # ... where only the run tells the mask's size (a stock FeatherMask of a SolidMask here; SISO
-    # Subject Mask on a VAE Decode in the refine templates): refused when the node starts, before
-    # any sampling
+    # ... and through stock nodes that keep their input's size (queue_checks.SAME_SIZE_AS): an
+    # InvertMask of a GrowMask of a FeatherMask of a SolidMask here
+    Case("editing mask from mask nodes that keep a SolidMask's size", swap_drawn, "SISOOptimize", about="mask",
+         expect="mask: the mask is 72x64 but the photo SISO ReNoise Invert inverts is 64x64",
+         edit=lambda prompt, server: (
+             prompt.update({
+                 "903": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}},
+                 "904": {"class_type": "FeatherMask", "inputs": {"mask": ["903", 0], "left": 4, "top": 4, "right": 4,
+                                                                  "bottom": 4}},
+                 "905": {"class_type": "GrowMask", "inputs": {"mask": ["904", 0], "expand": 2,
+                                                               "tapered_corners": True}}}),
+             stock_mask({"class_type": "InvertMask", "inputs": {"mask": ["905", 0]}})(prompt, server))),
+    # ... where only the run tells the mask's size (a stock CropMask of a SolidMask here, which the
+    # queue does not follow; SISO Subject Mask on a VAE Decode in the refine templates): refused
+    # when the node starts, before any sampling
     Case("mask made in the run of another size", two_stage, "SISOOptimize",
          expect="the mask is 72x64 but the picture SISO Optimize makes (width x height) is 64x64", at="run",
          edit=lambda prompt, server: (
-             prompt.__setitem__("903", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 64}}),
-             stock_mask({"class_type": "FeatherMask", "inputs": {"mask": ["903", 0], "left": 0, "top": 0, "right": 0,
-                                                                  "bottom": 0}})(prompt, server))),
+             prompt.__setitem__("903", {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 96, "height": 64}}),
+             stock_mask({"class_type": "CropMask", "inputs": {"mask": ["903", 0], "x": 0, "y": 0, "width": 72,
+                                                               "height": 64}})(prompt, server))),
     # ---- warm starts whose rank the prompt shows (issue 31): refused at queue time, before the
     # file's tensors are read or an earlier optimisation runs
     Case("warm start rank 4 file, lora_rank 8", warm_start, "SISOOptimize", {"lora_rank": 8}, about="initial_lora",

@@ -274,3 +274,57 @@ def test_a_later_warm_start_is_compared_only_where_it_would_refuse():
     prompt["960"]["inputs"]["lora_rank"] = ["910", 0]   # computed there too: only that node can tell
     assert queue.later_warm_start_problem(prompt, "5", 8, all_linear, ["1", 0], layers.get) is None
     assert queue.later_warm_start_problem(None, "5", 8, all_linear, ["1", 0], layers.get) is None   # in-process
+
+
+# The stock mask nodes queue_checks.SAME_SIZE_AS follows, with inputs that could change a size if
+# any would (a border, a grown edge, a smaller source pasted at an offset).
+STOCK_SAME_SIZE = {
+    "ImageToMask": {"channel": "red"},
+    "InvertMask": {},
+    "ThresholdMask": {"value": 0.5},
+    "GrowMask": {"expand": 3, "tapered_corners": True},
+    "FeatherMask": {"left": 4, "top": 4, "right": 4, "bottom": 4},
+    "MaskComposite": {"source": torch.ones(1, 24, 16), "x": 5, "y": 5, "operation": "add"},
+}
+
+
+@pytest.fixture(scope="module")
+def stock_mask_nodes():
+    """ComfyUI's own mask nodes (comfy_extras/nodes_mask.py, which a started server loads and this
+    in-process ComfyUI does not), in its node registry for the test."""
+    import asyncio
+    extra = comfy_nodes.__file__.rsplit("/", 1)[0] + "/comfy_extras/nodes_mask.py"
+    before = set(NODE)
+    assert asyncio.run(comfy_nodes.load_custom_node(extra, module_parent="comfy_extras"))
+    yield NODE
+    for name in set(NODE) - before:
+        del NODE[name]
+        comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS.pop(name, None)
+
+
+@pytest.mark.parametrize("name", sorted(STOCK_SAME_SIZE))
+def test_the_queue_follows_a_stock_mask_node_only_where_it_keeps_its_inputs_size(stock_mask_nodes, name):
+    """queue_checks.linked_image_size says the size this ComfyUI's own node gives: the node runs on a
+    72x40 input (a SolidMask's, or a LoadImage's file for ImageToMask) and its mask has that size."""
+    queue = siso("nodes.queue_checks")
+    cls = stock_mask_nodes[name]
+    follows = queue.SAME_SIZE_AS[name]
+    source = torch.rand(1, 40, 72, 3) if follows == "image" else torch.rand(1, 40, 72)
+    inputs = {follows: source, **STOCK_SAME_SIZE[name]}
+    if hasattr(cls, "define_schema"):   # a V3 node (ComfyUI 0.33)
+        out = cls.execute(**inputs).result[0]
+    else:
+        out = getattr(cls(), cls.FUNCTION)(**inputs)[0]
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+              "2": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 72, "height": 40}},
+              "3": {"class_type": name, "inputs": {follows: ["1" if follows == "image" else "2", 0],
+                                                   **{k: v for k, v in STOCK_SAME_SIZE[name].items()
+                                                      if not isinstance(v, torch.Tensor)}}}}
+    if name == "MaskComposite":
+        prompt["3"]["inputs"]["source"] = ["1", 1]
+    predicted = queue.linked_image_size(prompt, ["3", 0], lambda file: (72, 40))
+    assert predicted == (72, 40) == (out.shape[-1], out.shape[-2])
+    # a mask of a size the queue cannot tell (CropMask is not followed) stays unknown through it
+    prompt["2"] = {"class_type": "CropMask", "inputs": {"mask": ["9", 0], "x": 0, "y": 0, "width": 8, "height": 8}}
+    prompt["1"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["9", 0], "scale_by": 2.0}}
+    assert queue.linked_image_size(prompt, ["3", 0], lambda file: (72, 40)) is None

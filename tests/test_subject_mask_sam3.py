@@ -243,6 +243,10 @@ def test_sam3_masks_equal_the_stock_sam3_detect_node_and_keep_the_rules(tiny_sam
         model=model, image=image, conditioning=conditioning, threshold=0.0, refine_iterations=2,
         individual_masks=False).result[0]
     assert stock.shape == (1, 40, 56) and torch.equal(union, stock.float().cpu())
+    # the queue's rule for SAM3_Detect (its masks have its image's size) is the stock node's
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+              "2": {"class_type": "SAM3_Detect", "inputs": {"model": ["0", 0], "image": ["1", 0]}}}
+    assert queue_checks.linked_image_size(prompt, ["2", 0], lambda file: (56, 40)) == (stock.shape[-1], stock.shape[-2])
     assert bool(union.any()), "threshold 0 must find something"
     # without refinement passes (faster): a detection's mask is its coarse mask, which the refined
     # one contains (SAM3_Detect's _refine_mask keeps refined | coarse)
