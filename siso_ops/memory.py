@@ -81,15 +81,27 @@ def denoiser_activations(model, positive, latent: torch.Tensor, device_type: str
     """One denoiser pass with gradients at the run's latent size, the LoRA on its layers."""
     real_conds = host.model_conditioning(model, positive, latent)
 
-    def count():
-        conds = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in real_conds.items()}
+    def count_with(real_inputs: bool):
+        conds = {k: (v.clone() if real_inputs else v.to("meta")) if isinstance(v, torch.Tensor) else v
+                 for k, v in real_conds.items()}
         base = host.prepare_denoiser_probe(meta_copy(model.model), model, rank, alpha, target)
         # The latent entering a step with gradients does not require them (noise, or earlier steps
         # run without): autograd records from the first LoRA layer on, as in the run.
         x = torch.zeros(latent.shape, device="meta")
         sigma = torch.ones(latent.shape[0], device="meta")
         return count_kept(lambda: host.probe_apply_model(base, x, sigma, conds), [base],
-                           host.checkpoint_block_classes(model), dtype, device_type)
+                          host.checkpoint_block_classes(model), dtype, device_type, real_inputs)
+
+    def count():
+        try:
+            return count_with(real_inputs=False)
+        except Exception as error:
+            # A forward that reads its conditioning's values (Sana: the caption's length by .item(),
+            # which no meta tensor has): again with the conditioning real (memory_shapes._ShapeRun).
+            try:
+                return count_with(real_inputs=True)
+            except Exception:
+                raise error from None
     key = ("denoiser", tuple(latent.shape), device_type, dtype, int(rank), float(alpha), target, _signature(real_conds))
     return remembered(model.model, key, count)
 

@@ -110,6 +110,16 @@ class _KeepsInput(_ShapeOnly):
         return torch.empty_like(x)
 
 
+class _Selected(_ShapeOnly):
+    """masked_select on shapes, under a mask whose values are known (real): ``count`` elements;
+    its backward keeps the source and the mask, as masked_select's own does."""
+
+    @staticmethod
+    def forward(ctx, source, mask, count):
+        ctx.save_for_backward(source, mask)
+        return source.new_empty((count,))
+
+
 class _Resized(_ShapeOnly):
     """A bicubic / bilinear resize on shapes: its backward needs only the sizes, keeps nothing."""
 
@@ -168,15 +178,67 @@ _FLOAT32_CUDA = {F.layer_norm, F.group_norm, F.softmax, torch.softmax, torch.Ten
                  torch.Tensor.pow, F.cosine_similarity, torch.cumsum}
 
 
+_LIKE = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _tensors(values) -> list:
+    if isinstance(values, torch.Tensor):
+        return [values]
+    if isinstance(values, (list, tuple)):
+        return [t for v in values for t in _tensors(v)]
+    if isinstance(values, dict):
+        return [t for v in values.values() for t in _tensors(v)]
+    return []
+
+
+def _meta(values):
+    """``values`` (nested lists, tuples and dicts) with each real tensor replaced by a meta one."""
+    if isinstance(values, torch.Tensor):
+        return values if values.is_meta else values.detach().to("meta")
+    if isinstance(values, (list, tuple)):
+        return type(values)(_meta(v) for v in values) if not hasattr(values, "_fields") else \
+            type(values)(*(_meta(v) for v in values))
+    if isinstance(values, dict):
+        return {k: _meta(v) for k, v in values.items()}
+    return values
+
+
 class _ShapeRun(TorchFunctionMode):
     """While active: fused attention in place of PyTorch's (whose meta kernel is the O(N^2)
-    reference), and autocast's casts, made as copies autograd keeps like the real ones."""
+    reference), and autocast's casts, made as copies autograd keeps like the real ones.
 
-    def __init__(self, dtype: torch.dtype, device_type: str):
+    With ``real_inputs``: the model's inputs may be real tensors (its conditioning, small), for a
+    model whose forward reads their VALUES (Sana counts its caption's non-zero rows with
+    ``.item()``, then ``masked_select``s the caption with a mask built from that count). What is
+    computed from real tensors alone stays real, moves to the meta device included; where a real
+    tensor meets a meta one it becomes a meta one; ``masked_select`` of a meta tensor under a real
+    mask gives a meta tensor of the mask's count."""
+
+    def __init__(self, dtype: torch.dtype, device_type: str, real_inputs: bool = False):
         super().__init__()
         self.dtype = dtype
         self.float32_ops = _FLOAT32_CUDA if device_type == "cuda" else set()
         self.mixed = dtype != torch.float32
+        self.real_inputs = real_inputs
+
+    def _real_inputs_call(self, func, args, kwargs):
+        """Under real_inputs: (the result, or None where the usual handling follows, args, kwargs)."""
+        tensors = _tensors((args, kwargs))
+        if not tensors or not any(t.is_meta for t in tensors):
+            # a move of a real tensor to the meta device (ComfyUI's cast_to: empty_like + copy_) stays real
+            if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor):
+                moved = func(*_meta(args), **_meta(kwargs))   # where and as what it would go
+                if isinstance(moved, torch.Tensor) and moved.is_meta:
+                    return args[0].to(dtype=moved.dtype), args, kwargs
+            if func in _LIKE and tensors and torch.device(kwargs.get("device") or tensors[0].device).type == "meta":
+                kwargs = dict(kwargs, device=tensors[0].device)
+            return None, args, kwargs
+        if func in (torch.masked_select, torch.Tensor.masked_select) and len(tensors) == 2 \
+                and tensors[0].is_meta and not tensors[1].is_meta:
+            source, mask = tensors
+            count = int(mask.expand(torch.broadcast_shapes(source.shape, mask.shape)).bool().sum())
+            return _Selected.apply(source, mask, count), args, kwargs
+        return None, _meta(args), _meta(kwargs)
 
     def _cast(self, value, dtype):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
@@ -187,6 +249,10 @@ class _ShapeRun(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.real_inputs:
+            result, args, kwargs = self._real_inputs_call(func, args, kwargs)
+            if result is not None:
+                return result
         if self.mixed and func in _LOWER:
             args = self._cast(args, self.dtype)
             kwargs = {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
@@ -293,8 +359,10 @@ def _heap_bytes(sizes) -> int:
     return sum(size for size in sizes if size < HEAP_LIMIT)
 
 
-def count_kept(run, modules, block_names, dtype: torch.dtype, device_type: str) -> ActivationCount:
-    """Run ``run()`` (a forward pass over shape-only ``modules``) and count what autograd keeps."""
+def count_kept(run, modules, block_names, dtype: torch.dtype, device_type: str,
+               real_inputs: bool = False) -> ActivationCount:
+    """Run ``run()`` (a forward pass over shape-only ``modules``) and count what autograd keeps
+    (``real_inputs``: see _ShapeRun)."""
     weights = {_storage_key(t) for m in modules for t in itertools.chain(m.parameters(), m.buffers())}
     recorder = _Recorder(weights)
     handles = []
@@ -308,7 +376,7 @@ def count_kept(run, modules, block_names, dtype: torch.dtype, device_type: str) 
         # meta_nonzero_assume_all_nonzero: data-dependent indexing (a mixture of experts' routing)
         # is counted as if every element were selected: an upper bound.
         with torch.inference_mode(False), torch.enable_grad(), host.probe_environment(), \
-                fx_config.patch(meta_nonzero_assume_all_nonzero=True), _ShapeRun(dtype, device_type), \
+                fx_config.patch(meta_nonzero_assume_all_nonzero=True), _ShapeRun(dtype, device_type, real_inputs), \
                 torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
             run()
     finally:

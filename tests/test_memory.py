@@ -57,7 +57,6 @@ def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(fa
     (separate storages where the shape-only layers share one) and ComfyUI's manual-cast norms
     keep float32 copies of their fp8 weights, which the shape-only pass does not run; allowed
     25 % there, which still fails a count that keeps the cast weights (+790 %)."""
-    dino, ir = tiny_networks
     tolerance = 0.25 if family == "sd15_fp8" else 0.10
     if family == "sd15_fp8":
         import test_quantised
@@ -66,9 +65,18 @@ def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(fa
     else:
         model = tiny.build_model(family)
     vae = tiny.build_vae(16 if family.startswith("flux") else 4)
-    positive = tiny.conditioning(family)
-    size = 128
-    latent = host.empty_latent(model, size, size)
+    real, counted = kept_and_counted(model, vae, tiny.conditioning(family), 128, tiny_networks)
+    print(f"\n{family}: real kept bytes {real}, estimated {counted}")
+    for part in ("decoder", "dino", "ir"):
+        assert counted[part] == pytest.approx(real[part], rel=0.01), part
+    assert counted["denoiser"] == pytest.approx(real["denoiser"], rel=tolerance)
+
+
+def kept_and_counted(model, vae, positive, size: int, networks) -> tuple:
+    """({part: bytes a real iteration keeps for backward}, {part: bytes the estimate counts}) for the
+    denoiser, the decoder and both networks, at size x size on the CPU in float32."""
+    dino, ir = networks
+    latent = host.empty_latent(model, size, size, vae)   # as the run makes it: the VAE's own scale
     with torch.inference_mode(), host.training_mode():
         estimate = memory.estimate_iteration(model, vae, positive, size, size, "cpu", torch.float32, networks=[
             memory.NetworkUse("dino", dino, in_ram=True), memory.NetworkUse("ir", ir, in_ram=True)])
@@ -91,11 +99,7 @@ def test_what_a_real_iteration_keeps_for_backward_is_what_the_estimate_counts(fa
         finally:
             trainable.unload()
             decoder.release()
-    counted = {part: estimate.activations[part].kept for part in real}
-    print(f"\n{family}: real kept bytes {real}, estimated {counted}")
-    for part in ("decoder", "dino", "ir"):
-        assert counted[part] == pytest.approx(real[part], rel=0.01), part
-    assert counted["denoiser"] == pytest.approx(real["denoiser"], rel=tolerance)
+    return real, {part: estimate.activations[part].kept for part in real}
 
 
 def _status_bytes(field: str) -> int:
@@ -374,3 +378,53 @@ def test_weights_comfyui_has_not_loaded_yet_are_not_counted_as_in_ram():
     layer = next(m for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.Linear))
     layer.weight = torch.nn.Parameter(torch.empty(layer.weight.shape, device="meta"), requires_grad=False)
     assert not host.model_weights_in_ram(model)
+
+
+class _ReadsItsConditioning(torch.nn.Module):
+    """A forward that reads its conditioning's VALUES as Sana's does (ComfyUI_ExtraModels'
+    sana_multi_scale.forward_raw): ComfyUI's cast_to moves it to the latent's device (empty_like
+    there + copy_), a length comes from its non-zero rows by .item(), a mask made on the CPU is
+    moved to the latent's device and filled up to that length, and masked_select cuts the
+    embedded caption with it; the image tokens then attend to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 32)
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x, y):
+        import comfy.model_management
+        y = comfy.model_management.cast_to(y, dtype=torch.float32, device=x.device)
+        length = int((y != 0).any(-1).sum().item())
+        mask = torch.zeros(1, y.shape[1], dtype=torch.int).to(x.device)
+        mask[0, :length] = 1
+        y = self.embed(y).masked_select(mask.unsqueeze(-1).bool()).view(1, -1, 32)
+        return (self.out(x) @ y.transpose(1, 2)).softmax(-1) @ y   # attention to the caption: kept at its length
+
+
+def test_a_forward_that_reads_its_conditionings_values_is_counted_with_them_real():
+    """memory_shapes._ShapeRun's real_inputs (the estimate's second try, memory.denoiser_activations):
+    on shapes alone this forward stops at .item(); with the conditioning real it runs, what comes
+    from the conditioning alone stays real (the length, the moved mask, the cast copy), and the
+    count equals what the real pass keeps, byte for byte: the same operations on the same shapes,
+    masked_select's output made at the mask's count. The conditioning given is left as it was."""
+    shapes = siso("siso_ops.memory_shapes")
+    torch.manual_seed(0)
+    module = _ReadsItsConditioning()
+    x = torch.randn(1, 4, 32)
+    y = torch.cat([torch.randn(1, 5, 16), torch.zeros(1, 3, 16)], dim=1)   # 5 caption rows of 8
+    before = y.clone()
+    real = _kept_bytes(lambda: module(x, y), _storages(module))
+    probe = shapes.meta_copy(module)
+    for parameter in probe.parameters():   # the copy's are frozen (a denoiser's); these train, as the real ones
+        parameter.requires_grad_(True)
+    meta_x = x.to("meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        shapes.count_kept(lambda: probe(meta_x, y.to("meta")), [probe], (), torch.float32, "cpu")
+    counted = shapes.count_kept(lambda: probe(meta_x, y.clone()), [probe], (), torch.float32, "cpu", real_inputs=True)
+    assert counted.kept == real > 0
+    # a caption of 2 rows keeps less: the length is read, not assumed
+    short = torch.cat([torch.randn(1, 2, 16), torch.zeros(1, 6, 16)], dim=1)
+    assert shapes.count_kept(lambda: probe(meta_x, short), [probe], (), torch.float32, "cpu",
+                             real_inputs=True).kept == _kept_bytes(lambda: module(x, short), _storages(module)) < real
+    assert torch.equal(y, before)

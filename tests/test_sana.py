@@ -24,6 +24,7 @@ import torch
 
 import folder_paths
 import nodes as comfy_nodes
+import test_memory
 import tiny
 import third_party
 from conftest import BASE, COMFYUI, siso
@@ -32,6 +33,7 @@ from siso_runs import host_state
 host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
 optim = siso("siso_ops.optimize")
+memory = siso("siso_ops.memory")
 NODE = comfy_nodes.NODE_CLASS_MAPPINGS
 
 SIZE = 64                      # DC-AE: 32 pixels a latent cell, so a 2 x 2 latent
@@ -236,7 +238,8 @@ def _optimise(model, vae, positive, subject, networks, iterations=2, steps=1, gr
 def test_low_memory_recomputes_sanas_blocks_and_gives_the_same_iterations(sana, subject, tiny_networks):
     """low_memory on wraps the row's repeated blocks (SanaMSBlock, called by the pack's own
     auto_grad_checkpoint) and DC-AE's decoder blocks in checkpointing: the same losses as without,
-    to float32 rounding. low_memory auto turns it on for Sana, which has no memory estimate."""
+    to float32 rounding. Sana has a memory estimate (its caption's length is read from the real
+    conditioning: memory_shapes._ShapeRun's real_inputs), so low_memory auto decides by it."""
     model, vae, positive = sana
     checkpointed = host.TrainableModel(model, checkpointing=True)
     try:
@@ -248,14 +251,30 @@ def test_low_memory_recomputes_sanas_blocks_and_gives_the_same_iterations(sana, 
         assert {type(m).__name__ for m in decoder.module.modules() if "forward" in vars(m)} == \
             {"ResBlock", "EfficientViTBlock"}
         decoder.release()
-    results = [_optimise(model, vae, positive, subject, tiny_networks, checkpointing=c)[2] for c in (False, "auto")]
-    # low_memory auto: Sana's caption length (.item() of the caption) stops the shape-only memory
-    # estimate, and without an estimate auto recomputes (memory.resolve_checkpointing: the safe side)
+    results = [_optimise(model, vae, positive, subject, tiny_networks, checkpointing=c)[2] for c in (False, True)]
+    # the estimate is made (before, Sana's .item() of its caption length stopped it and auto took
+    # low_memory on without one); a 64 px tiny Sana fits in any CPU's memory: auto turns it off
     plan = results[1].memory
-    assert plan.estimate is None and plan.checkpointing is True and "no memory estimate" in plan.describe()
+    assert plan.estimate is not None and plan.checkpointing is True and "no memory estimate" not in plan.describe()
+    assert memory.resolve_checkpointing("auto", plan.estimate, plan.available, torch.float32) is False
     runs = [[h["loss"] for h in result.history] for result in results]
     assert len(runs[0]) == len(runs[1]) == 2
     assert runs[0] == pytest.approx(runs[1], abs=1e-5), runs
+
+
+def test_sanas_memory_estimate_counts_what_a_real_iteration_keeps(sana, tiny_networks):
+    """Sana's forward reads its conditioning's values: the caption's length by .item() of its
+    non-zero rows, then masked_select of the caption by a mask built from it, which no meta tensor
+    can run. The shape-only pass runs it again with the conditioning real (memory_shapes._ShapeRun's
+    real_inputs: what comes from real tensors alone stays real, a real tensor that meets a meta one
+    becomes meta). Held as test_memory holds the other families: the decoder and both networks to
+    1 %, the denoiser to 10 %."""
+    model, vae, positive = sana
+    real, counted = test_memory.kept_and_counted(model, vae, positive, SIZE, tiny_networks)
+    print(f"\nSana: real kept bytes {real}, estimated {counted}")
+    for part in ("decoder", "dino", "ir"):
+        assert counted[part] == pytest.approx(real[part], rel=0.01), part
+    assert counted["denoiser"] == pytest.approx(real["denoiser"], rel=0.10)
 
 
 def test_a_class_that_only_derives_from_basemodel_takes_the_structural_self_checked_path(sana, subject, tiny_networks,
