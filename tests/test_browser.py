@@ -94,8 +94,14 @@ def save_shot(page, name: str, clip=None):
         page.screenshot(path=str(pathlib.Path(SHOTS) / name), clip=clip)
 
 
-@pytest.mark.parametrize("spec", graphs.WORKFLOWS, ids=[w.name for w in graphs.WORKFLOWS])
-def test_each_example_workflow_opens_from_the_template_browser_without_warnings(page, spec):
+@pytest.mark.parametrize("spec", graphs.WORKFLOWS + graphs.TRAINING_WORKFLOWS,
+                         ids=[w.name for w in graphs.WORKFLOWS + graphs.TRAINING_WORKFLOWS])
+def test_each_example_workflow_opens_from_the_template_browser_without_warnings(page, object_info, spec):
+    """Also the comparison template "SISO or DreamBooth", on the ComfyUI it is made with (0.33's
+    Train LoRA: its widget values are positional, so on 0.3.75 this skips with the reason)."""
+    gap = graphs.version_gap(spec, object_info)
+    if gap:
+        pytest.skip(gap)
     before = len(page.console_messages)
     open_template(page, spec.name)
     assert graph_problems(page) == []

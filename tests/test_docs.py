@@ -1,6 +1,6 @@
 """The user's pages: README.md stays short; it, BENCHMARKS.md and docs/*.md hold no dead relative
 link, image or #anchor; every node and every node input is documented in docs/nodes.md, every
-template is named in the README's first-run table and in docs/workflows.md.
+template is named in the README's first-run table and in docs/workflows.md and has its thumbnail.
 
 Anchors follow GitHub's rule for heading ids (lower case; letters, digits, '-' and '_' kept,
 other punctuation dropped, each space a '-'; a repeated heading gets -1, -2, ...)."""
@@ -130,3 +130,15 @@ def test_every_template_is_named_in_the_readme_and_docs_workflows():
         word = f"`{template.stem}`"
         assert word in readme, f"README.md's first-run table does not name the template {template.stem}"
         assert word in workflows, f"docs/workflows.md does not name the template {template.stem}"
+
+
+def test_every_template_has_its_thumbnail():
+    """ComfyUI's template browser shows example_workflows/<name>.jpg on the template's card; the
+    browser tests take them (`make screenshots`) for each template they open."""
+    templates = {path.stem for path in (REPO / "example_workflows").glob("*.json")}
+    thumbnails = {path.stem for path in (REPO / "example_workflows").glob("*.jpg")}
+    assert templates - thumbnails == set(), f"templates without a thumbnail (make screenshots): {sorted(templates - thumbnails)}"
+    assert thumbnails - templates == set(), f"thumbnails of no template: {sorted(thumbnails - templates)}"
+    for name in sorted(templates):
+        head = (REPO / "example_workflows" / f"{name}.jpg").read_bytes()[:3]
+        assert head == b"\xff\xd8\xff", f"example_workflows/{name}.jpg is not a JPEG file"
