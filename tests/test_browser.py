@@ -3,9 +3,12 @@ the test server serves. Each example workflow is opened from ComfyUI's template 
 two-stage one is queued from the page, and the live chart is read back from screenshots, with the
 classic canvas renderer and with Nodes 2.0 (the Vue node renderer).
 
-Chromium comes from Debian (`make test` installs it); if it is missing these tests FAIL: a
-silent skip would hide that the browser path was never checked. SISO_SCREENSHOTS=<folder>
-(`make screenshots`) also writes the README's screenshots and the template thumbnails."""
+Chromium comes from Debian (`make test` installs it with apt-get, as root), or SISO_CHROMIUM
+names another Chromium or Chrome executable. Where none is found these tests skip, saying how to
+get one (tests/pytest.ini prints every skip's reason), as a missing optional pack does; under CI
+(CI=true) they FAIL: a skip there would hide that the browser path was never checked.
+SISO_SCREENSHOTS=<folder> (`make screenshots`) also writes the README's screenshots and the
+template thumbnails."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,7 @@ import pytest
 import workflow_graphs as graphs
 from conftest import REPO
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = "/usr/bin/chromium"     # Debian's, which `make test` installs
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PACK = "comfyui_siso"
@@ -28,14 +31,59 @@ SHOTS = os.environ.get("SISO_SCREENSHOTS")
 BLUE, ORANGE, WHITE = (0x4D, 0xA3, 0xFF), (0xFF, 0x9F, 0x40), (0xF0, 0xF0, 0xF0)
 
 
+def find_chromium() -> str | None:
+    """SISO_CHROMIUM if set, else Debian's chromium, else a Chromium or Chrome on the PATH."""
+    chosen = os.environ.get("SISO_CHROMIUM", "").strip()
+    if chosen:
+        return chosen if os.path.isfile(chosen) or shutil.which(chosen) else None
+    if os.path.exists(CHROMIUM):
+        return CHROMIUM
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def chromium_or_skip() -> str:
+    """The browser to drive; where there is none, a skip that says how to get one, or under CI a
+    failure (the rule tests/third_party.py applies to a missing optional pack)."""
+    import third_party
+    found = find_chromium()
+    if found:
+        return found
+    chosen = os.environ.get("SISO_CHROMIUM", "").strip()
+    reason = (f"SISO_CHROMIUM={chosen!r} names no file" if chosen else f"no Chromium: {CHROMIUM} is missing and "
+              "there is no chromium, chromium-browser or google-chrome on the PATH") + (
+        ". To run the browser tests, install Debian's chromium (`make test` does, as root: apt-get install chromium) "
+        "or set SISO_CHROMIUM to a Chromium or Chrome executable")
+    if third_party.under_ci():
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def test_a_missing_chromium_skips_saying_how_and_fails_under_ci(monkeypatch, tmp_path):
+    from _pytest.outcomes import Failed, Skipped
+    monkeypatch.setenv("SISO_CHROMIUM", str(tmp_path / "no-such-browser"))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(Skipped, match="SISO_CHROMIUM=.*no-such-browser.* names no file.*apt-get install chromium"):
+        chromium_or_skip()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(Failed, match="names no file"):
+        chromium_or_skip()
+    browser = tmp_path / "my-chromium"
+    browser.write_text("")
+    monkeypatch.setenv("SISO_CHROMIUM", str(browser))
+    assert chromium_or_skip() == str(browser)
+
+
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    assert shutil.which(CHROMIUM) or os.path.exists(CHROMIUM), (
-        f"{CHROMIUM} is missing: install Debian's chromium (make test does: apt-get install chromium)")
+def chromium():
+    return chromium_or_skip()
+
+
+@pytest.fixture(scope="module")
+def page(chromium, server, tmp_path_factory):     # the browser first: no server is started without one
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=chromium, args=FLAGS, headless=True,
             viewport={"width": 1600, "height": 1000})
         page = context.new_page()
         page.console_messages = []
