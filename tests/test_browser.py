@@ -31,31 +31,25 @@ SHOTS = os.environ.get("SISO_SCREENSHOTS")
 BLUE, ORANGE, WHITE = (0x4D, 0xA3, 0xFF), (0xFF, 0x9F, 0x40), (0xF0, 0xF0, 0xF0)
 
 
-def find_chromium() -> str | None:
-    """SISO_CHROMIUM if set, else Debian's chromium, else a Chromium or Chrome on the PATH."""
+def chromium_or_skip() -> str:
+    """The browser to drive: SISO_CHROMIUM if set, else Debian's chromium, else a Chromium or Chrome
+    on the PATH. Where there is none, third_party's rule for anything optional a test needs: a
+    skip that says how to get one, or under CI a failure."""
+    import third_party
     chosen = os.environ.get("SISO_CHROMIUM", "").strip()
     if chosen:
-        return chosen if os.path.isfile(chosen) or shutil.which(chosen) else None
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-
-
-def chromium_or_skip() -> str:
-    """The browser to drive; where there is none, a skip that says how to get one, or under CI a
-    failure (the rule tests/third_party.py applies to a missing optional pack)."""
-    import third_party
-    found = find_chromium()
-    if found:
-        return found
-    chosen = os.environ.get("SISO_CHROMIUM", "").strip()
-    reason = (f"SISO_CHROMIUM={chosen!r} names no file" if chosen else f"no Chromium: {CHROMIUM} is missing and "
-              "there is no chromium, chromium-browser or google-chrome on the PATH") + (
-        ". To run the browser tests, install Debian's chromium (`make test` does, as root: apt-get install chromium) "
-        "or set SISO_CHROMIUM to a Chromium or Chrome executable")
-    if third_party.under_ci():
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+        if os.path.isfile(chosen) or shutil.which(chosen):
+            return chosen
+        missing = f"SISO_CHROMIUM={chosen!r} names no file"
+    else:
+        if os.path.exists(CHROMIUM):
+            return CHROMIUM
+        found = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+        if found:
+            return found
+        missing = f"no Chromium: {CHROMIUM} is missing and there is no chromium, chromium-browser or google-chrome on the PATH"
+    third_party.skip_or_fail(missing + ". To run the browser tests, install Debian's chromium (`make test` does, as root: "
+                             "apt-get install chromium) or set SISO_CHROMIUM to a Chromium or Chrome executable")
 
 
 def test_a_missing_chromium_skips_saying_how_and_fails_under_ci(monkeypatch, tmp_path):

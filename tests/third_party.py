@@ -111,11 +111,17 @@ def load(pack: Pack, custom_nodes: pathlib.Path, comfyui: pathlib.Path, shared: 
 
 def require(pack: Pack, custom_nodes: pathlib.Path, comfyui: pathlib.Path, shared: pathlib.Path = SHARED):
     """``load`` for a test: a missing pack skips it with how to enable it, or fails it under CI."""
-    import pytest
     try:
         return load(pack, custom_nodes, comfyui, shared)
     except PackMissing as missing:
         reason = str(missing)
+    skip_or_fail(reason)
+
+
+def skip_or_fail(reason: str):
+    """What a test does when something optional it needs is missing: skip, saying how to enable
+    it, or under CI fail (a skip there would hide a check that never ran)."""
+    import pytest
     if under_ci():
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
