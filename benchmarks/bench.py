@@ -23,6 +23,7 @@ include the weights each configuration keeps on the device.
     python benchmarks/bench.py --tiny        # smoke: tiny models, 64 px (the CI test runs this)
     python benchmarks/bench.py ... --profile DIR    # also where one iteration's time goes
     python benchmarks/bench.py ... --count-ops      # also the operators (GPU kernel launches) of one iteration
+    python benchmarks/bench.py --thin --count-ops   # the same count on thin models, in seconds (see THIN)
     python benchmarks/bench.py ... --estimate       # also SISO's memory estimate against each measured peak
     python benchmarks/bench.py --from-json a.json,b.json --write   # one table from saved runs
 
@@ -72,6 +73,13 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --thin: every network with its real layers, blocks and depths, at a fraction of the width: the
+# UNet at 64 model channels (320 in both turbo models; SD2 and SDXL fix 64-channel heads), the VAE
+# decoder at 32 base channels (128), DINOv2 ViT-L/14's 24 blocks at width 64 (1024), the IR ViT-H/14's
+# 32 at 160 (1280). The operators an iteration dispatches (--count-ops) depend on the layers, not
+# their widths, so the count is the full-size models' in seconds of arithmetic; its times are not.
+THIN = {"model_channels": 64, "vae_ch": 32, "dino_width": 64, "ir_width": 160}
+thin = False
 CONFIGS = ("paper", "defaults")
 # Variants of the defaults with one setting changed (--configs), to show that setting's trade-off.
 VARIANTS = {"checkpointing-off": {"gradient_checkpointing": False}, "checkpointing-on": {"gradient_checkpointing": True},
@@ -344,7 +352,8 @@ def build_model(model_name: str, device, big: bool, paper: bool, tiny_models: bo
         else:
             family = {"sd_turbo": "sd2_eps", "sdxl_turbo": "sdxl"}[model_name] if tiny_models else model_name
             config_cls, unet_config, model_type = {**tiny.FAMILIES, **tiny.FULL_SIZE}[family]
-            model_config = config_cls(dict(unet_config))
+            unet_config = dict(unet_config, **({"model_channels": THIN["model_channels"]} if thin else {}))
+            model_config = config_cls(unet_config)
         if big:
             # DEVIATION: the weights stay in bfloat16, as the published files are (in float32 Z-Image's
             # 6.2 B parameters are 24.6 GB, more than this machine has); the compute dtype is what
@@ -400,7 +409,8 @@ def build_vae_and_prompt(model_name: str, device, big: bool, paper: bool, tiny_m
               f"encoder not built: random conditioning {cond_info}", file=sys.stderr, flush=True)
     else:
         vae_cfg = tiny.vae_config(4) if tiny_models else {"params": {"embed_dim": 4, "ddconfig": {
-            "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+            "ch": THIN["vae_ch"] if thin else 128,
             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}
         with torch.inference_mode():
             module = fill_random(AutoencoderKL(**vae_cfg["params"]), 1)
@@ -450,9 +460,12 @@ def build_networks(tiny_models: bool, fill_random, compute_dtype):
             dino, ir = fn.load_dino(os.path.join(folder, names[0])), fn.load_ir(os.path.join(folder, names[1]))
         else:
             import timm
+            dino_width = {"embed_dim": THIN["dino_width"], "num_heads": 1} if thin else {}
+            ir_width, ir_dim = (THIN["ir_width"], 64) if thin else (1280, 1024)
             with torch.device("meta"):     # no timm init: fill_random draws the weights
-                dino_module = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
-                ir_module = fn.IRNetwork(fn._build_ir_backbone(1280, 32, 1024), torch.nn.Linear(1024, 64))
+                dino_module = timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=518, num_classes=0,
+                                                **dino_width)
+                ir_module = fn.IRNetwork(fn._build_ir_backbone(ir_width, 32, ir_dim), torch.nn.Linear(ir_dim, 64))
             dino_module, ir_module = (fill_random(m.to_empty(device="cpu"), 3 + i).eval().requires_grad_(False)
                                       for i, m in enumerate((dino_module, ir_module)))
             dino = fn.FeatureNetwork(dino_module, fn.DINO_IMAGE_SIZE, pre.IMAGENET_MEAN, pre.IMAGENET_STD,
@@ -716,6 +729,8 @@ def child(model_name: str, config: str, size: int, iterations: int, early_stop: 
                    text_encoder="not built: random conditioning of the real encoder's shape", conditioning=cond_info,
                    vae_latent_channels=vae.latent_channels)
     out["low_memory"] = settings_for(1, 1).gradient_checkpointing      # True, False or "auto"
+    if thin:
+        out["thin"] = THIN
     if weights:
         out["weights"] = weights
     if references:
@@ -809,6 +824,7 @@ def count_iteration(run, gen, host, fn) -> dict:
     phase = ["other"]
     ops = {}
     metadata = {}
+    by_name = {}       # phase -> operator -> kernels: which operators a phase's count is made of
 
     def marked(label, f):
         def wrapper(*args, **kwargs):
@@ -822,8 +838,12 @@ def count_iteration(run, gen, host, fn) -> dict:
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            counts = metadata if func.is_view or func._schema.name in _NO_KERNEL else ops
+            kernel = not (func.is_view or func._schema.name in _NO_KERNEL)
+            counts = ops if kernel else metadata
             counts[phase[0]] = counts.get(phase[0], 0) + 1
+            if kernel:
+                names = by_name.setdefault(phase[0], {})
+                names[func._schema.name] = names.get(func._schema.name, 0) + 1
             return func(*args, **(kwargs or {}))
 
     counter = Counter()
@@ -841,8 +861,9 @@ def count_iteration(run, gen, host, fn) -> dict:
     finally:
         if len(seen) == 1:
             counter.__exit__(None, None, None)
+    top = {label: dict(sorted(names.items(), key=lambda kv: -kv[1])[:12]) for label, names in by_name.items()}
     return {"ops": ops, "ops_total": sum(ops.values()), "metadata_ops": metadata,
-            "metadata_total": sum(metadata.values())}
+            "metadata_total": sum(metadata.values()), "top_operators": top}
 
 
 def profile_iteration(run, stem: str, gen, host, fn) -> dict:
@@ -926,7 +947,7 @@ def run_child(model_name, config, args, device) -> dict:
     env = dict(os.environ, SISO_DEVICE=device, PYTHONUNBUFFERED="1")
     command = [sys.executable, os.path.abspath(__file__), "--child", model_name, config, "--size", str(args.size),
                "--iterations", str(args.iterations), "--paths", args.paths] + (["--early-stop"] if args.early_stop else []) + \
-              (["--tiny"] if args.tiny else []) + \
+              (["--tiny"] if args.tiny else []) + (["--thin"] if args.thin else []) + \
               (["--profile", args.profile] if args.profile else []) + (["--count-ops"] if args.count_ops else [])
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -1112,6 +1133,9 @@ def main(argv=None):
     parser.add_argument("--paths", default=",".join(PATHS), help="generation, editing or both")
     parser.add_argument("--early-stop", action="store_true", help="also time a run from start to early stop")
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny models at 64 px")
+    parser.add_argument("--thin", action="store_true",
+                        help="SD-Turbo / SDXL-Turbo and both networks with their real layers at a fraction of the "
+                             "width: --count-ops gives the full-size count in seconds (times are not the real ones)")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     parser.add_argument("--json", help="also save the raw results to this file")
     parser.add_argument("--from-json", metavar="FILES",
@@ -1125,6 +1149,10 @@ def main(argv=None):
                         help="also count the operators (kernel launches on a GPU) of one generation iteration, per phase")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    global thin
+    thin = args.thin
+    if thin and (args.tiny or set(args.models.split(",")) - {"sd_turbo", "sdxl_turbo"}):
+        parser.error("--thin is for --models sd_turbo,sdxl_turbo (without --tiny)")
     if args.profile:
         args.profile = os.path.abspath(args.profile)
         os.makedirs(args.profile, exist_ok=True)
@@ -1165,7 +1193,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": args.argv, "device": device, "results": results, "table": text}, f, indent=1)
-    if args.write and not args.tiny:
+    if args.write and not (args.tiny or args.thin):
         write_section(text, device)
     return results
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import comfy.model_detection
+import comfy.ops
 import comfy.sd
 import comfy.model_management
 import folder_paths
@@ -263,6 +264,60 @@ def test_backward_keeps_no_full_precision_copy_of_a_quantised_weight(layout, mon
     kept, grads = _saved_weight_copies(model, tiny.conditioning("sd15"))
     assert grads and all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     assert kept == [], f"{len(kept)} weight-sized tensors ({sum(kept) / 2**20:.1f} MiB) kept for backward"
+
+
+def _own_cast_calls(model, positive, monkeypatch) -> list:
+    """One training forward and backward of the clone: for each call of a layer through its own
+    cast path, (the layer's class, whether its own forward got the caller's input itself rather
+    than a copy)."""
+    layer_forwards = host.layer_forwards
+    callers, calls = [], []
+    apply, stock = layer_forwards._ThroughOwnCast.apply, layer_forwards.stock_forward
+
+    def recording_apply(x, *args):
+        callers.append(x.untyped_storage().data_ptr())
+        return apply(x, *args)
+
+    def recording_stock(module, x, *args, **kwargs):
+        if callers:
+            calls.append((type(module), x.untyped_storage().data_ptr() == callers.pop()))
+        return stock(module, x, *args, **kwargs)
+
+    monkeypatch.setattr(layer_forwards._ThroughOwnCast, "apply", recording_apply)
+    monkeypatch.setattr(layer_forwards, "stock_forward", recording_stock)
+    x = torch.randn(1, model.model.latent_format.latent_channels, SIZE // 8, SIZE // 8)
+    with torch.inference_mode(False), host.training_mode():
+        trainable = host.TrainableModel(model, rank=4)
+        try:
+            trainable.load()
+            out = trainable.patcher.model.apply_model(x, torch.tensor([3.0]), c_crossattn=positive[0][0].clone())
+            out.square().mean().backward()
+            assert all(d.up.grad is not None and bool(torch.isfinite(d.up.grad).all()) for d in trainable.deltas.values())
+        finally:
+            trainable.unload()
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["fp8_e4m3fn", "fp8_e4m3fn_fast"])
+def test_only_a_layer_that_may_write_its_input_gets_a_copy_of_it(layout, monkeypatch):
+    """A layer computed through its own cast path reads its input where it is, when its class is
+    one of ComfyUI's own (fp8 storage: manual_cast, which casts the weight and computes); a layer
+    of another class gets a copy, because it may write into it: ComfyUI's fp8 matrix multiply
+    (fp8_e4m3fn_fast: fp8_ops) clamps its input in place in 0.3.75, an input the block's residual
+    path still reads. On a GPU each copy is a kernel launch and an activation-sized buffer per
+    layer and call (issue 27); iteration 0 = stock for both layouts is test_siso_trains_on_the_loaded_file_..."""
+    model = load_model("sd15", layout, monkeypatch)
+    calls = _own_cast_calls(model, tiny.conditioning("sd15"), monkeypatch)
+    comfyui_classes = {getattr(getattr(comfy.ops, family), name) for family in ("disable_weight_init", "manual_cast")
+                       for name in ("Linear", "Conv1d", "Conv2d", "Conv3d")}
+    assert calls
+    for cls, same_input in calls:
+        assert same_input == (cls in comfyui_classes), (cls, same_input)
+    if layout == "fp8_e4m3fn":
+        assert all(same for _, same in calls), "ComfyUI's manual-cast layers read their input without a copy"
+    else:
+        assert any(cls.__qualname__ == "fp8_ops.Linear" and not same for cls, same in calls), \
+            "the fp8 matrix multiply's linear layers get a copy of their input"
 
 
 @pytest.mark.parametrize("layout", ["fp8_e4m3fn", "fp8_scaled", "fp8mixed", "gguf_q8_0"])

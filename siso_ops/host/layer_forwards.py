@@ -136,13 +136,17 @@ class _ThroughOwnCast(torch.autograd.Function):
     forward and the backward pass, only the quantised weight the model holds anyway."""
 
     @staticmethod
-    def forward(ctx, x, module, kind):
+    def forward(ctx, x, module, kind, copy_input):
         ctx.module, ctx.kind, ctx.input_shape = module, kind, tuple(x.shape)
-        # a copy: some layers write into their input (0.3.75's fp8_linear clamps it in place),
-        # which autograd may have saved for another layer's backward
-        out = stock_forward(module, x.detach().clone())
-        # a view made here could not be written in place later (Flux adds into its blocks' inputs)
-        return out.clone() if out._base is not None else out
+        # ``copy_input``: a layer of another class may write into its input (0.3.75's fp8_linear
+        # clamps it in place), which the block's residual path and autograd still need; it gets a
+        # copy. ComfyUI's own layer classes and plain torch layers only read it (TrainingLayer's
+        # ``input_read_only``): no copy, one kernel and one activation-sized buffer less per call.
+        out = stock_forward(module, x.detach().clone() if copy_input else x.detach())
+        # A view made here could not be written in place later (Flux adds into its blocks' inputs),
+        # and a linear layer's output on a 3-D input is a view of its 2-D product: detached, the
+        # same storage is a tensor of its own (no copy; nothing else holds the product).
+        return out.detach() if out._base is not None else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -150,10 +154,10 @@ class _ThroughOwnCast(torch.autograd.Function):
         module = ctx.module
         weight = dequantised_weight(module, grad)
         if ctx.kind == "linear":
-            return torch.matmul(grad, weight), None, None
+            return torch.matmul(grad, weight), None, None, None
         input_gradient = _CONV_INPUT_GRADIENTS[weight.dim() - 2]
         return (input_gradient(ctx.input_shape, weight, grad, module.stride, module.padding, module.dilation,
-                               module.groups), None, None)
+                               module.groups), None, None, None)
 
 
 def layer_kind(module) -> str | None:
@@ -186,6 +190,14 @@ class TrainingLayer:
     op: object
     kind: str | None
     clone_input: bool
+
+    @property
+    def input_read_only(self) -> bool:
+        """Whether the layer's own forward only reads its input: exactly one of ComfyUI's layer
+        classes (disable_weight_init, manual_cast) or a plain torch layer, whose forward casts the
+        weight and computes (read in ComfyUI 0.3.75 and 0.33's comfy/ops.py). Any other class
+        (fp8 matrix multiply, scaled fp8, another pack's quantised layer) may write into it."""
+        return self.op is not None
 
     @property
     def computed(self) -> bool:
@@ -257,7 +269,7 @@ class TrainingForward:
             x = x.clone()
         keeps = layer.keeps(x)
         if keeps == OWN_CAST:
-            out = _ThroughOwnCast.apply(x, module, layer.kind)
+            out = _ThroughOwnCast.apply(x, module, layer.kind, not layer.input_read_only)
         else:
             if module.weight is None:
                 weight = bias = None

@@ -14,7 +14,7 @@ import comfy.model_management
 
 from .. import families
 from .compiled_models import drop_user_compile
-from ..lora import LoRADelta, export_lora, warm_start_tensors
+from ..lora import LoRASet, export_lora, warm_start_tensors
 from ..precision import agreement_tolerance
 from ..self_check import SelfCheckFailed, check_training_path, refusal
 from .device_memory import unload_loaded
@@ -100,14 +100,17 @@ class TrainableModel:
         targets = lora_target_names(model, target)
         blocks = families.checkpointed_blocks(diffusion, family) if checkpointing else set()
         generator = torch.Generator().manual_seed(int(seed))
+        # every delta's parameters in one buffer (lora.LoRASet), drawn in the modules' order
+        trained = [(name, module) for name, module in diffusion.named_modules() if name in targets]
+        self.lora_set = LoRASet([tuple(module.weight.shape[:2]) for _, module in trained], self.rank, self.alpha,
+                                device=device, generator=generator)
+        made = dict(zip((name for name, _ in trained), self.lora_set.deltas))
         for name, module in diffusion.named_modules():
             full = f"diffusion_model.{name}"
             layer = training_layer(module, family.in_place)
             key = f"{full}.weight"
-            delta = None
-            if name in targets:
-                delta = LoRADelta(module.weight.shape[0], module.weight.shape[1], self.rank, self.alpha,
-                                  device=device, generator=generator)
+            delta = made.get(name)
+            if delta is not None:
                 self.deltas[key] = delta
                 self.lora_layers[key] = module
             if layer.computed:
@@ -309,6 +312,7 @@ class TrainableModel:
     def unload(self):
         """Detach the clone from the shared modules (weights, wrappers and object patches), in
         inference mode as ComfyUI's own unloads run (see load)."""
+        self.lora_set.drop_cast()     # a half-precision cast kept from a forward without backward
         with torch.inference_mode():
             unload_loaded(lambda patcher: patcher is self.patcher)
             self.patcher.detach(unpatch_all=True)

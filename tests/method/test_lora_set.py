@@ -1,0 +1,209 @@
+"""lora.LoRASet (issue 27): a run's LoRA deltas in one float32 buffer, cast to half precision
+by one kernel per forward pass and back by one in backward, where lone deltas cast themselves
+per layer and call (two kernels each way). The same function and gradients, fewer launches.
+Pure torch, on the CPU (bfloat16 autocast runs there too)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import siso_ops.lora as lora_mod
+import siso_ops.optimize as optimize_mod
+
+SHAPES = [(12, 8), (8, 12), (16, 8), (8, 16)]     # (out, in) of four chained linear layers
+RANK, ALPHA = 4, 4.0
+
+
+class Casts(TorchDispatchMode):
+    """Counts the dtype casts dispatched (aten::_to_copy) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "aten::_to_copy":
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _lone_deltas(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [lora_mod.LoRADelta(o, i, RANK, ALPHA, generator=generator) for o, i in SHAPES]
+
+
+def _set(seed=0):
+    return lora_mod.LoRASet(SHAPES, RANK, ALPHA, generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(dtype):
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(o, i, generator=generator).to(dtype) for o, i in SHAPES]
+
+
+def _forward(deltas, weights, x, calls=1):
+    """The layers as the training forward computes them: the frozen layer plus its LoRA."""
+    out = x
+    for _ in range(calls):
+        for delta, weight in zip(deltas, weights):
+            out = torch.nn.functional.linear(out, weight) + delta.on_input(out)
+    return out
+
+
+def _with_up(deltas, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for delta in deltas:
+            delta.up.copy_(torch.randn(delta.up.shape, generator=generator) * 0.1)
+    return deltas
+
+
+def test_a_set_draws_what_lone_deltas_draw_from_one_seed():
+    lone, grouped = _lone_deltas(), _set().deltas
+    for a, b in zip(lone, grouped):
+        assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and not b.up.any()
+        assert b.down.is_leaf and b.down.requires_grad and b.up.is_leaf
+
+
+def test_under_gradients_in_bfloat16_the_set_casts_once_each_way_with_the_same_result():
+    """Lone deltas: two casts per layer in the forward pass and two in backward; the set: one
+    each way for all of them, and bitwise the same output and float32 gradients (the same
+    bfloat16 values multiply, one call per delta: the gradients are summed nowhere)."""
+    weights = _weights(torch.bfloat16)
+    x = torch.randn(3, SHAPES[0][1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    results = {}
+    lora_set = _set()     # held: a delta refers to its set weakly (the run holds the set)
+    for name, deltas in (("lone", _with_up(_lone_deltas())), ("set", _with_up(lora_set.deltas))):
+        forward, backward = Casts(), Casts()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with forward:
+                out = _forward(deltas, weights, x)
+            with backward:
+                out.float().square().sum().backward()
+        results[name] = (forward.count, backward.count, out, [p.grad for d in deltas for p in (d.down, d.up)])
+    # backward counts the loss's own float() and its backward too (2)
+    assert results["lone"][:2] == (2 * len(SHAPES), 2 * len(SHAPES) + 2)
+    assert results["set"][:2] == (1, 1 + 2)
+    assert torch.equal(results["lone"][2], results["set"][2])
+    for a, b in zip(results["lone"][3], results["set"][3]):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_in_float32_nothing_is_cast_and_the_parameters_are_used_as_they_are():
+    lora_set = _set()
+    deltas = _with_up(lora_set.deltas)
+    counter = Casts()
+    with counter:
+        out = _forward(deltas, _weights(torch.float32), torch.randn(2, SHAPES[0][1]))
+        out.square().sum().backward()
+    assert counter.count == 0 and all(d.down.grad is not None and d.up.grad.any() for d in deltas)
+
+
+def test_the_set_casts_again_after_any_change_and_after_backward():
+    """An optimiser step, a warm start or a check that changes one delta in place is seen by the
+    next forward (the parameters share the buffer's version counter), and each iteration's
+    backward uses up its own cast (no 'backward through the graph a second time'): three AdamW
+    iterations give the lone deltas' losses and parameters bitwise."""
+    weights = _weights(torch.bfloat16)
+    x = torch.randn(3, SHAPES[0][1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    runs = {}
+    lora_set = _set()
+    for name, deltas in (("lone", _lone_deltas()), ("set", lora_set.deltas)):
+        params = [p for d in deltas for p in (d.down, d.up)]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        losses = []
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _forward(deltas, weights, x).float().square().mean()
+            losses.append(float(loss.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            deltas[1].up.zero_()        # one delta changed in place, as a warm start or a check does
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(float(_forward(deltas, weights, x).float().square().mean().detach()))
+        runs[name] = (losses, [p.detach().clone() for p in params])
+    assert runs["lone"][0] == runs["set"][0] and len(set(runs["set"][0])) == 4
+    assert all(torch.equal(a, b) for a, b in zip(runs["lone"][1], runs["set"][1]))
+
+
+def test_a_delta_called_twice_sums_its_gradient_in_the_compute_dtype():
+    """Two calls before one backward (two denoising steps with gradients): lone deltas add the
+    two float32 casts of their bfloat16 gradients; the set adds them in bfloat16 and casts once,
+    as autocast's own cast cache does. Each bfloat16 addition of two bfloat16 values rounds
+    once, by at most bfloat16's unit roundoff u = 2^-8 of the sum, which the float32 sum holds
+    exactly (two bfloat16 values within 2^16 of each other add exactly in float32's 24 bits);
+    a third operand pair would add another u. Bound: 2u relative, elementwise, on top of float32's
+    own 2^-24 relative (rounding of the product chain is the same in both)."""
+    weights = _weights(torch.bfloat16)
+    x = torch.randn(3, SHAPES[0][1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    grads = {}
+    lora_set = _set()     # held: a delta refers to its set weakly (the run holds the set)
+    for name, deltas in (("lone", _with_up(_lone_deltas())), ("set", _with_up(lora_set.deltas))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _forward(deltas[:2], weights[:2], x, calls=2)
+        out.float().square().sum().backward()
+        grads[name] = [p.grad for d in deltas[:2] for p in (d.down, d.up)]
+    differ = 0
+    for a, b in zip(grads["lone"], grads["set"]):
+        assert bool(((a - b).abs() <= 2 * 2**-8 * a.abs() + 2**-24 * a.abs().max()).all())
+        differ += int((a != b).sum())
+    assert differ > 0      # the check can fail: the sums do round differently somewhere
+
+
+def test_without_gradients_each_delta_casts_itself_and_sees_a_change_at_once():
+    """No gradients (the checks before the loop, steps without gradients): the per-call cast,
+    so a check that changes one delta and calls its layer sees the change, with no recast of
+    the whole set per change."""
+    lora_set = _set()
+    deltas = _with_up(lora_set.deltas)
+    weights = _weights(torch.bfloat16)
+    x = torch.randn(2, SHAPES[0][1]).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = deltas[0].on_input(x)
+        counter = Casts()
+        with counter:
+            deltas[0].up.mul_(2)
+            after = deltas[0].on_input(x)
+    assert counter.count == 2 and torch.equal(after, lora_mod.lora_output(x, deltas[0].down, deltas[0].up, 1.0))
+    assert not torch.equal(before, after)
+    del weights
+
+
+def test_a_set_kept_cast_frees_with_its_owner_without_the_garbage_collector():
+    """The cast of a forward pass without backward (the last iteration's) holds a graph node
+    that refers to the set weakly: dropping the run's set and deltas frees the buffer at once
+    (no reference cycle waiting for the garbage collector, holding GPU memory)."""
+    gc.disable()
+    try:
+        lora_set = _set()
+        deltas = _with_up(lora_set.deltas)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _forward(deltas, _weights(torch.bfloat16), torch.randn(2, SHAPES[0][1]).to(torch.bfloat16))
+        set_ref = weakref.ref(lora_set)
+        del lora_set, deltas, out
+        assert set_ref() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_best_states_snapshot_is_a_copy(mixed):
+    """optimize.snapshot: one concatenation for parameters of one dtype (one kernel on a GPU, not
+    one per tensor), a copy each otherwise; either way later steps do not change it."""
+    params = {f"p{i}": torch.nn.Parameter(torch.randn(3, 2 + i)) for i in range(3)}
+    if mixed:
+        params["half"] = torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))
+    before = {name: p.detach().clone() for name, p in params.items()}
+    state = optimize_mod.snapshot(params)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1)
+    assert set(state) == set(params)
+    for name, p in params.items():
+        assert state[name].dtype == p.dtype and torch.equal(state[name], before[name])
