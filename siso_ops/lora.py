@@ -45,16 +45,17 @@ class LoRADelta(torch.nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def on_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The delta's contribution to a linear layer's output (see lora_output). In a LoRASet,
-        under gradients and in half precision, with the set's one cast of all its parameters."""
+    def on_input(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The delta's contribution to a linear layer's output, added to ``base`` where given (see
+        lora_output). In a LoRASet, under gradients and in half precision, with the set's one cast
+        of all its parameters."""
         down, up = self.down, self.up
         lora_set = self.group() if self.group is not None else None
         if lora_set is not None and torch.is_grad_enabled():
             dtype = lora_compute_dtype(x)
             if dtype != down.dtype:
                 down, up = lora_set.cast(dtype)[self.index]
-        return lora_output(x, down, up, self.scale)
+        return lora_output(x, down, up, self.scale, base)
 
 
 def lora_compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -66,18 +67,31 @@ def lora_compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def lora_output(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_output(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float,
+                base: torch.Tensor | None = None) -> torch.Tensor:
     """A LoRA's contribution to a linear layer's output, ``scale * up (down x)``: the same
     function as adding ``scale * up @ down`` to the layer's weight, at rank-sized cost, and in
     the layer's output units whatever its weight is stored as. The one place SISO computes a
     LoRA: the training clone's layers, SISO Apply LoRA's on-the-fly layers and the memory
     estimate's shape-only layers all call it, so what is estimated, trained and applied is one
     function. ``up`` and ``down`` are cast to the dtype the layer computes in (lora_compute_dtype:
-    float32 parameters under a bfloat16 autocast, a float32 file's LoRA on a half-precision model)."""
+    float32 parameters under a bfloat16 autocast, a float32 file's LoRA on a half-precision model).
+
+    ``base``: the layer's own output, ``base + scale * up (down x)`` returned. Where it is in the
+    compute dtype, the second product, the scale and the sum are one matrix multiply-add (addmm:
+    one kernel, where a product and an add are two per layer and call; backward is the same two
+    products). It rounds once where the product and the sum rounded apart: the same function in
+    another float order."""
     dtype = lora_compute_dtype(x)
     hidden = torch.nn.functional.linear(x, down.to(dtype))
-    out = torch.nn.functional.linear(hidden, up.to(dtype))
-    return out if scale == 1.0 else out * scale
+    up = up.to(dtype)
+    if base is not None and base.dtype == dtype and base.shape[:-1] == hidden.shape[:-1] \
+            and base.shape[-1] == up.shape[0] and base.is_contiguous():
+        flat = torch.addmm(base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t(), alpha=scale)
+        return flat.view(base.shape)
+    out = torch.nn.functional.linear(hidden, up)
+    out = out if scale == 1.0 else out * scale
+    return out if base is None else base + out
 
 
 class _CastTogether(torch.autograd.Function):

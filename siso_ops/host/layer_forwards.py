@@ -280,7 +280,7 @@ class TrainingForward:
             out = layer.op(module, x, _trainable_view(weight), _trainable_view(bias))
         if self.lora is not None:
             self.calls += 1
-            out = out + self.lora.on_input(x)
+            out = self.lora.on_input(x, base=out)
         return out
 
 

@@ -113,7 +113,7 @@ class _ProbeForward:
             out = out + x.new_zeros(()).requires_grad_() if torch.is_grad_enabled() else out
         else:
             out = op(module, x, weight, bias)
-        return out if self.lora is None else out + self.lora.on_input(x)
+        return out if self.lora is None else self.lora.on_input(x, base=out)
 
 
 def prepare_denoiser_probe(base, model, rank: int, alpha: float, target: str):

@@ -12,7 +12,7 @@ import comfy.sd
 import comfy.utils
 
 from .. import families, lora
-from .layer_forwards import can_carry_lora
+from .layer_forwards import can_carry_lora, training_layer
 from ..lora import lora_file_rank, lora_layers
 
 
@@ -220,16 +220,17 @@ class LoRAOnTheFly:
     def __init__(self, module, up: torch.Tensor, down: torch.Tensor, scale: float, previous=None):
         self.module, self.scale, self.previous = module, float(scale), previous
         self.up, self.down = up.detach().float(), down.detach().float()
+        self.input_read_only = training_layer(module, in_place=False).input_read_only
 
     def __call__(self, x, *args, **kwargs):
-        # the layer gets a copy, as in training: some layers write into their input (0.3.75's
-        # fp8_linear clamps it in place), and the LoRA must see what the layer was given
-        layer_input = x.clone()
+        # as in training, a layer of a class that may write into its input (0.3.75's fp8_linear
+        # clamps it in place) gets a copy: the LoRA must see what the layer was given
+        layer_input = x if self.input_read_only else x.clone()
         out = self.previous(layer_input, *args, **kwargs) if self.previous is not None else \
             type(self.module).forward(self.module, layer_input, *args, **kwargs)
         if self.up.device != x.device:
             self.up, self.down = self.up.to(x.device), self.down.to(x.device)
-        return out + lora.lora_output(x, self.down, self.up, self.scale)
+        return lora.lora_output(x, self.down, self.up, self.scale, base=out)
 
 
 def apply_lora(model, lora_tensors: dict, strength: float):

@@ -207,3 +207,47 @@ def test_the_best_states_snapshot_is_a_copy(mixed):
     assert set(state) == set(params)
     for name, p in params.items():
         assert state[name].dtype == p.dtype and torch.equal(state[name], before[name])
+
+
+class Kernels(TorchDispatchMode):
+    """Counts the operators dispatched that run a kernel (views and reshapes left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name not in ("aten::_unsafe_view", "aten::alias"):
+            self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lora_is_added_to_the_layers_output_by_one_multiply_add(dtype):
+    """lora_output(..., base=layer output): the second product, the scale and the sum in one
+    addmm (one kernel less per layer and call), on the training forward's 3-D activations. The
+    same function in another float order: the product and the sum rounded apart round once
+    together, so the two differ by at most one rounding of the sum and one of the product, 2u
+    of |base| + |product| elementwise (u: 2^-24 in float32, 2^-8 in bfloat16)."""
+    generator = torch.Generator().manual_seed(4)
+    delta = lora_mod.LoRADelta(12, 8, RANK, 2.0 * RANK, generator=generator)   # scale 2
+    with torch.no_grad():
+        delta.up.copy_(torch.randn(delta.up.shape, generator=generator))
+    x = torch.randn(2, 5, 8, generator=generator).to(dtype)
+    base = torch.randn(2, 5, 12, generator=generator).to(dtype)
+    apart, fused = Kernels(), Kernels()
+    with torch.no_grad():
+        with apart:
+            product = delta.on_input(x)
+            expected = base + product
+        with fused:
+            got = delta.on_input(x, base=base)
+    assert got.shape == base.shape and got.dtype == dtype
+    casts = 2 if dtype != torch.float32 else 0
+    assert len(apart.names) == casts + 4 and len(fused.names) == casts + 2 and "aten::addmm" in fused.names
+    u = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -8
+    bound = 2 * u * (base.float().abs() + product.float().abs())
+    assert bool(((got.float() - expected.float()).abs() <= bound).all())
+    # a base of another dtype (a layer that outputs float32 from a half input): added apart
+    other = delta.on_input(x, base=base.double())
+    assert other.dtype == torch.float64 and torch.allclose(other, base.double() + product.double())
