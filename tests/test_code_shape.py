@@ -86,8 +86,8 @@ def formula_calls(monkeypatch):
     calls = []
     original = lora_mod.lora_output
 
-    def spy(x, down, up, scale):
-        out = original(x, down, up, scale)
+    def spy(x, down, up, scale, base=None):
+        out = original(x, down, up, scale, base)
         calls.append((x.device.type, tuple(out.shape)))
         return out
     monkeypatch.setattr(lora_mod, "lora_output", spy)
