@@ -103,8 +103,7 @@ class _CastTogether(torch.autograd.Function):
     @staticmethod
     def forward(ctx, buffer, dtype, lora_set, *parameters):
         # weakly: the set keeps this cast (and so this graph node) until backward
-        ctx.lora_set = weakref.ref(lora_set)
-        ctx.sizes, ctx.shapes = lora_set.sizes, [p.shape for p in parameters]
+        ctx.lora_set, ctx.shapes = weakref.ref(lora_set), lora_set.shapes
         return buffer.to(dtype)
 
     @staticmethod
@@ -113,8 +112,13 @@ class _CastTogether(torch.autograd.Function):
         lora_set = ctx.lora_set()
         if lora_set is not None:
             lora_set.drop_cast()       # its graph is used up: the next forward casts again
-        parts = torch.split(grad.float(), ctx.sizes)
-        return (None, None, None, *(part.view(shape) for part, shape in zip(parts, ctx.shapes)))
+        return (None, None, None, *_split_as(grad.float(), ctx.shapes))
+
+
+def _split_as(flat: torch.Tensor, shapes: list) -> list:
+    """``flat`` (one of a LoRASet's buffer layout) as views of ``shapes``, in order."""
+    parts = torch.split(flat, [shape.numel() for shape in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes)]
 
 
 class LoRASet:
@@ -136,15 +140,14 @@ class LoRASet:
     def __init__(self, shapes: list, rank: int, alpha: float, device=None, generator: torch.Generator | None = None):
         """``shapes``: (out_features, in_features) per delta, in the order the deltas are drawn."""
         rank = int(rank)
-        self.sizes = []
-        for out_features, in_features in shapes:
-            self.sizes += [rank * in_features, out_features * rank]
-        self.buffer = torch.empty(sum(self.sizes), device=device, dtype=torch.float32)
-        parts = iter(torch.split(self.buffer, self.sizes))
+        # each delta's down, then its up: the order of the buffer, of the casts and of the gradients
+        self.shapes = [torch.Size(shape) for o, i in shapes for shape in ((rank, i), (o, rank))]
+        self.buffer = torch.empty(sum(shape.numel() for shape in self.shapes), device=device, dtype=torch.float32)
+        views = _split_as(self.buffer, self.shapes)
         self.deltas = []
         for index, (out_features, in_features) in enumerate(shapes):
-            storage = (next(parts).view(rank, in_features), next(parts).view(out_features, rank))
-            delta = LoRADelta(out_features, in_features, rank, alpha, generator=generator, storage=storage)
+            delta = LoRADelta(out_features, in_features, rank, alpha, generator=generator,
+                              storage=(views[2 * index], views[2 * index + 1]))
             delta.group, delta.index = weakref.ref(self), index
             self.deltas.append(delta)
         self.parameters = [p for delta in self.deltas for p in (delta.down, delta.up)]
@@ -156,10 +159,8 @@ class LoRASet:
         buffer's version counter, so one number says whether any of them changed."""
         key = (self.buffer._version, dtype)
         if self._key != key:
-            flat = _CastTogether.apply(self.buffer, dtype, self, *self.parameters)
-            parts = torch.split(flat, self.sizes)
-            self._cast = [(parts[2 * i].view(d.down.shape), parts[2 * i + 1].view(d.up.shape))
-                          for i, d in enumerate(self.deltas)]
+            views = _split_as(_CastTogether.apply(self.buffer, dtype, self, *self.parameters), self.shapes)
+            self._cast = list(zip(views[0::2], views[1::2]))
             self._key = key
         return self._cast
 

@@ -18,17 +18,22 @@ SHAPES = [(12, 8), (8, 12), (16, 8), (8, 16)]     # (out, in) of four chained li
 RANK, ALPHA = 4, 4.0
 
 
-class Casts(TorchDispatchMode):
-    """Counts the dtype casts dispatched (aten::_to_copy) while active."""
+class Kernels(TorchDispatchMode):
+    """The operators dispatched while active that run a kernel (views and reshapes left out);
+    ``count``: how many of them are dtype casts (aten::_to_copy)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.names = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name == "aten::_to_copy":
-            self.count += 1
+        if not func.is_view and func._schema.name not in ("aten::_unsafe_view", "aten::alias"):
+            self.names.append(func._schema.name)
         return func(*args, **(kwargs or {}))
+
+    @property
+    def count(self) -> int:
+        return self.names.count("aten::_to_copy")
 
 
 def _lone_deltas(seed=0):
@@ -78,7 +83,7 @@ def test_under_gradients_in_bfloat16_the_set_casts_once_each_way_with_the_same_r
     results = {}
     lora_set = _set()     # held: a delta refers to its set weakly (the run holds the set)
     for name, deltas in (("lone", _with_up(_lone_deltas())), ("set", _with_up(lora_set.deltas))):
-        forward, backward = Casts(), Casts()
+        forward, backward = Kernels(), Kernels()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with forward:
                 out = _forward(deltas, weights, x)
@@ -96,7 +101,7 @@ def test_under_gradients_in_bfloat16_the_set_casts_once_each_way_with_the_same_r
 def test_in_float32_nothing_is_cast_and_the_parameters_are_used_as_they_are():
     lora_set = _set()
     deltas = _with_up(lora_set.deltas)
-    counter = Casts()
+    counter = Kernels()
     with counter:
         out = _forward(deltas, _weights(torch.float32), torch.randn(2, SHAPES[0][1]))
         out.square().sum().backward()
@@ -166,7 +171,7 @@ def test_without_gradients_each_delta_casts_itself_and_sees_a_change_at_once():
     x = torch.randn(2, SHAPES[0][1]).to(torch.bfloat16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = deltas[0].on_input(x)
-        counter = Casts()
+        counter = Kernels()
         with counter:
             deltas[0].up.mul_(2)
             after = deltas[0].on_input(x)
@@ -207,19 +212,6 @@ def test_the_best_states_snapshot_is_a_copy(mixed):
     assert set(state) == set(params)
     for name, p in params.items():
         assert state[name].dtype == p.dtype and torch.equal(state[name], before[name])
-
-
-class Kernels(TorchDispatchMode):
-    """Counts the operators dispatched that run a kernel (views and reshapes left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func._schema.name not in ("aten::_unsafe_view", "aten::alias"):
-            self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
