@@ -399,10 +399,11 @@ def supported_models_markdown() -> str:
                     f"{f.optimise} | {f.stage2} | {f.source} |")
     for name, what in SELF_CHECKED.items():
         rows.append(f"| self-checked | {name} | {what} | every repeated block | | | {UNKNOWN_SETTINGS} | |")
-    rows.append("| self-checked | any other image model class | a subclass of a row's class takes that row, any other "
+    rows.append("| self-checked | any other image model class | a subclass of a row's class (not of SD1.x's BaseModel, "
+                "which every model class derives from) takes that row, any other "
                 "class the structural rules (LoRA on the linear layers of the repeated blocks, not the modulation "
                 "layers); before the loop, on the run's own inputs, the training forward must equal the stock forward "
-                "and every LoRA layer (no host weight) must get a gradient, or the run is refused naming the class "
+                "and the LoRA (no host weight) must get a finite gradient, or the run is refused naming the class "
                 "and the check | every repeated block | | | | |")
     for name, reason in REFUSED.items():
         rows.append(f"| refused | {name} | {reason} | | | | | |")
