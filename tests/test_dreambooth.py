@@ -137,6 +137,9 @@ def test_the_dreambooth_lora_loads_in_the_stock_lora_loader(server, comparison):
     import safetensors.torch
     saved = sorted((server.base / "output" / "loras").glob("siso_or_dreambooth_test_*.safetensors"))
     assert saved, list((server.base / "output").rglob("*.safetensors"))
+    # the file is named by the steps Train LoRA ran (its steps output linked to Save LoRA Weights)
+    trained = api_twin()["15"]["inputs"]["steps"]
+    assert saved[-1].name.startswith(f"siso_or_dreambooth_test_{trained}_steps_"), saved[-1].name
     tensors = safetensors.torch.load_file(str(saved[-1]))
     assert any(k.startswith("diffusion_model.") for k in tensors), list(tensors)[:4]
     ups = [t for k, t in tensors.items() if "lora_up" in k or k.endswith(".lora.up.weight")]

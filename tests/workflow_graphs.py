@@ -110,6 +110,8 @@ def build_ui(workflow: Workflow, object_info: dict) -> dict:
     for node in workflow.nodes:
         info = object_info[node.type]
         sockets = dict(_socket_inputs(info))
+        # a widget fed by a link (the frontend's widget input: a socket named after the widget)
+        sockets.update({name: kind for name, kind, _ in widget_slots(info) if name in node.links and name not in sockets})
         for name, (src, slot) in node.links.items():
             if name not in sockets:
                 raise ValueError(f"{workflow.name}: node {node.id} {node.type} has no socket input '{name}'")
@@ -129,6 +131,10 @@ def build_ui(workflow: Workflow, object_info: dict) -> dict:
         for name, kind in _socket_inputs(info):
             link = next((l[0] for l in links if l[3] == node.id and l[4] == name), None)
             inputs.append({"name": name, "type": kind, "link": link})
+        for name, kind, _ in widget_slots(info):
+            link = next((l[0] for l in links if l[3] == node.id and l[4] == name), None)
+            if link is not None:      # its value still has its place in widgets_values
+                inputs.append({"name": name, "type": kind, "widget": {"name": name}, "link": link})
         outputs = []
         for slot, (kind, name) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
             outputs.append({"name": name, "type": kind, "slot_index": slot, "links": outgoing.get((node.id, slot))})
@@ -859,7 +865,9 @@ SISO_OR_DREAMBOOTH = Workflow(
              {"batch_size": 1, "grad_accumulation_steps": 2, "steps": DREAMBOOTH_STEPS, "learning_rate": DREAMBOOTH_LR, "rank": 8,
               "seed": 0},
              {"model": (1, 0), "latents": (14, 0), "positive": (14, 1)}, "Train LoRA (DreamBooth)"),
-        Node(16, "SaveLoRA", (880, 1600), (320, 106), {"prefix": "loras/dreambooth_subject"}, {"lora": (15, 0)}),
+        # Save LoRA Weights names the file by its steps (its widget's 0 would write "_0_steps_"): Train LoRA's
+        Node(16, "SaveLoRA", (880, 1600), (320, 106), {"prefix": "loras/dreambooth_subject", "steps": DREAMBOOTH_STEPS},
+             {"lora": (15, 0), "steps": (15, 2)}),
         Node(17, "LoraModelLoader", (880, 1740), (320, 106), {}, {"model": (1, 0), "lora": (15, 0)}),
         Node(18, "VAEDecode", (420, 1480), (210, 46), {}, {"samples": (10, 0), "vae": (1, 2)}),
         Node(19, "PreviewImage", (420, 1570), (400, 300), {}, {"images": (18, 0)}, "Class images (check them: they are the prior)"),
