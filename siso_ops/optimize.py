@@ -113,11 +113,58 @@ def snapshot(parameters: dict) -> dict:
     return {n: part.view(t.shape) for n, part, t in zip(parameters, parts, tensors)}
 
 
+def flat_view(tensors: list) -> torch.Tensor | None:
+    """The one 1-D tensor whose consecutive parts ``tensors`` are, in order and whole (a LoRASet's
+    parameters in its buffer, or the gradients its cast returned as views of one tensor), as a
+    detached view of their storage that shares their version counter; None where they are not
+    laid out so (or one is None)."""
+    if not tensors or tensors[0] is None:
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (t is None or t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset):
+            return None
+        offset += t.numel()
+    return first.detach().as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
+def flat_gradient(params: list, flat: torch.Tensor) -> torch.Tensor:
+    """The parameters' gradients as one tensor laid out as ``flat``: the views they already are
+    (a LoRASet's cast back gives every gradient as a part of one float32 tensor) without a copy,
+    otherwise one concatenation, a missing gradient as zeros (every SISO LoRA layer gets one:
+    check_lora_reached refuses a run where one is off the model's path)."""
+    grads = [p.grad for p in params]
+    joined = flat_view(grads)
+    if joined is not None and joined.dtype == flat.dtype:
+        return joined
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(flat.dtype)
+                      for g, p in zip(grads, params)])
+
+
+def _clear_gradients(optimizer, params: list):
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
+
+
 def optimize(parameters: dict, generate, score, settings: OptimizationSettings, on_iteration=None) -> OptimizationResult:
-    """parameters: name -> trainable tensor. on_iteration(report) may raise to cancel."""
+    """parameters: name -> trainable tensor. on_iteration(report) may raise to cancel.
+
+    Where the parameters are the consecutive parts of one tensor (a LoRASet's buffer: every SISO
+    run), AdamW and the gradient clip work on that one tensor: a dozen operators per step instead
+    of a dozen per parameter on the CPU (1,120 tensors for SDXL's attention LoRA, looped one by
+    one), and on a GPU single kernels instead of multi-tensor ones over lists of 1,120 tensors
+    built in Python at every step. AdamW is elementwise, so
+    its step is the same per element, with one step count for all (they are all stepped together);
+    the clip's total norm is then one norm of the whole gradient instead of the norm of the
+    per-parameter norms, the same value up to the rounding of a float32 sum."""
     settings.check()
     params = list(parameters.values())
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=settings.betas,
+    flat = flat_view(params)
+    stepped = [flat] if flat is not None else params
+    optimizer = torch.optim.AdamW(stepped, lr=settings.learning_rate, betas=settings.betas,
                                   eps=settings.eps, weight_decay=settings.weight_decay)
     stopper = EarlyStopping(settings.early_stop_percent, settings.early_stop_patience)
     best = None
@@ -146,14 +193,18 @@ def optimize(parameters: dict, generate, score, settings: OptimizationSettings, 
                 break
             if i == settings.max_iterations - 1:
                 break  # a step after the last scored iteration would never be used
-            optimizer.zero_grad(set_to_none=True)
+            _clear_gradients(optimizer, params)
             loss.backward()
+            if flat is not None:
+                flat.grad = flat_gradient(params, flat)
+                for p in params:
+                    p.grad = None
             if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(stepped, settings.max_grad_norm)
             optimizer.step()
             del loss, terms, image
     finally:
-        optimizer.zero_grad(set_to_none=True)
+        _clear_gradients(optimizer, params)
         del optimizer
     best.history = history
     best.stop_reason = stop_reason

@@ -243,3 +243,114 @@ def test_the_lora_is_added_to_the_layers_output_by_one_multiply_add(dtype):
     # a base of another dtype (a layer that outputs float32 from a half input): added apart
     other = delta.on_input(x, base=base.double())
     assert other.dtype == torch.float64 and torch.allclose(other, base.double() + product.double())
+
+
+def _run_optimize(deltas, weights, x, max_grad_norm, dtype, iterations=4, lr=1e-2):
+    """optimize() on these deltas: the loss of each iteration and the parameters at the end."""
+    params = {f"{i}:{part}": p for i, d in enumerate(deltas) for part, p in (("down", d.down), ("up", d.up))}
+    settings = optimize_mod.OptimizationSettings(max_iterations=iterations, learning_rate=lr,
+                                                 max_grad_norm=max_grad_norm, early_stop_patience=50)
+
+    def generate():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return _forward(deltas, weights, x)
+
+    result = optimize_mod.optimize(params, generate, lambda out: {"loss": out.float().square().mean()}, settings)
+    return [h["loss"] for h in result.history], [p.detach().clone() for p in params.values()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_optimize_steps_a_set_as_one_tensor_with_the_per_parameter_result(dtype):
+    """optimize() on a LoRASet's parameters runs AdamW and the clip on its one buffer. AdamW is
+    elementwise, so with the clip not engaged (max_grad_norm far above the gradient's norm: both
+    multiply by exactly 1) three steps give bitwise the per-parameter run of lone deltas. With the
+    clip engaged its total norm is one float32 norm of the whole gradient instead of the norm of
+    the per-parameter norms: the coefficient differs by a few roundings of a float32 sum over at
+    most 128 terms (<= 128 u, u = 2^-24, about 8e-6 relative), and AdamW divides the scale of the
+    gradient out again (m / sqrt(v)), so each step moves a parameter by lr within that relative
+    error plus the rounding of the update itself: 3 steps x lr x 2^-16 bounds both."""
+    weights = _weights(dtype)
+    x = torch.randn(3, SHAPES[0][1], generator=torch.Generator().manual_seed(3)).to(dtype)
+    for max_grad_norm in (1e6, 1e-3):
+        lone_losses, lone_params = _run_optimize(_with_up(_lone_deltas()), weights, x, max_grad_norm, dtype)
+        lora_set = _set()
+        set_losses, set_params = _run_optimize(_with_up(lora_set.deltas), weights, x, max_grad_norm, dtype)
+        start = [p.detach() for d in _with_up(_lone_deltas()) for p in (d.down, d.up)]
+        assert len(set(lone_losses)) == 4         # three steps that changed the loss
+        assert max(float((a - b).abs().max()) for a, b in zip(lone_params, start)) > 1e-3   # ~lr per step
+        if max_grad_norm > 1:
+            assert set_losses == lone_losses
+            assert all(torch.equal(a, b) for a, b in zip(lone_params, set_params))
+        else:
+            gap = max(float((a - b).abs().max()) for a, b in zip(lone_params, set_params))
+            assert gap <= 3 * 1e-2 * 2.0 ** -16, gap
+        # the parameters are still the buffer's views, and the next cast sees the steps
+        assert all(p.untyped_storage().data_ptr() == lora_set.buffer.untyped_storage().data_ptr()
+                   for p in lora_set.parameters)
+
+
+def test_in_half_precision_the_gradients_already_are_one_tensor():
+    """The set's cast back gives every parameter's gradient as a part of one float32 tensor, so
+    optimize() hands AdamW that tensor without a copy; lone float32 gradients are joined by one
+    concatenation, in the buffer's order."""
+    weights = _weights(torch.bfloat16)
+    x = torch.randn(3, SHAPES[0][1], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float32):
+        lora_set = _set()
+        deltas = _with_up(lora_set.deltas)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            out = _forward(deltas, [w.to(dtype) for w in weights], x.to(dtype))
+        out.float().square().sum().backward()
+        flat = optimize_mod.flat_view(lora_set.parameters)
+        assert flat is not None and flat.data_ptr() == lora_set.buffer.data_ptr() and flat.shape == lora_set.buffer.shape
+        gradient = optimize_mod.flat_gradient(lora_set.parameters, flat)
+        first = lora_set.parameters[0].grad
+        shared = gradient.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        assert shared == (dtype == torch.bfloat16)
+        assert torch.equal(gradient, torch.cat([p.grad.reshape(-1) for p in lora_set.parameters]))
+
+
+def _optimizer_kernels(monkeypatch, layers: int, grouped: bool) -> int:
+    """Kernels dispatched by optimize()'s one step (gathering the gradient, the clip, AdamW)."""
+    shapes = [(8, 8)] * layers
+    generator = torch.Generator().manual_seed(0)
+    if grouped:
+        lora_set = lora_mod.LoRASet(shapes, RANK, ALPHA, generator=generator)   # held while its deltas run
+        deltas = lora_set.deltas
+    else:
+        deltas = [lora_mod.LoRADelta(o, i, RANK, ALPHA, generator=generator) for o, i in shapes]
+    counter = Kernels()
+
+    def counted(f):
+        def wrapper(*args, **kwargs):
+            with counter:
+                return f(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted(torch.optim.AdamW.step))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counted(torch.nn.utils.clip_grad_norm_))
+    monkeypatch.setattr(optimize_mod, "flat_gradient", counted(optimize_mod.flat_gradient))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+
+    def generate():
+        out = x
+        for delta in deltas:
+            out = out + delta.on_input(out)
+        return out
+
+    settings = optimize_mod.OptimizationSettings(max_iterations=2, learning_rate=1e-2, early_stop_patience=50)
+    params = {f"{i}:{part}": p for i, d in enumerate(deltas) for part, p in (("down", d.down), ("up", d.up))}
+    optimize_mod.optimize(params, generate, lambda out: {"loss": out.square().mean()}, settings)
+    monkeypatch.undo()
+    return len(counter.names)
+
+
+def test_the_optimiser_step_of_a_set_does_not_grow_with_its_layers(monkeypatch):
+    """Per parameter, the clip and AdamW dispatch about a dozen operators each (on the CPU a loop
+    over the tensors; on a GPU multi-tensor kernels in chunks of a few dozen tensors); on a set's
+    one buffer, a fixed number however many layers it has (here: 4 and 8 layers in float32,
+    where the gradients are not yet one tensor and are joined by one concatenation)."""
+    grouped = {layers: _optimizer_kernels(monkeypatch, layers, True) for layers in (4, 8)}
+    lone = {layers: _optimizer_kernels(monkeypatch, layers, False) for layers in (4, 8)}
+    assert grouped[4] == grouped[8] <= 30
+    assert lone[8] - lone[4] >= 8 * 10        # at least ten more per added parameter
+    assert lone[4] > 2 * grouped[4]
