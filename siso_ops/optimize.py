@@ -134,7 +134,9 @@ def flat_gradient(params: list, flat: torch.Tensor) -> torch.Tensor:
     """The parameters' gradients as one tensor laid out as ``flat``: the views they already are
     (a LoRASet's cast back gives every gradient as a part of one float32 tensor) without a copy,
     otherwise one concatenation, a missing gradient as zeros (every SISO LoRA layer gets one:
-    check_lora_reached refuses a run where one is off the model's path)."""
+    check_lora_reached refuses a run where one is off the model's path). The concatenation's
+    second copy of the gradients (float32 runs) lives after backward has freed the activations,
+    below the iteration's peak that memory.py estimates."""
     grads = [p.grad for p in params]
     joined = flat_view(grads)
     if joined is not None and joined.dtype == flat.dtype:
