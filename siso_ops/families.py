@@ -241,6 +241,11 @@ SELF_CHECKED = {
     "ErnieImage": "no row (structural rules); a tiny model trains (tests/test_self_checked.py)",
 }
 
+# The nearest ComfyUI ancestor with a table row of each SELF_CHECKED class that is a subclass of
+# one: the class takes that row's blocks and decoder (inherited_family), which docs/models.md says
+# (tests/test_self_checked.py holds each to the family the host finds for a tiny model).
+SELF_CHECKED_ROWS = {"LongCatImage": "Flux", "ZImagePixelSpace": "Lumina2", "MageFlow": "QwenImage"}
+
 UNKNOWN_SETTINGS = "not known for this class: start from the model authors' sampling advice"
 
 
@@ -383,6 +388,18 @@ def checkpointed_blocks(root: torch.nn.Module, family: Family) -> set:
     return {name for name, _ in repeated_blocks(root)}
 
 
+def recompute_words(family: Family) -> str:
+    """What low_memory recomputes for ``family``, as docs/models.md says it."""
+    blocks = ", ".join(family.blocks) if family.blocks else "every repeated block"
+    return blocks + (" + decoder blocks" if family.decoder_blocks else " (decoder kept: it carries state)")
+
+
+def self_checked_family(class_name: str) -> Family:
+    """The family a SELF_CHECKED class takes: its row's (SELF_CHECKED_ROWS) or the structural rules."""
+    parent = SELF_CHECKED_ROWS.get(class_name)
+    return inherited_family(family_of(parent), class_name, parent) if parent else structural_family(class_name)
+
+
 def supported_models_markdown() -> str:
     """The supported-models table of docs/models.md, generated from FAMILIES and REFUSED (a test
     keeps docs/models.md equal to it)."""
@@ -391,20 +408,19 @@ def supported_models_markdown() -> str:
     rows = ["| model family | ComfyUI class | LoRA layers (default) | low_memory recomputes | subject swap | optimise with | stage 2 | settings from |",
             "|---|---|---|---|---|---|---|---|"]
     for f in FAMILIES:
-        blocks = ", ".join(f.blocks) if f.blocks else "every repeated block"
-        decoder = " + decoder blocks" if f.decoder_blocks else " (decoder kept: it carries state)"
         # every row inverts (tests/test_families.py inverts and edits on each)
         layers = lora_words[f.lora].format(", ".join(f.lora_names))
-        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {layers} | {blocks}{decoder} | yes | "
+        rows.append(f"| {f.name} | {', '.join(f.model_classes)} | {layers} | {recompute_words(f)} | yes | "
                     f"{f.optimise} | {f.stage2} | {f.source} |")
     for name, what in SELF_CHECKED.items():
-        rows.append(f"| self-checked | {name} | {what} | every repeated block | | | {UNKNOWN_SETTINGS} | |")
+        rows.append(f"| self-checked | {name} | {what} | {recompute_words(self_checked_family(name))} | | | "
+                    f"{UNKNOWN_SETTINGS} | |")
     rows.append("| self-checked | any other image model class | a subclass of a row's class (not of SD1.x's BaseModel, "
                 "which every model class derives from) takes that row, any other "
                 "class the structural rules (LoRA on the linear layers of the repeated blocks, not the modulation "
                 "layers); before the loop, on the run's own inputs, the training forward must equal the stock forward "
                 "and the LoRA (no host weight) must get a finite gradient, or the run is refused naming the class "
-                "and the check | every repeated block | | | | |")
+                "and the check | a row's, or every repeated block (decoder kept: it carries state) | | | | |")
     for name, reason in REFUSED.items():
         rows.append(f"| refused | {name} | {reason} | | | | | |")
     for kind, names in NOT_IMAGE.items():

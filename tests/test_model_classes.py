@@ -57,6 +57,15 @@ def test_each_class_is_in_one_list_only_and_every_refusal_says_why():
             assert not lists[a] & lists[b], (a, b, lists[a] & lists[b])
     assert all(len(reason) > 20 for reason in families.REFUSED.values())
     assert all(len(what) > 20 for what in families.SELF_CHECKED.values())
+    # a listed subclass names its row's class, and its words say which (test_self_checked holds the
+    # ancestry to the host's on tiny models of the classes)
+    for name, parent in families.SELF_CHECKED_ROWS.items():
+        assert name in families.SELF_CHECKED and families.family_of(parent) is not None, (name, parent)
+        assert families.SELF_CHECKED[name].startswith(f"subclass of {parent}:"), (name, families.SELF_CHECKED[name])
+    for name, what in families.SELF_CHECKED.items():
+        parent = what.split(":")[0].removeprefix("subclass of ") if what.startswith("subclass of ") else None
+        if parent is not None and families.family_of(parent) is not None:
+            assert families.SELF_CHECKED_ROWS.get(name) == parent, (name, what)
 
 
 def test_configs_of_the_video_audio_and_3d_classes_make_no_image_latents_unless_named_here():

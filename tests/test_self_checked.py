@@ -114,6 +114,11 @@ def test_comfyui_classes_no_row_names_train_self_checked(name, subject, tiny_net
         pytest.skip(f"{class_name} is a ComfyUI 0.33 class; this ComfyUI has none")
     model = tf.build_model(name)
     assert type(model.model).__name__ == class_name and class_name in families.SELF_CHECKED
+    # docs/models.md's row says what low_memory recomputes for the family the host finds
+    found = host.model_family(model)
+    assert families.recompute_words(families.self_checked_family(class_name)) == families.recompute_words(found)
+    row = next(r for r in families.supported_models_markdown().splitlines() if f"| {class_name} |" in r)
+    assert f"| {families.recompute_words(found)} |" in row, row
     result = _trains_on_the_self_checked_path(model, name, subject, tiny_networks, class_name, why)
     if name in OFF_PATH:
         assert f"LoRA layers are in modules these inputs do not run, e.g. diffusion_model.{OFF_PATH[name]}" \
