@@ -111,17 +111,24 @@ def test_a_network_whose_run_ended_keeps_no_check(networks, interrupt_flag, kind
 
 
 def test_a_network_check_runs_once_per_block(networks, interrupt_flag):
+    """The check runs before every block (and its attention and MLP: check_before_blocks), once:
+    setting a second check replaces the first's hooks rather than adding to them."""
     calls = []
     network = networks["dino"]
-    network.set_interrupt_check(lambda: calls.append(1))
-    network.set_interrupt_check(lambda: calls.append(2))   # replaces the first
     try:
+        network.set_interrupt_check(lambda: calls.append(1))
+        with torch.inference_mode(False):
+            network.embed(torch.rand(1, 3, 64, 64))
+        once = len(calls)
+        calls.clear()
+        network.set_interrupt_check(lambda: calls.append(2))   # replaces the first
+        network.set_interrupt_check(lambda: calls.append(2))   # and itself, set again
         with torch.inference_mode(False):
             network.embed(torch.rand(1, 3, 64, 64))
     finally:
         network.set_interrupt_check(None)
-    assert calls and set(calls) == {2}
-    assert len(calls) >= len(_transformer_blocks(network))
+    assert set(calls) == {2} and len(calls) == once, (once, len(calls))
+    assert once >= len(_transformer_blocks(network))
 
 
 # ----------------------------------------------------------------------------- decoder copy

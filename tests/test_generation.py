@@ -265,7 +265,7 @@ def test_the_training_clone_unloads_host_copies_and_checks_its_lora_is_wired(sd1
     clone unloads that copy first (else ComfyUI may load the clone without installing its LoRA
     wrappers, seen on a GPU), and refuses to train if the LoRA is not in the layers."""
     model, _, positive, negative = sd15
-    ksampler(model, positive, negative)
+    before = ksampler(model, positive, negative)
     assert any(lm.model is model for lm in comfy.model_management.current_loaded_models)
     with torch.inference_mode(False):
         trainable = host.TrainableModel(model)
@@ -279,7 +279,7 @@ def test_the_training_clone_unloads_host_copies_and_checks_its_lora_is_wired(sd1
         finally:
             trainable.unload()
     assert_shared_modules_are_stock(model)
-    assert torch.equal(ksampler(model, positive, negative), ksampler(model, positive, negative))
+    assert torch.equal(ksampler(model, positive, negative), before)     # the host samples as before the clone
 
 
 def test_the_training_forward_follows_comfyui_casts_and_patches(sd15):

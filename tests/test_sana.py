@@ -305,8 +305,10 @@ def test_a_class_that_only_derives_from_basemodel_takes_the_structural_self_chec
 
 def test_sana_inverts_with_renoise_and_edits_keeping_the_background(sana, subject, feature_files):
     """Subject swap on Sana: ReNoise Invert through the pack's VAE encode lands closer to the
-    photo's latent than plain DDIM inversion, and an edit from it keeps the background (the same
-    bounds as every row's test in test_families.py); the host stays unchanged."""
+    photo's latent than plain DDIM inversion, and an edit from it runs with the background term
+    and keeps its background no further from the photo than the reconstruction's (the same bounds
+    as every row's test in test_families.py, which says what they show and what test_editing
+    adds); the host stays unchanged."""
     from test_editing import DDIM, background_error, edit, invert
     model, vae, positive = sana
     g = torch.Generator().manual_seed(5)
@@ -322,6 +324,7 @@ def test_sana_inverts_with_renoise_and_edits_keeping_the_background(sana, subjec
     lora, edited, _, report = edit(model, vae, positive, subject, feature_files, renoise, mask, max_iterations=2,
                                    width=SIZE, height=SIZE, learning_rate=3e-4)
     assert edited.shape == (1, SIZE, SIZE, 3) and torch.isfinite(edited).all() and "2 iterations" in report
+    assert "background error" in report, report        # the mask's term was in the loss
     start, kept = background_error(reconstruction, image, mask), background_error(edited, image, mask)
     assert kept <= 1.01 * start, (kept, start)
     _assert_unchanged(model, before)

@@ -132,7 +132,7 @@ def test_the_refine_template_keeps_the_background_only_when_the_mask_is_turned_o
     assert graphs.resolve_link(ui, mask["link"], "MASK") is None          # no MASK input to hand on
     default = graphs.ui_to_api(ui, object_info)
     assert "mask" not in default[str(OPTIMIZE)]["inputs"] and str(MASK_NODE) not in default
-    assert default == graphs.ui_to_api(ui, object_info) and api_twin(spec).keys() == default.keys()
+    assert api_twin(spec).keys() == default.keys()      # the API twin (test settings) has the same nodes
     assert "Ctrl+B" in spec.note and "ReNoise" not in spec.note
     bypassed = {n["id"] for n in nodes.values() if n["mode"] == graphs.BYPASS}
     # the SAM3 variants: the SAM3 loader is bypassed with the mask, and turned on with it
