@@ -17,3 +17,15 @@ def _has_advanced_flag() -> bool:
 
 # Keyword arguments of an input a typical user never touches: ``**ADVANCED``.
 ADVANCED = {"advanced": True} if _has_advanced_flag() else {}
+
+
+# A seed's "control after generate" widget. The frontend gives every INT input named "seed" one,
+# starting at "randomize": for SISO's minutes-long nodes that is a new inversion or optimisation
+# on every queue, even when only a later node changed. ComfyUI 0.33's ControlAfterGenerate starts
+# it at "fixed" (its frontend takes the value as the widget's start); an older ComfyUI takes only
+# true / false, and there a new SISO Optimize starts at "randomize" (the templates save "fixed").
+FIXED_SEED = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True)
+# No control widget at all (false stops the frontend's rule for inputs named "seed"): the seed
+# changes only when the user changes it, on every ComfyUI; saved workflows keep their values
+# (the seed is the node's last widget, so a saved control value after it is ignored).
+NO_SEED_CONTROL = False

@@ -7,7 +7,7 @@ from ..siso_ops.editing import InversionSettings, check_photo, invert_photo
 from ..siso_ops.renoise import ReNoiseSettings
 from .checks import CheckedNode, checked
 from .queue_checks import later_mask_problem
-from .graph_types import CATEGORY, Inversion
+from .graph_types import CATEGORY, NO_SEED_CONTROL, Inversion
 
 log = logging.getLogger("siso")
 SAMPLERS = ("euler_ancestral", "euler")
@@ -45,7 +45,7 @@ class ReNoiseInvert(CheckedNode):
                 io.Float.Input("autocorrelation_weight", default=20.0, min=0.0, max=1000.0, step=0.5, tooltip="Noise regularisation: auto-correlation over an image pyramid, 5 random shifts (0 disables)."),
                 io.Int.Input("regularisation_passes", default=4, min=0, max=50, tooltip="Regularisation passes per prediction (0 disables)."),
                 io.Boolean.Input("noise_correction", default=True, tooltip="euler_ancestral: store the per-step noises that make each step land exactly on the inverted latent."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the ancestral noises and of the regulariser's random shifts."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=NO_SEED_CONTROL, tooltip="Seed of the ancestral noises and of the regulariser's random shifts. It stays as set (no randomize after each queue), so queueing again reuses the inversion."),
             ],
             outputs=[
                 Inversion.Output(display_name="inversion", tooltip="The inverted latent, its schedule and per-step noises: connect to SISO Optimize Subject LoRA."),

@@ -17,7 +17,7 @@ from .checks import CheckedNode, checked, file_choice
 from .lora import lora_file_header_rank
 from .queue_checks import constant_int, later_warm_start_problem, linked_image_size, linked_lora_rank, linked_vae_block
 from .progress import IterationProgress
-from .graph_types import ADVANCED, CATEGORY, Inversion, Subject, SubjectLoRA
+from .graph_types import ADVANCED, CATEGORY, FIXED_SEED, Inversion, Subject, SubjectLoRA
 
 log = logging.getLogger("siso")
 
@@ -76,7 +76,7 @@ class SISOOptimize(CheckedNode):
                 Subject.Input("subject", tooltip="From SISO Load Subject."),
                 io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
                 io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README. Optional: with ir_weight 0 SISO runs on DINOv2 alone."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The ONE noise seed reused at every iteration."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=FIXED_SEED, tooltip="The ONE noise seed reused at every iteration. Left at 'fixed', queueing again reuses the optimised LoRA while only later nodes change."),
                 io.Int.Input("width", default=AUTO, min=0, max=2048, step=8, tooltip="Image width during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),
                 io.Int.Input("height", default=AUTO, min=0, max=2048, step=8, tooltip="Image height during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),
                 io.Int.Input("steps", default=AUTO, min=0, max=50, tooltip="Denoising steps per iteration. 0 = auto: the loaded model's family value, for the variant its file shows (e.g. Z-Image-Turbo 8 steps, Flux.2 klein 4, Flux.1 dev 8, SDXL-Turbo and Flux.1 schnell 1); the report names it. Editing: taken from the inversion."),

@@ -482,6 +482,26 @@ def test_advanced_inputs_stay_plain_where_the_api_has_no_flag(page, object_info)
     assert not any(advanced for advanced, _ in widgets.values()) and all(drawn for _, drawn in widgets.values()), widgets
 
 
+def test_a_new_siso_node_keeps_its_seed_where_the_frontend_would_randomize_it(page, object_info):
+    """Dragged in fresh, as a user does: the frontend gives every INT input named "seed" a control
+    widget starting at "randomize" (KSampler's, the stock case), so every queue would start a new
+    inversion or optimisation. ReNoise Invert has no control (its seed stays as set); SISO
+    Optimize's starts at "fixed" where the API can say so (0.33's ControlAfterGenerate; 0.3.75's
+    frontend takes only true / false and starts it at "randomize")."""
+    started = page.evaluate("""() => Object.fromEntries(['SISOOptimize', 'ReNoiseInvert', 'KSampler'].map(type => {
+        const node = LiteGraph.createNode(type);
+        app.graph.add(node);
+        const widgets = node.widgets.map(w => [w.name, w.value, (w.options?.values || []).includes('randomize')]);
+        app.graph.remove(node);
+        return [type, widgets.filter(([, , control]) => control).map(([, value]) => value)];
+    }))""")
+    fixed = object_info["SISOOptimize"]["input"]["required"]["seed"][1].get("control_after_generate") == "fixed"
+    assert started == {"SISOOptimize": ["fixed" if fixed else "randomize"], "ReNoiseInvert": [],
+                       "KSampler": ["randomize"]}, started
+    from comfy_api.v0_0_2 import io
+    assert fixed == hasattr(io, "ControlAfterGenerate")     # detected, on the ComfyUI that has it
+
+
 @pytest.mark.parametrize("spec", graphs.SAM3_WORKFLOWS, ids=[w.name for w in graphs.SAM3_WORKFLOWS])
 def test_a_sam3_template_opens_keeps_its_unused_dropdowns_lists_the_sam3_file_and_makes_its_prompt(page, server, object_info, spec):
     """The SAM3 templates open on both frontends (every node type exists on 0.3.75 too): SISO
