@@ -96,6 +96,8 @@ def denoiser_activations(model, positive, latent: torch.Tensor, device_type: str
         try:
             return count_with(real_inputs=False)
         except Exception as error:
+            if host.is_cancel(error):   # ComfyUI's layers check Cancel in the probe too (and clear the flag)
+                raise
             # A forward that reads its conditioning's values (Sana: the caption's length by .item(),
             # which no meta tensor has): again with the conditioning real (memory_shapes._ShapeRun).
             try:
@@ -315,6 +317,8 @@ def plan(mode, model, vae, positive, width, height, device, dtype, grad_steps, r
         estimate = estimate_iteration(model, vae, positive, width, height, device, dtype, grad_steps, rank, alpha,
                                       target, networks)
     except Exception as error:   # an exotic layer the shape-only pass cannot run: no estimate, no refusal
+        if host.is_cancel(error):    # the user's Cancel, raised by a ComfyUI layer in the probe: not a failure
+            raise
         log.warning("SISO: memory estimate unavailable (%s: %s); low_memory %s", type(error).__name__, error,
                     "on (auto, the safe side without an estimate)" if mode == "auto" else ("on" if mode else "off"))
         return MemoryPlan(None, None, mode, resolve_checkpointing(mode, None, None))

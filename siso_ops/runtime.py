@@ -20,6 +20,7 @@ class Host(Protocol):
     # --- the device and Cancel
     def compute_device(self): ...                       # the torch.device the run computes on
     def throw_if_interrupted(self) -> None: ...         # raises when the user pressed Cancel
+    def is_cancel(self, error: BaseException) -> bool: ...   # whether an error is that Cancel, not a failure
 
     # --- what a model is, and whether the method can run on it (each raises ValueError with the reason)
     def check_supported(self, model) -> None: ...

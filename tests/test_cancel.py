@@ -190,3 +190,28 @@ def test_the_released_decoder_copy_keeps_no_check_and_the_host_vae_never_had_one
     with torch.inference_mode(False), torch.no_grad():
         out = copy.decode(torch.randn(1, 4, 8, 8))
     assert out.shape == (1, 3, 64, 64)
+
+
+# ----------------------------------------------------------------------------- the memory estimate
+def test_cancel_during_the_memory_estimate_stops_the_run(sd15, subject, tiny_networks, interrupt_flag, monkeypatch,
+                                                         caplog):
+    """The memory estimate's shape-only pass runs ComfyUI's own layers, which check Cancel (and
+    clear the flag as they raise): SISO must pass the Cancel on, not take it for a layer the probe
+    cannot run (a warning, an estimate-less run with low_memory on and minutes of training)."""
+    gen, memory, optim = siso("siso_ops.generation"), siso("siso_ops.memory"), siso("siso_ops.optimize")
+    model, vae, positive, _ = sd15
+    estimated, loops = [], []
+    estimate = memory.estimate_iteration
+
+    def cancelled_while_estimating(*args, **kwargs):
+        estimated.append(1)
+        comfy.model_management.interrupt_current_processing(True)     # POST /interrupt, mid-estimate
+        return estimate(*args, **kwargs)
+    monkeypatch.setattr(memory, "estimate_iteration", cancelled_while_estimating)
+    monkeypatch.setattr(gen, "_loop", lambda *a, **k: loops.append(1) or pytest.fail("the loop ran after Cancel"))
+    settings = gen.GenerationSettings(width=64, height=64, seed=0, precision="fp32", gradient_checkpointing="auto",
+                                      optimization=optim.OptimizationSettings(max_iterations=2))
+    with pytest.raises(Interrupted), torch.inference_mode():
+        gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
+    assert estimated == [1] and loops == []
+    assert "memory estimate unavailable" not in caplog.text
