@@ -38,9 +38,32 @@ def weight_unused(weight_input: str):
 # The similarity networks' file dropdowns (SISO Optimize, SISO Subject Score). ComfyUI 0.3.75
 # does not check V3 dropdown values itself: a missing file is refused at queue time, with the
 # folder and the expected name, instead of mid-run.
+def _ir_file_check():
+    found = file_choice("ir_weights", lambda v: host.weight_file_path("ir", v), weight_unused("ir_weight"))
+
+    def check(value, values):
+        problem = found(value, values)
+        if problem or weight_unused("ir_weight")(values) or weight_unused("dino_weight")(values):
+            return problem
+        if value == values.get("dino_weights"):   # both dropdowns left at one file: one network's file is wrong
+            return (f"ir_weights and dino_weights are the same file '{value}'. ir_weights needs the image-retrieval "
+                    f"network, {host.EXPECTED_FILES['ir'][1]}; dino_weights needs DINOv2, "
+                    f"{host.EXPECTED_FILES['dino'][1]}. Choose each network's file, or set ir_weight to 0 to "
+                    "judge with DINOv2 alone.")
+        return None
+    return check
+
+
 WEIGHT_FILE_CHECKS = {
     "dino_weights": file_choice("dino_weights", lambda v: host.weight_file_path("dino", v), weight_unused("dino_weight")),
-    "ir_weights": file_choice("ir_weights", lambda v: host.weight_file_path("ir", v), weight_unused("ir_weight"))}
+    "ir_weights": _ir_file_check()}
+
+
+def weight_file_defaults(files: list) -> dict:
+    """{input: {"default": file}} for the two weight dropdowns: a new node starts each at the file
+    named for its network (host.likely_weight_file), not both at the folder's first file."""
+    chosen = {f"{kind}_weights": host.likely_weight_file(kind, files) for kind in ("dino", "ir")}
+    return {name: ({"default": file} if file else {}) for name, file in chosen.items()}
 
 
 class SISOOptimize(CheckedNode):
@@ -50,6 +73,7 @@ class SISOOptimize(CheckedNode):
     @classmethod
     def define_schema(cls):
         weight_files = host.weight_file_choices()
+        defaults = weight_file_defaults(weight_files)
         return io.Schema(
             node_id="SISOOptimize",
             display_name="SISO Optimize Subject LoRA",
@@ -74,8 +98,8 @@ class SISOOptimize(CheckedNode):
                 io.Vae.Input("vae", tooltip="The model's VAE; decoding is differentiated through a private copy."),
                 io.Conditioning.Input("positive", tooltip="The SIMPLE prompt, e.g. 'a photo of a dog' (better prompt adherence later)."),
                 Subject.Input("subject", tooltip="From SISO Load Subject."),
-                io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
-                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README. Optional: with ir_weight 0 SISO runs on DINOv2 alone."),
+                io.Combo.Input("dino_weights", options=weight_files, **defaults["dino_weights"], tooltip="DINOv2 ViT-L/14 weights in models/siso (dinov2_vitl14.safetensors or dinov2_vitl14_pretrain.pth)."),
+                io.Combo.Input("ir_weights", options=weight_files, **defaults["ir_weights"], tooltip="Image-retrieval network weights in models/siso (ir_features.pth); placed by hand, see README. Optional: with ir_weight 0 SISO runs on DINOv2 alone."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=FIXED_SEED, tooltip="The ONE noise seed reused at every iteration. Left at 'fixed', queueing again reuses the optimised LoRA while only later nodes change."),
                 io.Int.Input("width", default=AUTO, min=0, max=2048, step=8, tooltip="Image width during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),
                 io.Int.Input("height", default=AUTO, min=0, max=2048, step=8, tooltip="Image height during optimisation. 0 = auto: the loaded model's family value (e.g. 768 for Z-Image-Turbo, 512 for SDXL-Turbo). Else at least 64 and a multiple of the VAE's block (8; 16 for Flux.2, 32 for HunyuanImage 2.1), checked before any work. Editing: taken from the inversion."),

@@ -9,7 +9,7 @@ from ..siso_ops.score import score_images, size_problem
 from ..siso_ops.similarity import weights_problem
 from .checks import CheckedNode, checked
 from .graph_types import CATEGORY, Subject
-from .optimize import WEIGHT_FILE_CHECKS
+from .optimize import WEIGHT_FILE_CHECKS, weight_file_defaults
 from .queue_checks import linked_batch_size, linked_image_size
 
 log = logging.getLogger("siso")
@@ -21,6 +21,7 @@ class SISOSubjectScore(CheckedNode):
     @classmethod
     def define_schema(cls):
         weight_files = host.weight_file_choices()
+        defaults = weight_file_defaults(weight_files)
         return io.Schema(
             node_id="SISOSubjectScore",
             display_name="SISO Subject Score",
@@ -37,8 +38,8 @@ class SISOSubjectScore(CheckedNode):
             inputs=[
                 io.Image.Input("images", tooltip="The images to score (a batch)."),
                 Subject.Input("subject", tooltip="From SISO Load Subject (one or more photos)."),
-                io.Combo.Input("dino_weights", options=weight_files, tooltip="DINOv2 ViT-L/14 weights in models/siso (as in SISO Optimize)."),
-                io.Combo.Input("ir_weights", options=weight_files, tooltip="Image-retrieval network weights in models/siso (as in SISO Optimize)."),
+                io.Combo.Input("dino_weights", options=weight_files, **defaults["dino_weights"], tooltip="DINOv2 ViT-L/14 weights in models/siso (as in SISO Optimize)."),
+                io.Combo.Input("ir_weights", options=weight_files, **defaults["ir_weights"], tooltip="Image-retrieval network weights in models/siso (as in SISO Optimize)."),
                 io.Float.Input("dino_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight of the DINOv2 similarity in the ranking score (0 skips the network)."),
                 io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Weight of the image-retrieval similarity in the ranking score (0 skips the network)."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, tooltip="Compute precision of the networks (auto: bfloat16 where the hardware is fast at it)."),

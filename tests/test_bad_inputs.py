@@ -317,6 +317,12 @@ CASES = [
     Case("precision unknown", two_stage, "SISOOptimize", {"precision": "fp8"}, "precision: 'fp8' is not one of its choices"),
     Case("low_memory unknown", two_stage, "SISOOptimize", {"low_memory": "maybe"}, "low_memory: 'maybe' is not one of its choices"),
     Case("ir_weights missing", two_stage, "SISOOptimize", {"ir_weights": "missing.pth"}, "ir_weights: IR ViT-H/14 + fc1 weights 'missing.pth' not found"),
+    # both dropdowns left at the folder's first file: refused at the queue, not after loading DINOv2
+    Case("ir_weights = dino_weights", two_stage, "SISOOptimize", {"ir_weights": "dinov2_vitl14.safetensors"},
+         "ir_weights and dino_weights are the same file 'dinov2_vitl14.safetensors'. ir_weights needs the "
+         "image-retrieval network, ir_features.pth (or ir_features.safetensors); dino_weights needs DINOv2"),
+    Case("score ir_weights = dino_weights", scoring, "SISOSubjectScore", {"ir_weights": "dinov2_vitl14.safetensors"},
+         "set ir_weight to 0 to judge with DINOv2 alone"),
     # ---- other nodes
     Case("subject background unknown", two_stage, "LoadSubject", {"background": "purple"}, "background: 'purple' is not one of its choices"),
     Case("subject mask_marks unknown", two_stage, "LoadSubject", {"mask_marks": "both"}, "mask_marks: 'both' is not one of its choices"),

@@ -243,3 +243,29 @@ def test_missing_mask_files_name_the_download_and_the_hand_drawn_mask(tmp_path):
         with pytest.raises(seg.WeightFileError) as error:
             refuse()
         assert seg.BERT_SOURCE in str(error.value) and "siso_subject_swap_drawn_mask" in str(error.value), str(error.value)
+
+
+# ----------------------------------------------------------------------------- the dropdowns' start
+def test_a_new_node_starts_each_weight_dropdown_at_its_networks_file(object_info):
+    """Without a default both dropdowns started at the folder's first file, and DINOv2's
+    (dinov2_...) sorts before ir_features: a node dragged in fresh judged with DINOv2's file as
+    the image-retrieval network. Each now starts at the file named for its network."""
+    for node in ("SISOOptimize", "SISOSubjectScore"):
+        inputs = object_info[node]["input"]["required"]
+        files = inputs["dino_weights"][1].get("options") or inputs["dino_weights"][0]
+        assert sorted(files).index("dinov2_vitl14.safetensors") < sorted(files).index("ir_features.pth"), files
+        assert inputs["dino_weights"][1]["default"] == "dinov2_vitl14.safetensors", (node, inputs["dino_weights"])
+        assert inputs["ir_weights"][1]["default"] == "ir_features.pth", (node, inputs["ir_weights"])
+
+
+@pytest.mark.parametrize("files, dino, ir", [
+    (["dinov2_vitl14.safetensors", "ir_features.pth"], "dinov2_vitl14.safetensors", "ir_features.pth"),
+    (["a_notes.pth", "dinov2_vitl14_pretrain.pth", "ir_features.safetensors"], "dinov2_vitl14_pretrain.pth",
+     "ir_features.safetensors"),
+    (["sub/DINOv2_ViTL14.safetensors", "sub/ir_vith14.pth"], "sub/DINOv2_ViTL14.safetensors", "sub/ir_vith14.pth"),
+    (["dinov2_vitl14.safetensors"], "dinov2_vitl14.safetensors", None),     # no IR file: the first file, as before
+    ([], None, None),
+])
+def test_the_file_a_weight_dropdown_starts_at_is_chosen_by_its_name(files, dino, ir):
+    host = siso("siso_ops.host")
+    assert (host.likely_weight_file("dino", files), host.likely_weight_file("ir", files)) == (dino, ir)

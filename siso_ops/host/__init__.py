@@ -26,7 +26,7 @@ package) never imports it: it calls the operations of ``siso_ops.runtime.Host``,
 implements and registers on import (the end of this file).
 """
 from .folders import (  # noqa: F401
-    WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices,
+    WEIGHTS_FOLDER, SAM_FOLDER, GROUNDING_DINO_FOLDER, register_model_folders, weight_file_choices, likely_weight_file,
     EXPECTED_FILES, weight_file_path, lora_folder, lora_choices, lora_file, sam_model_choices,
     grounding_dino_choices, sam_model_path, grounding_dino_path, bert_folder_for, input_image_size,
     remove_unfinished_saves)

@@ -48,6 +48,19 @@ EXPECTED_FILES = {
 }
 
 
+def likely_weight_file(kind: str, files: list) -> str | None:
+    """The file of ``files`` (a models/siso dropdown) a new node should start at for ``kind``
+    ("dino" or "ir"), from its name: the first whose name starts "dinov2" for DINOv2; for the
+    image-retrieval network the first named "ir_features", else the first not named like DINOv2.
+    None: nothing fits (the dropdown then starts at its first file, as ComfyUI's do)."""
+    def dino(name):
+        return os.path.basename(name).lower().startswith("dinov2")
+    if kind == "dino":
+        return next((f for f in files if dino(f)), None)
+    return next((f for f in files if os.path.basename(f).lower().startswith("ir_features")),
+                next((f for f in files if not dino(f)), None))
+
+
 def weight_file_path(kind: str, name: str) -> str:
     what, expected, source, way_out = EXPECTED_FILES[kind]
     folders = folder_paths.get_folder_paths(WEIGHTS_FOLDER)
