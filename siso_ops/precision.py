@@ -27,6 +27,16 @@ def cpu_has_fast_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def cuda_has_fast_bf16(device: torch.device) -> bool:
+    """NVIDIA GPUs from Ampere on (compute capability 8.0) multiply bfloat16 in hardware. Not
+    ``torch.cuda.is_bf16_supported()``: by default it also says yes where bfloat16 is only
+    emulated (Turing, Volta, Pascal: T4, RTX 20xx, V100), many times slower than float32. On ROCm
+    its answer is the one there is."""
+    if getattr(torch.version, "hip", None):
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def check_precision(precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got '{precision}'")
@@ -39,7 +49,7 @@ def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_fast_bf16(device) else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     return torch.float32
@@ -50,6 +60,9 @@ def precision_warnings(device: torch.device, precision: str) -> list:
     choice is kept, and said)."""
     if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
         return ["precision bf16 on this CPU (no AVX-512 BF16 or AMX) is emulated and runs many times (about 20x) "
+                "slower than fp32: choose auto or fp32"]
+    if precision == "bf16" and device.type == "cuda" and not cuda_has_fast_bf16(device):
+        return ["precision bf16 on this GPU (before NVIDIA Ampere: no bfloat16 in hardware) is emulated and runs "
                 "slower than fp32: choose auto or fp32"]
     return []
 

@@ -119,3 +119,31 @@ def test_the_iteration_cap_ends_a_run_that_keeps_improving():
     losses = [-1.0 * 1.05 ** i for i in range(10)]
     result, _, _ = _scripted_loop(losses, max_iterations=6)
     assert result.stop_reason == "max_iterations" and result.iterations == 6 and result.best_iteration == 5
+
+
+# ----------------------------------------------------------------------------- precision auto on a GPU
+@pytest.mark.parametrize("capability, hip, emulated_ok, expect", [
+    ((8, 0), None, True, torch.bfloat16),      # A100
+    ((8, 9), None, True, torch.bfloat16),      # RTX 40xx
+    ((7, 5), None, True, torch.float32),       # T4, RTX 20xx: torch's default answer says yes (emulated)
+    ((7, 0), None, True, torch.float32),       # V100
+    ((6, 1), None, True, torch.float32),       # GTX 10xx
+    ((9, 0), "6.2", True, torch.bfloat16),     # ROCm: torch.cuda.is_bf16_supported() is the answer there
+    ((9, 0), "6.2", False, torch.float32),
+])
+def test_auto_precision_takes_bfloat16_only_on_a_gpu_that_has_it_in_hardware(monkeypatch, capability, hip,
+                                                                              emulated_ok, expect):
+    """torch.cuda.is_bf16_supported() says yes by default where bfloat16 is emulated (it checks
+    including_emulation), which would run precision auto many times slower on pre-Ampere GPUs."""
+    import siso_ops.precision as precision
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: emulated_ok)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    gpu = torch.device("cuda")
+    assert precision.compute_dtype(gpu, "auto") == expect
+    assert precision.compute_dtype(gpu, "bf16") == torch.bfloat16 and precision.compute_dtype(gpu, "fp32") == torch.float32
+    warned = precision.precision_warnings(gpu, "bf16")
+    assert (warned == []) == (expect == torch.bfloat16), warned
+    if warned:
+        assert "is emulated and runs slower than fp32: choose auto or fp32" in warned[0]
+    assert precision.precision_warnings(gpu, "auto") == precision.precision_warnings(gpu, "fp32") == []
