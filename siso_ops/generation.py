@@ -100,6 +100,7 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     log.info("SISO Optimize on %s: %s", host.describe_model(model), settings_used)
     device = host.compute_device()
     dtype = compute_dtype(device, settings.precision)
+    compiled.compiles(device, settings.compile)   # compile on with nothing to build code: refused before any work
     memory_plan = _plan_memory(model, vae, positive, settings, device, dtype, dino_path, ir_path, feature_networks)
     checkpointing = memory_plan.checkpointing
     _between_phases()

@@ -99,6 +99,19 @@ def test_off_compiles_nothing_and_a_bad_choice_is_refused(tiny_networks):
         gen.GenerationSettings(compile="yes").check()
 
 
+def test_compile_on_without_a_code_generator_is_refused_before_any_work(monkeypatch, sd15, subject, tiny_networks):
+    """No Triton (a common Windows CUDA install) or no C++ compiler: compile on is refused before
+    the memory estimate, the network reads and the clone, not after them."""
+    model, vae, positive, _ = sd15
+    monkeypatch.setattr(compiled, "can_compile", lambda device: False)
+    monkeypatch.setattr(gen, "_plan_memory", lambda *a, **k: pytest.fail("the memory estimate ran"))
+    settings = gen.GenerationSettings(width=SIZE, height=SIZE, seed=0, precision="fp32", compile="on",
+                                      optimization=optim.OptimizationSettings(max_iterations=1))
+    with pytest.raises(ValueError, match=r"compile on: torch.compile cannot build code on cpu here .*choose auto or off"):
+        with torch.inference_mode():
+            gen.optimize_subject(model, vae, positive, subject, None, None, settings, feature_networks=tiny_networks)
+
+
 def test_a_compiled_network_checks_cancel_once_per_call(compiled_networks, tiny_networks):
     """The per-block hooks would cut the compiled graph; while compiled one check per call
     replaces them, and the eager network gets its per-block checks back after the run."""
