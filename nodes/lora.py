@@ -42,6 +42,9 @@ class ApplySISOLoRA(CheckedNode):
     @classmethod
     @checked
     def execute(cls, model, subject_lora, strength):
+        # a LoRA of another model: ComfyUI would skip its layers with a log line only, and the
+        # picture would come out without the subject
+        host.check_lora_fits(model, subject_lora.tensors, "subject_lora")
         why = changes_nothing(subject_lora.tensors)
         warnings = [no_change_warning("the LoRA", why)] if why else []
         if strength == 0:

@@ -81,6 +81,8 @@ def test_family_optimises_from_the_stock_image_and_leaves_the_host_unchanged(nam
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(lora.tensors, key_map, log_missing=False)
     assert len(patches) == len(ups), f"ComfyUI's loader mapped {len(patches)} of {len(ups)} layers"
+    # and SISO Load LoRA / Apply LoRA's check finds every layer of it in this model
+    assert host.check_lora_fits(model, lora.tensors, "subject_lora") == lora.rank
 
 
 def checkpointing_histories(model, vae, positive, size, subject, networks) -> list:

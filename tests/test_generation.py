@@ -193,6 +193,28 @@ def test_saved_lora_loaded_by_the_stock_loader_equals_apply_siso_lora(sd15, subj
     assert torch.isfinite(a).all()
 
 
+def test_apply_refuses_a_lora_of_another_model_naming_it(sd15):
+    """ComfyUI's loader skips LoRA layers a model lacks, or shapes it cannot take, with a log line
+    only: the picture would come out without the subject and nothing would say why. SISO Apply
+    LoRA refuses such a LoRA as SISO Load LoRA does, before patching anything."""
+    lora_mod = siso("siso_ops.lora")
+    model = sd15[0]
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name in sorted(host.lora_target_names(model)):
+        layer = dict(model.model.diffusion_model.named_modules())[name]
+        tensors[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.weight.shape[0], 4, generator=g) * 1e-3
+        tensors[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, layer.weight.shape[1], generator=g)
+    lora = lora_mod.SubjectLoRA(tensors=tensors, rank=4, alpha=0.0, model="sd15", best_iteration=1, iterations=2,
+                                best_loss=0.0, stop_reason="max_iterations")
+    with torch.inference_mode():
+        assert NODE["ApplySISOLoRA"].execute(model, lora, 1.0).args[0] is not model      # its own model: applied
+        other = tiny.build_model("flux_dev")
+        with pytest.raises(lora_mod.LoRAFileError, match=r"subject_lora does not fit Flux .*It was made for another "
+                                                         r"model: load the checkpoint it was trained on"):
+            NODE["ApplySISOLoRA"].execute(other, lora, 1.0)
+
+
 @pytest.mark.parametrize("bad", ["../escape", "sub/dir", "..", ".hidden", "a\\b", ""])
 def test_lora_file_names_cannot_leave_the_loras_folder(bad):
     assert NODE["SaveSISOLoRA"].validate_inputs(name=bad) is not True

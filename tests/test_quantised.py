@@ -202,6 +202,9 @@ def test_siso_trains_on_the_loaded_file_and_stage_two_keeps_what_it_learned(layo
     # stage 2: the stock sampler with SISO Apply LoRA makes the best iteration's image again. The
     # LoRA is applied on the fly in the layer's output units, as it was trained, so only float32
     # reassociation between the loop's sampler and KSampler differs (fp8 merging would lose 22 %).
+    # SISO Load LoRA's and Apply LoRA's check of a LoRA against the loaded file's layers: fp8 weights
+    # once failed it (float8 does not promote to double) and GGUF's state_dict copies gave packed shapes
+    assert host.check_lora_fits(model, lora.tensors, "subject_lora") == lora.rank
     with torch.inference_mode():
         applied = NODE["ApplySISOLoRA"].execute(model, lora, 1.0).args[0]
     reused = stock_image(applied, vae, positive)

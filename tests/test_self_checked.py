@@ -57,6 +57,7 @@ def _trains_on_the_self_checked_path(model, name, subject, networks, class_name,
     assert ups and {k[len("diffusion_model."):-len(".lora_up.weight")] for k in ups} == host.lora_target_names(model)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     assert len(comfy.lora.load_lora(lora.tensors, key_map, log_missing=False)) == len(ups)
+    assert host.check_lora_fits(model, lora.tensors, "subject_lora") == lora.rank   # Load / Apply LoRA's check
     return result
 
 

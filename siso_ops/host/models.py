@@ -3,6 +3,8 @@ can be trained or inverted, whether a VAE or a LoRA file fits it, which of its l
 and the LoRA key layouts (ComfyUI's, diffusers') of its layers."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 import comfy.model_base
@@ -53,9 +55,26 @@ def subject_lora_layouts(model) -> dict:
     return {"architecture": model_architecture(model), "diffusers_targets": targets}
 
 
+_PLAIN_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _judged_weight(weight):
+    """The weight lora_file_rank may read values of: a plain float tensor as it is; a stored form
+    whose values are not the layer's (fp8 with its scale kept apart, ComfyUI's quantised tensors,
+    ComfyUI-GGUF's packed blocks) as a meta tensor of the layer's shape, so only the shapes and
+    the LoRA's own change are judged."""
+    if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype in _PLAIN_FLOATS:
+        return weight
+    return torch.empty(tuple(weight.shape), device="meta")
+
+
 def check_lora_fits(model, tensors: dict, name: str):
     """A ComfyUI-layout LoRA file against the MODEL, layer by layer (siso_ops/lora.py); its rank."""
-    return lora_file_rank(tensors, model.model.state_dict(), name, describe_model(model))
+    # the layers' own weights, not state_dict()'s detached copies: ComfyUI-GGUF's copy of a packed
+    # weight reports its packed shape, the layer's its logical one
+    weights = {key: _judged_weight(value) for key, value in
+               itertools.chain(model.model.named_parameters(), model.model.named_buffers())}
+    return lora_file_rank(tensors, weights, name, describe_model(model))
 
 
 def _model_classes(cls) -> list:
