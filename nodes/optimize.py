@@ -126,8 +126,9 @@ class SISOOptimize(CheckedNode):
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Compute precision of the forward passes; the LoRA and its optimiser stay float32. auto: bfloat16 "
                     "mixed precision where the hardware is fast at it (NVIDIA GPUs from Ampere on, CPUs with AVX-512 "
-                    "BF16 or AMX), else float32. fp32: the paper's setting (slower, more memory). Workflows saved "
-                    "before this input existed run in fp32, as they did.")),
+                    "BF16 or AMX), else float32. fp32: the paper's setting (slower, more memory). API prompts saved "
+                    "before this input existed (no precision in them) run in fp32, as they did; a workflow opened in "
+                    "the editor shows this input at auto: set fp32 to keep the paper's setting.")),
                 io.Combo.Input("compile", options=list(COMPILE_CHOICES), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Compiles the two similarity networks (DINOv2 and the image-retrieval network) and SISO's copy of "
                     "the VAE decoder into fused code once per run, so each iteration spends less time launching small "
