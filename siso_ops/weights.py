@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -399,8 +400,13 @@ def _safetensors_error() -> type:
 
 SafetensorError = _safetensors_error()
 # The one pattern of the pack's temporary files: '.<file name>.<process id>-<8 letters>.tmp' beside
-# the file being written (before the process id was added: '.<file name>.<8 letters>.tmp').
-TEMPORARY = re.compile(r"\.(?P<name>.+\.safetensors)\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.tmp")
+# the file being written. The process id is required: '.<file name>.<8 letters>.tmp' is what
+# tempfile.mkstemp makes for any other tool writing into the folder.
+TEMPORARY = re.compile(r"\.(?P<name>.+\.safetensors)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp")
+# A temporary file whose process is not running HERE is removed only once it has not changed for
+# this long: a save in another container or machine sharing the folder (whose process ids are not
+# this one's) writes continuously and renames within seconds.
+STALE_AFTER_S = 600
 _writing: set = set()   # this process's temporary files being written now
 
 
@@ -442,7 +448,8 @@ def _running(pid: int) -> bool:
 def remove_stale_temporaries(folder: str) -> list:
     """Removes the temporary files a save that never finished left in ``folder`` (a process killed
     mid-write, a power cut): files of the pack's pattern (TEMPORARY) only, whose writing process
-    is gone. Returns the names removed; a file that cannot be removed is left (and logged)."""
+    is gone and which have not changed for STALE_AFTER_S. Returns the names removed; a file that
+    cannot be removed is left (and logged)."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -453,7 +460,12 @@ def remove_stale_temporaries(folder: str) -> list:
         path = os.path.join(folder, name)
         if match is None or path in _writing or not os.path.isfile(path) or os.path.islink(path):
             continue
-        if match.group("pid") is not None and _running(int(match.group("pid"))):
+        if _running(int(match.group("pid"))):
+            continue
+        try:
+            if time.time() - os.path.getmtime(path) < STALE_AFTER_S:
+                continue
+        except OSError:
             continue
         try:
             os.remove(path)

@@ -69,7 +69,16 @@ def kill_mid_write(path) -> str:
     left = sorted(set(os.listdir(folder)) - before)
     assert len(left) == 1 and weights.TEMPORARY.fullmatch(left[0]), left
     assert os.path.getsize(os.path.join(folder, left[0])) > 2048 * 128 * 4   # the data was written
+    age(os.path.join(folder, left[0]))
     return left[0]
+
+
+def age(path, seconds=None):
+    """As if the file had last changed ``seconds`` ago (default: past weights.STALE_AFTER_S): a save
+    killed earlier, not one another container is writing now."""
+    seconds = weights.STALE_AFTER_S + 60 if seconds is None else seconds
+    then = time.time() - seconds
+    os.utime(path, (then, then))
 
 
 def test_a_save_killed_mid_write_is_cleaned_up_at_start_up_and_only_the_packs_files_go(tmp_path):
@@ -92,10 +101,12 @@ def test_the_next_save_into_the_folder_removes_what_a_killed_save_left(tmp_path)
     path = tmp_path / "subject.safetensors"
     lora_mod.write_lora_file(_lora(0.5), str(path), {})
     kill_mid_write(path)
-    old_pattern = tmp_path / ".subject.safetensors.k3x_9abc.tmp"   # the pack's pattern before the process id
-    old_pattern.write_bytes(b"")
+    # tempfile.mkstemp's name for another tool writing into the folder: not the pack's, kept however old
+    other_tool = tmp_path / ".subject.safetensors.k3x_9abc.tmp"
+    other_tool.write_bytes(b"")
+    age(other_tool)
     lora_mod.write_lora_file(_lora(0.25), str(tmp_path / "another.safetensors"), {})
-    assert sorted(os.listdir(tmp_path)) == ["another.safetensors", "subject.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [other_tool.name, "another.safetensors", "subject.safetensors"]
     assert float(safetensors.torch.load_file(str(path))["diffusion_model.x.alpha"]) == 4.0
 
 
@@ -104,10 +115,17 @@ def test_a_temporary_file_of_a_save_still_running_elsewhere_is_kept(tmp_path):
     try:
         live = tmp_path / f".subject.safetensors.{sleeper.pid}-abcd1234.tmp"
         live.write_bytes(b"being written")
-        gone = tmp_path / f".subject.safetensors.{_dead_pid()}-abcd1234.tmp"
+        dead = _dead_pid()
+        gone = tmp_path / f".subject.safetensors.{dead}-abcd1234.tmp"
         gone.write_bytes(b"left by a killed save")
+        age(gone)
+        # a process id not running here, changed a moment ago: a save of another container or machine
+        # sharing the folder, whose ids are not this one's
+        elsewhere = tmp_path / f".other.safetensors.{dead}-efgh5678.tmp"
+        elsewhere.write_bytes(b"being written in another container")
+        age(elsewhere, 5)
         assert weights.remove_stale_temporaries(str(tmp_path)) == [gone.name]
-        assert live.exists()
+        assert live.exists() and elsewhere.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
