@@ -276,12 +276,26 @@ def test_an_extra_model_paths_folder_is_kept_and_its_files_found(tmp_path, monke
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     for name in ("sams", "grounding-dino"):
         monkeypatch.delitem(folder_paths.folder_names_and_paths, name)
+    (elsewhere / "my_sams" / "notes.txt").write_text("the user's")
     load_extra_path_config(str(yaml))
     host.register_model_folders()
     assert folder_paths.get_folder_paths("sams") == [str(elsewhere / "my_sams"), os.path.join(folder_paths.models_dir, "sams")]
     assert str(elsewhere / "my_dino") in folder_paths.get_folder_paths("grounding-dino")
+    # the yaml's entries list every file (no extensions): other packs reading them still see every
+    # file; SubjectMask's dropdown lists the weight files
+    assert folder_paths.folder_names_and_paths["sams"][1] == set()
+    assert "notes.txt" in folder_paths.get_filename_list("sams")
     assert sorted(host.sam_model_choices()) == sorted(["sam_from_yaml.pth", files["sam_model"]])
     assert host.sam_model_path("sam_from_yaml.pth") == str(elsewhere / "my_sams" / "sam_from_yaml.pth")
+
+
+def test_a_folder_another_pack_registered_with_extensions_gets_the_weight_files_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sams", ([str(tmp_path)], {".pt"}))
+    host.register_model_folders()
+    paths, extensions = folder_paths.folder_names_and_paths["sams"]
+    assert paths == [str(tmp_path), os.path.join(folder_paths.models_dir, "sams")]
+    assert extensions == {".pt"} | set(folder_paths.supported_pt_extensions)
 
 
 def test_missing_files_are_refused_at_queue_time_naming_the_folder(files):

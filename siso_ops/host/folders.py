@@ -22,13 +22,24 @@ GROUNDING_DINO_FOLDER = "grounding-dino"
 
 
 def _register_folder(name: str):
-    """models/<name>, added after any entries extra_model_paths.yaml already made."""
+    """models/<name>, added after any entries extra_model_paths.yaml already made. The folder's
+    file extensions: the weight files' where the pack makes the entry or another pack gave it a
+    list; an entry made with none (extra_model_paths.yaml makes its entries so) means every file,
+    and stays so for the other packs that read it (the pack's own dropdowns keep weight files:
+    _weight_files)."""
     default = os.path.join(folder_paths.models_dir, name)
     known = folder_paths.folder_names_and_paths.get(name)
     if known is None or default not in known[0]:
         folder_paths.add_model_folder_path(name, default)
     paths, extensions = folder_paths.folder_names_and_paths[name]
-    folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+    if known is None or extensions:
+        folder_paths.folder_names_and_paths[name] = (paths, set(extensions) | set(folder_paths.supported_pt_extensions))
+
+
+def _weight_files(names: list) -> list:
+    """The weight files of a folder's list (a folder whose extensions are 'every file' lists notes,
+    configs and images too)."""
+    return [n for n in names if os.path.splitext(n)[1].lower() in folder_paths.supported_pt_extensions]
 
 
 def register_model_folders():
@@ -38,7 +49,7 @@ def register_model_folders():
 
 
 def weight_file_choices() -> list:
-    return folder_paths.get_filename_list(WEIGHTS_FOLDER)
+    return _weight_files(folder_paths.get_filename_list(WEIGHTS_FOLDER))
 
 
 # (what, the file to put, where it comes from, how to run without it)
@@ -103,12 +114,12 @@ def _model_file(folder: str, name: str, what: str, expected: str, way_out: str =
 
 
 def sam_model_choices() -> list:
-    return folder_paths.get_filename_list(SAM_FOLDER)
+    return _weight_files(folder_paths.get_filename_list(SAM_FOLDER))
 
 
 def grounding_dino_choices() -> list:
     # The BERT folder's weights sit inside a grounding-dino folder; they are no detector.
-    return [name for name in folder_paths.get_filename_list(GROUNDING_DINO_FOLDER)
+    return [name for name in _weight_files(folder_paths.get_filename_list(GROUNDING_DINO_FOLDER))
             if segmentation.BERT_FOLDER not in name.replace("\\", "/").split("/")[:-1]]
 
 
