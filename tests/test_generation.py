@@ -304,6 +304,35 @@ def test_the_training_clone_unloads_host_copies_and_checks_its_lora_is_wired(sd1
     assert torch.equal(ksampler(model, positive, negative), before)     # the host samples as before the clone
 
 
+def test_unloading_the_clone_keeps_a_forward_another_pack_set_on_a_shared_module(sd15):
+    """A pack that set ``module.forward = types.MethodType(...)`` on a layer or block before SISO
+    ran: ComfyUI's object patch restores it when the clone unloads, and SISO's tidying (which drops
+    the class's own forward ComfyUI leaves bound on the instance) must keep it."""
+    import types
+    model = sd15[0]
+    with torch.inference_mode(False):
+        trainable = host.TrainableModel(model, checkpointing=True)
+        try:
+            theirs = {}
+            for module in trainable.forward_patched[:2]:
+                theirs[module] = types.MethodType(lambda self, *a, **k: type(self).forward(self, *a, **k), module)
+                module.forward = theirs[module]
+            assert theirs
+            trainable.unload_host_copies()
+            comfy.model_management.load_models_gpu([trainable.patcher])
+            trainable.check_loaded()
+        finally:
+            trainable.unload()
+    try:
+        assert all(vars(module).get("forward") is forward for module, forward in theirs.items())
+        others = [m for m in model.model.diffusion_model.modules() if m not in theirs]
+        assert not any("forward" in vars(m) for m in others)      # SISO's own patches gone, as before
+    finally:
+        for module in theirs:
+            vars(module).pop("forward", None)
+    assert_shared_modules_are_stock(model)
+
+
 def test_the_training_forward_follows_comfyui_casts_and_patches(sd15):
     """The training clone's layers compute what ComfyUI's own layers compute, also when ComfyUI
     loads the clone partially (lowvram: weights cast per call, the user's own LoRA applied on the

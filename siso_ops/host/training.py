@@ -327,9 +327,12 @@ class TrainableModel:
                 if functions:
                     setattr(module, attr, [f for f in functions if id(f) not in ours])
         for module in self.forward_patched:
-            # Restoring an object patch of `forward` leaves the original bound method as an
-            # instance attribute; drop it so the module is exactly as it was.
-            if getattr(vars(module).get("forward"), "__self__", None) is module:
+            # Restoring an object patch of `forward` leaves the class's own forward, bound, as an
+            # instance attribute; drop it so the module is exactly as it was. A forward another
+            # pack set on the instance before (a function of its own) was restored: it stays.
+            own = vars(module).get("forward")
+            if getattr(own, "__self__", None) is module and \
+                    getattr(own, "__func__", None) is getattr(type(module).forward, "__func__", type(module).forward):
                 del module.forward
 
 
