@@ -237,7 +237,13 @@ def queue_check(pack_nodes):
             prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
             if not isinstance(prompt, dict):
                 return json_data
+            # "Queue selected output nodes": ComfyUI validates and runs only what those outputs need;
+            # a node outside is neither, and a mark left on it would stay in the queued prompt (the
+            # history, the PNG's metadata) in place of the value sent
+            validated = _upstream(prompt, json_data.get("partial_execution_targets"))
             for key, entry in prompt.items():
+                if validated is not None and key not in validated:
+                    continue
                 node = by_id.get(entry.get("class_type")) if isinstance(entry, dict) else None
                 if node is None or not isinstance(entry.get("inputs"), dict):
                     continue
@@ -250,6 +256,23 @@ def queue_check(pack_nodes):
             logging.getLogger(__name__).exception("SISO: the queue-time input check failed")
         return json_data
     return check
+
+
+def _upstream(prompt: dict, targets) -> set | None:
+    """The ids of ``targets`` and every node they take an input from, or None (no targets: all)."""
+    if not isinstance(targets, list):
+        return None
+    seen, todo = set(), [str(t) for t in targets]
+    while todo:
+        key = todo.pop()
+        if key in seen or not isinstance(prompt.get(key), dict):
+            continue
+        seen.add(key)
+        inputs = prompt[key].get("inputs")
+        for value in (inputs.values() if isinstance(inputs, dict) else ()):
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
+                todo.append(str(value[0]))
+    return seen
 
 
 def register_queue_check(pack_nodes):

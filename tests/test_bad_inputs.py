@@ -618,6 +618,26 @@ def _lora_only(file_name: str, save_as: str) -> dict:
                                                             "overwrite": True, "format": "comfyui"}}}
 
 
+def test_queueing_selected_outputs_leaves_the_values_of_nodes_outside_them_as_sent(server):
+    """"Queue selected output nodes" (partial_execution_targets): ComfyUI validates and runs only
+    what those outputs need. A pack node outside them with a value the pack would refuse is not
+    marked: the queued prompt (history, an image's metadata) keeps the value as sent. The same
+    node inside the targets is still refused."""
+    prompt = two_stage()
+    prompt["5"]["inputs"]["width"] = 16384                 # refused where SISO Optimize runs
+    prompt["90"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
+                                         "partial_execution_targets": ["90"]})
+    assert code == 200, body
+    entry = wait_for_history(server, body["prompt_id"], timeout=300)
+    assert entry["status"]["status_str"] == "success", _execution_errors(entry)
+    queued = entry["prompt"][2]
+    assert queued["5"]["inputs"]["width"] == 16384, queued["5"]["inputs"]
+    code, body = server.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex,
+                                         "partial_execution_targets": ["14"]})     # SISO Optimize's preview
+    assert code == 400 and "width = 16384 is above its maximum 2048" in json.dumps(body), body
+
+
 def _run(server, prompt) -> dict:
     code, body = _queue(server, prompt)
     assert code == 200, body
