@@ -40,3 +40,20 @@ def assert_shared_modules_are_stock(model):
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
     assert not any(lm.model.model is model.model and lm.model is not model
                    for lm in comfy.model_management.current_loaded_models)
+
+
+def random_lora(model, scale: float, alpha: float | None = None, rank: int = 4, seed: int = 4) -> dict:
+    """LoRA file tensors (ComfyUI's layout) on SISO's target layers of ``model``: random down, up
+    scaled by ``scale``, an alpha per layer where given."""
+    from conftest import siso
+    host = siso("siso_ops.host")
+    g = torch.Generator().manual_seed(seed)
+    layers = dict(model.model.diffusion_model.named_modules())
+    tensors = {}
+    for name in sorted(host.lora_target_names(model)):
+        weight = layers[name].weight
+        tensors[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=g) * scale
+        tensors[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=g)
+        if alpha is not None:
+            tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
+    return tensors

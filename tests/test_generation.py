@@ -18,7 +18,7 @@ import folder_paths
 import nodes as comfy_nodes
 import tiny
 from conftest import siso
-from siso_runs import SIZE, assert_shared_modules_are_stock, host_state, ksampler, run_node
+from siso_runs import SIZE, assert_shared_modules_are_stock, host_state, ksampler, random_lora, run_node
 
 host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
@@ -199,13 +199,7 @@ def test_apply_refuses_a_lora_of_another_model_naming_it(sd15):
     LoRA refuses such a LoRA as SISO Load LoRA does, before patching anything."""
     lora_mod = siso("siso_ops.lora")
     model = sd15[0]
-    g = torch.Generator().manual_seed(4)
-    tensors = {}
-    for name in sorted(host.lora_target_names(model)):
-        layer = dict(model.model.diffusion_model.named_modules())[name]
-        tensors[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.weight.shape[0], 4, generator=g) * 1e-3
-        tensors[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, layer.weight.shape[1], generator=g)
-    lora = lora_mod.SubjectLoRA(tensors=tensors, rank=4, alpha=0.0, model="sd15", best_iteration=1, iterations=2,
+    lora = lora_mod.SubjectLoRA(tensors=random_lora(model, 1e-3), rank=4, alpha=0.0, model="sd15", best_iteration=1, iterations=2,
                                 best_loss=0.0, stop_reason="max_iterations")
     with torch.inference_mode():
         assert NODE["ApplySISOLoRA"].execute(model, lora, 1.0).args[0] is not model      # its own model: applied

@@ -31,6 +31,7 @@ import quantised_files as qf
 import tiny
 import third_party
 from conftest import BASE, COMFYUI, siso
+from siso_runs import random_lora
 
 host = siso("siso_ops.host")
 gen = siso("siso_ops.generation")
@@ -348,13 +349,7 @@ def test_what_the_stock_lora_loaders_make_of_a_siso_lora_on_each_layout(layout, 
     pack = request.getfixturevalue("gguf_pack") if layout.startswith("gguf") else None
     model = load_model("sd15", layout, monkeypatch, pack)
     vae, positive = _vae_and_prompt("sd15")
-    g = torch.Generator().manual_seed(4)
-    tensors = {}
-    for name in sorted(host.lora_target_names(model)):
-        layer = dict(model.model.diffusion_model.named_modules())[name]
-        tensors[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(layer.weight.shape[0], 4, generator=g) * 2e-3
-        tensors[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, layer.weight.shape[1], generator=g)
-        tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(4.0)
+    tensors = random_lora(model, 2e-3, alpha=4.0)
     base = stock_image(model, vae, positive)
     with torch.inference_mode():
         ours = stock_image(host.apply_lora(model, tensors, 1.0), vae, positive)
