@@ -41,12 +41,12 @@ endef
 
 env: $(VENV)/.ready
 
-$(BASE_VENV)/.ready: requirements.txt tests/requirements.txt | $(EMBEDDED_COMFYUI)/main.py
+$(BASE_VENV)/.ready: requirements.txt requirements-subject-mask.txt tests/requirements.txt | $(EMBEDDED_COMFYUI)/main.py
 	test -x $(BASE_VENV)/bin/python || $(PYTHON) -m venv $(BASE_VENV)
 	$(BASE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BASE_VENV)/bin/python -m pip install -q $(TORCH)
 	grep -vE '^(torch|torchvision|torchaudio)\s*$$' $(EMBEDDED_COMFYUI)/requirements.txt > $(BASE_VENV)/comfyui-requirements.txt
-	$(BASE_VENV)/bin/python -m pip install -q -r $(BASE_VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+	$(BASE_VENV)/bin/python -m pip install -q -r $(BASE_VENV)/comfyui-requirements.txt -r requirements.txt -r requirements-subject-mask.txt -r tests/requirements.txt
 	$(call install_torchaudio,$(BASE_VENV)/bin/python,$(EMBEDDED_COMFYUI))
 	touch $@
 
@@ -91,7 +91,7 @@ $(VENV)/.ready: $(BASE_VENV)/.ready $(COMFYUI_DIR)/requirements.txt
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > $(VENV)/purelib.txt
 	$(BASE_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$(cat $(VENV)/purelib.txt)/_siso_base_venv.pth"
 	grep -vE '^(torch|torchvision|torchaudio)([^A-Za-z0-9_.-].*)?\s*$$' $(COMFYUI_DIR)/requirements.txt > $(VENV)/comfyui-requirements.txt
-	$(PIP) install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r tests/requirements.txt
+	$(PIP) install -q --disable-pip-version-check -r $(VENV)/comfyui-requirements.txt -r requirements.txt -r requirements-subject-mask.txt -r tests/requirements.txt
 	$(call install_torchaudio,$(PY),$(COMFYUI_DIR))
 	$(PY) -c "import torch, torchvision; print('ComfyUI $(COMFYUI_VERSION) venv: torch', torch.__version__)"
 	touch $@

@@ -4,7 +4,7 @@ from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host
 from ..siso_ops.masks import KEEP_RULES, NOTHING_FOUND, caption_for
-from ..siso_ops.segmentation import BERT_FOLDER, BERT_SOURCE, MaskSettings
+from ..siso_ops.segmentation import BERT_FOLDER, BERT_SOURCE, MaskSettings, WeightFileError, grounding_dino_package_missing
 from .checks import CheckedNode, checked, file_choice
 from .graph_types import CATEGORY
 
@@ -16,6 +16,15 @@ def _sam3_connected(values) -> bool:
     return values.get("sam3_model") is not None or values.get("sam3_clip") is not None
 
 
+def _grounding_dino_ready(name: str) -> str:
+    """The checkpoint and its BERT folder, once the package that reads them is installed (it is
+    not part of requirements.txt: a queue names the file that installs it)."""
+    missing = grounding_dino_package_missing()
+    if missing:
+        raise WeightFileError(missing)
+    return host.bert_folder_for(host.grounding_dino_path(name))
+
+
 # What the SAM + Grounding DINO dropdowns may hold in a workflow made for SAM3 (they are unused there).
 UNUSED_WITH_SAM3 = "(unused with SAM3)"
 
@@ -25,7 +34,7 @@ class SubjectMask(CheckedNode):
     # missing BERT folder) at queue time, naming the folder, instead of mid-run.
     CHOICE_CHECKS = {"sam_model": file_choice("sam_model", host.sam_model_path, _sam3_connected),
                      "grounding_dino_model": file_choice(
-                         "grounding_dino_model", lambda v: host.bert_folder_for(host.grounding_dino_path(v)),
+                         "grounding_dino_model", _grounding_dino_ready,
                          _sam3_connected)}
 
     def __init__(self):

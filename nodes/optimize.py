@@ -7,6 +7,7 @@ from ..siso_ops import host
 from ..siso_ops.compiled import COMPILE_CHOICES
 from ..siso_ops.auto_settings import AUTO, size_off_block
 from ..siso_ops.families import FAMILIES
+from ..siso_ops.feature_networks import require_timm
 from ..siso_ops.generation import GenerationSettings, optimize_subject
 from ..siso_ops.lora import MAX_RANK, warm_start_rank_problem
 from ..siso_ops.optimize import OptimizationSettings
@@ -37,9 +38,16 @@ def weight_unused(weight_input: str):
 
 # The similarity networks' file dropdowns (SISO Optimize, SISO Subject Score). ComfyUI 0.3.75
 # does not check V3 dropdown values itself: a missing file is refused at queue time, with the
-# folder and the expected name, instead of mid-run.
+# folder and the expected name, instead of mid-run; so is a missing timm, which builds both.
+def _network_file(kind: str):
+    def resolve(value):
+        require_timm()
+        return host.weight_file_path(kind, value)
+    return resolve
+
+
 def _ir_file_check():
-    found = file_choice("ir_weights", lambda v: host.weight_file_path("ir", v), weight_unused("ir_weight"))
+    found = file_choice("ir_weights", _network_file("ir"), weight_unused("ir_weight"))
 
     def check(value, values):
         problem = found(value, values)
@@ -55,7 +63,7 @@ def _ir_file_check():
 
 
 WEIGHT_FILE_CHECKS = {
-    "dino_weights": file_choice("dino_weights", lambda v: host.weight_file_path("dino", v), weight_unused("dino_weight")),
+    "dino_weights": file_choice("dino_weights", _network_file("dino"), weight_unused("dino_weight")),
     "ir_weights": _ir_file_check()}
 
 

@@ -21,6 +21,7 @@ token count, head size) is checked and a mismatch is reported with the file name
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -149,7 +150,29 @@ class FeatureNetwork:
         return f"FeatureNetwork({self.name}, {self.image_size}px)"
 
 
+def timm_missing() -> str | None:
+    """What to do where timm, which builds both networks, is not installed (None where it is),
+    found without importing it (ComfyUI's start stays cheap)."""
+    try:
+        found = importlib.util.find_spec("timm") is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    requirements = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")
+    return ("SISO's similarity networks (DINOv2 and the image-retrieval network) are built with timm, which is not "
+            f"installed in ComfyUI's Python. Run 'python -m pip install -r \"{requirements}\"' with ComfyUI's own "
+            "Python (the one that starts ComfyUI), then restart ComfyUI.")
+
+
+def require_timm() -> None:
+    missing = timm_missing()
+    if missing:
+        raise WeightFileError(missing)
+
+
 def load_dino(path: str) -> FeatureNetwork:
+    require_timm()
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
     from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -229,6 +252,7 @@ def ir_canonical_keys(state_dict: dict, name: str) -> dict:
 
 
 def load_ir(path: str) -> FeatureNetwork:
+    require_timm()
     from timm.models.vision_transformer import _convert_openai_clip
     from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 

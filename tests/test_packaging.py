@@ -24,6 +24,21 @@ def test_pyproject_is_ready_for_the_comfy_registry():
     assert requirement_names(meta["dependencies"]) == requirement_names(requirements)
 
 
+def test_the_package_that_changes_shared_packages_is_installed_apart():
+    """groundingdino-py pins supervision==0.6.0 and pulls opencv-python (whose newest releases need
+    numpy 2), and its sdist fails under a CJK Windows locale: what every install gets
+    (requirements.txt, pyproject's dependencies) leaves it out; requirements-subject-mask.txt and the
+    optional extra 'subject-mask' hold it, and the development venvs install that file."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    everyone = (REPO / "requirements.txt").read_text().splitlines()
+    mask = (REPO / "requirements-subject-mask.txt").read_text().splitlines()
+    assert "groundingdino-py" not in requirement_names(everyone) | requirement_names(project["dependencies"])
+    assert requirement_names(mask) == {"groundingdino-py"}
+    assert requirement_names(project["optional-dependencies"]["subject-mask"]) == requirement_names(mask)
+    makefile = (REPO / "Makefile").read_text()
+    assert makefile.count("-r requirements.txt -r requirements-subject-mask.txt") == 2
+
+
 def test_no_exact_pins_on_the_hosts_shared_libraries():
     for line in (REPO / "requirements.txt").read_text().splitlines():
         name = requirement_names([line])

@@ -311,6 +311,30 @@ def test_missing_files_are_refused_at_queue_time_naming_the_folder(files):
     assert "keep" in SubjectMask.validate_inputs(keep="smallest")
 
 
+def test_without_groundingdino_the_queue_names_the_file_that_installs_it_and_the_ways_around_it(files, monkeypatch):
+    """groundingdino-py is not in requirements.txt (it pins supervision, pulls opencv-python and
+    with it numpy 2, and fails to install on Windows under a CJK locale, taking timm down with it).
+    Without it the queue names requirements-subject-mask.txt by its full path, the CJK fix, SAM3 and
+    the drawn mask; the config lookup and the import, reached at run time, say the same."""
+    import sys
+    values = dict(text="dog", sam_model=files["sam_model"], grounding_dino_model=files["grounding_dino_model"],
+                  keep="largest", when_nothing_found="error")
+    assert SubjectMask.validate_inputs(**values) is True
+    for name in ["groundingdino"] + [m for m in sys.modules if m.startswith("groundingdino.")]:
+        monkeypatch.setitem(sys.modules, name, None)     # what importlib sees where it is not installed
+    refused = SubjectMask.validate_inputs(**values)
+    requirements = seg.SUBJECT_MASK_REQUIREMENTS
+    assert os.path.isfile(requirements) and "groundingdino-py" in open(requirements).read()
+    assert refused is not True and refused.startswith("grounding_dino_model:"), refused
+    for needed in ("groundingdino-py", f'pip install -r "{requirements}"', "PYTHONUTF8=1", "sam3_model",
+                   "Open in MaskEditor"):
+        assert needed in refused, (needed, refused)
+    with pytest.raises(seg.WeightFileError, match="requirements-subject-mask.txt"):
+        seg.shipped_config_path(seg.SHIPPED_CONFIGS[96])
+    with pytest.raises(ImportError, match="requirements-subject-mask.txt"):
+        seg.grounding_dino._import_groundingdino()
+
+
 def test_a_missing_or_incomplete_bert_folder_is_named_with_what_to_put_there(tmp_path, monkeypatch, files):
     alone = tmp_path / "grounding-dino"
     alone.mkdir()

@@ -229,6 +229,31 @@ def test_a_missing_similarity_file_names_its_folder_and_the_weight_0_way_out(kin
     assert node.validate_inputs(**{files_input: "missing.pth", weight: 0.0, other: 1.0}) is True
 
 
+@pytest.mark.parametrize("node_id", ["SISOOptimize", "SISOSubjectScore"])
+def test_without_timm_the_queue_names_the_file_that_installs_it(node_id, feature_files, monkeypatch):
+    """timm builds both networks. A user whose requirements did not install (a failed pip run)
+    is told at queue time which file installs it, with its full path, instead of a bare "No module
+    named 'timm'" from the loader after the memory estimate; the loaders say the same before they
+    read the file."""
+    import sys
+    import nodes as comfy_nodes
+    node = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
+    dino, ir = feature_files
+    values = dict(dino_weights=dino, ir_weights=ir, dino_weight=1.0, ir_weight=1.0)
+    assert node.validate_inputs(**values) is True
+    monkeypatch.setitem(sys.modules, "timm", None)     # what importlib sees where timm is not installed
+    refused = node.validate_inputs(**values)
+    requirements = os.path.join(os.path.dirname(os.path.dirname(fn.__file__)), "requirements.txt")
+    assert os.path.isfile(requirements)
+    assert refused is not True and refused.startswith("dino_weights:"), refused
+    for needed in ("built with timm", "not installed in ComfyUI's Python", f'pip install -r "{requirements}"',
+                   "restart ComfyUI"):
+        assert needed in refused, (needed, refused)
+    for load in (fn.load_dino, fn.load_ir):
+        with pytest.raises(fn.WeightFileError, match="built with timm"):
+            load("not-read.pth")
+
+
 def test_missing_mask_files_name_the_download_and_the_hand_drawn_mask(tmp_path):
     """SISO Subject Mask's SAM, Grounding DINO and BERT refusals: what to download, where, and that a
     mask drawn in Load Image's mask editor does without them."""

@@ -39,8 +39,8 @@ from ..weights import WeightFileError  # noqa: F401  (callers catch it from here
 from .cache import MODELS, ModelCache, cached_models, file_key  # noqa: F401
 from .config import (  # noqa: F401
     BERT_FOLDER, BERT_REQUIRED, BERT_SOURCE, BERT_TOKENIZER, BERT_WEIGHTS, DRAWN_MASK_WAY_OUT, GROUNDING_DINO_SOURCE,
-    KNOWN_CONFIGS, SAM_SOURCE, SHIPPED_CONFIGS, SWIN_PATCH_KEY, check_bert_folder, config_path_for, grounding_dino_config,
-    missing_bert_message, read_checkpoint, read_config, shipped_config_path)
+    KNOWN_CONFIGS, SAM_SOURCE, SHIPPED_CONFIGS, SUBJECT_MASK_REQUIREMENTS, SWIN_PATCH_KEY, check_bert_folder, config_path_for,
+    grounding_dino_config, grounding_dino_package_missing, missing_bert_message, read_checkpoint, read_config, shipped_config_path)
 # (Grounding DINO's test-time resize, DETECTOR_SIZE, is read where it is used: grounding_dino.DETECTOR_SIZE)
 from .grounding_dino import (  # noqa: F401
     GroundingTextEncoder, build_grounding_dino, detect, detector_input_size, detector_outputs, load_grounding_dino)

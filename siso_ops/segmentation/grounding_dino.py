@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from .. import masks as M
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..weights import WeightFileError, load_exactly
-from .config import check_bert_folder, grounding_dino_config, read_checkpoint
+from .config import (SUBJECT_MASK_REQUIREMENTS, check_bert_folder, grounding_dino_config, grounding_dino_package_missing,
+                     read_checkpoint)
 
 log = logging.getLogger("siso")
 
@@ -98,9 +99,13 @@ def _import_groundingdino():
     try:
         from groundingdino.models import build_model
     except ImportError as error:
+        missing = grounding_dino_package_missing()
+        if missing:
+            raise ImportError(missing) from error
         hint = (" opencv-python (a groundingdino-py dependency) needs libGL; on a server without a display "
                 "install opencv-python-headless instead." if "libGL" in str(error) or error.name == "cv2" else "")
-        raise ImportError(f"groundingdino-py could not be imported ({error}); pip install -r requirements.txt.{hint}") from error
+        raise ImportError(f"groundingdino-py is installed but could not be imported ({error}); reinstall it with "
+                          f"'python -m pip install -r \"{SUBJECT_MASK_REQUIREMENTS}\"' in ComfyUI's Python.{hint}") from error
     return build_model
 
 
