@@ -25,6 +25,7 @@ downloads every template names for ComfyUI's missing-models dialog.
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 
 import pytest
@@ -89,6 +90,47 @@ def test_every_loader_names_its_file_with_folder_and_public_url(spec):
             for m in models:
                 assert (m["directory"], m["url"]) == graphs.SEGMENTATION_DOWNLOADS[m["name"]], m
                 assert m["directory"] in folder_paths.folder_names_and_paths and m["url"].endswith("/" + m["name"]), m
+
+
+def comfyui_template_downloads() -> dict:
+    """{file name: {(directory, url)}} over every template of ComfyUI's own template packages
+    installed beside the ComfyUI under test (comfyui-workflow-templates and its parts)."""
+    import importlib.metadata
+    found = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            if {"name", "url", "directory"} <= set(value) and isinstance(value["url"], str):
+                found.setdefault(value["name"], set()).add((value["directory"], value["url"]))
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for dist in importlib.metadata.distributions():
+        if not (dist.metadata["Name"] or "").lower().replace("_", "-").startswith("comfyui-workflow-templates"):
+            continue
+        for file in dist.files or ():
+            if file.suffix == ".json" and "templates" in file.parts:
+                try:
+                    walk(json.loads(pathlib.Path(dist.locate_file(file)).read_text(encoding="utf-8")))
+                except (OSError, ValueError):
+                    continue
+    return found
+
+
+def test_a_file_comfyuis_own_templates_offer_is_offered_from_where_they_offer_it():
+    """The missing-models dialog downloads from the URL a template names; ComfyUI's own templates
+    (checked by Comfy-Org) name where Comfy-Org's repackaged files are. A file name both offer comes
+    from one of their (folder, URL) pairs: the Flux.2 [klein] model and VAE were named under a
+    repository none of their templates uses."""
+    theirs = comfyui_template_downloads()
+    assert theirs, "no ComfyUI template package found (ComfyUI's requirements install one)"
+    shared = {name: entry for name, entry in graphs.MODEL_FILES.items() if name in theirs}
+    assert shared, "no file of these templates is in ComfyUI's own: nothing was compared"
+    wrong = {name: (entry, sorted(theirs[name])) for name, entry in shared.items() if entry not in theirs[name]}
+    assert not wrong, wrong
 
 
 def on_sam3(node: dict) -> bool:

@@ -179,8 +179,8 @@ MODEL_FILES = {
     "z_image_turbo_bf16.safetensors": ("diffusion_models", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors"),
     "qwen_3_4b.safetensors": ("text_encoders", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors"),
     "ae.safetensors": ("vae", HF + "Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors"),
-    "flux-2-klein-4b.safetensors": ("diffusion_models", HF + "Comfy-Org/Flux-2-Klein-4B/resolve/main/split_files/diffusion_models/flux-2-klein-4b.safetensors"),
-    "flux2-vae.safetensors": ("vae", HF + "Comfy-Org/Flux-2-Klein-4B/resolve/main/split_files/vae/flux2-vae.safetensors"),
+    "flux-2-klein-4b.safetensors": ("diffusion_models", HF + "Comfy-Org/flux2-klein/resolve/main/split_files/diffusion_models/flux-2-klein-4b.safetensors"),
+    "flux2-vae.safetensors": ("vae", HF + "Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
     "qwen_image_edit_2509_fp8_e4m3fn.safetensors": ("diffusion_models", HF + "Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_edit_2509_fp8_e4m3fn.safetensors"),
     "qwen_2.5_vl_7b_fp8_scaled.safetensors": ("text_encoders", HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
     "qwen_image_vae.safetensors": ("vae", HF + "Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors"),
@@ -462,7 +462,9 @@ SEGMENTATION_FILES = (
     "- models/sams/sam_vit_b_01ec64.pth (or sam_vit_l_0b3195.pth / sam_vit_h_4b8939.pth): Segment Anything.\n"
     "- models/grounding-dino/groundingdino_swint_ogc.pth with GroundingDINO_SwinT_OGC.cfg.py beside it, and the folder "
     "models/grounding-dino/bert-base-uncased/ (config.json, vocab.txt, model.safetensors, tokenizer files of "
-    "google-bert/bert-base-uncased): Grounding DINO. Nothing is downloaded.\n")
+    "google-bert/bert-base-uncased): Grounding DINO, with its package: pip install -r "
+    "custom_nodes/<this pack>/requirements-subject-mask.txt in ComfyUI's Python (not in requirements.txt). "
+    "Nothing is downloaded.\n")
 SEGMENTATION = {"sam_model": "sam_vit_b_01ec64.pth", "grounding_dino_model": "groundingdino_swint_ogc.pth"}
 # random test weights detect nothing at the real thresholds
 ANY_DETECTION = {"box_threshold": 0.0, "text_threshold": 0.0}
@@ -665,7 +667,8 @@ KEEP_BACKGROUND_NOTE = (
     + "".join(f"- models/{folder}/{name}  ({url})\n" for name, (folder, url) in SEGMENTATION_DOWNLOADS.items()) +
     "- the folder models/grounding-dino/bert-base-uncased/: config.json, vocab.txt, tokenizer.json, "
     "tokenizer_config.json and model.safetensors of https://huggingface.co/google-bert/bert-base-uncased (Grounding "
-    "DINO's text encoder); optionally GroundingDINO_SwinT_OGC.cfg.py beside the checkpoint.\n")
+    "DINO's text encoder); optionally GroundingDINO_SwinT_OGC.cfg.py beside the checkpoint. Grounding DINO's package: "
+    "pip install -r custom_nodes/<this pack>/requirements-subject-mask.txt in ComfyUI's Python.\n")
 
 
 def refine_workflow(name, title, loaders, model_nodes, model_id, encode_nodes, positive, negative, latent_type,
