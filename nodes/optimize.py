@@ -123,8 +123,8 @@ class SISOOptimize(CheckedNode):
                 io.Float.Input("ir_weight", default=1.0, min=0.0, max=10.0, step=0.05, **ADVANCED, tooltip="Weight b of the image-retrieval distance (0 skips the network)."),
                 io.Float.Input("early_stop_percent", default=3.0, min=0.0, max=100.0, step=0.5, **ADVANCED, tooltip="Stop when the loss has not improved by this many percent..."),
                 io.Int.Input("early_stop_patience", default=7, min=1, max=1000, **ADVANCED, tooltip="...within this many iterations."),
-                io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, tooltip="With a mask: weight c of the background loss, the mean squared error outside the mask against the inverted photo (editing; paper: 10) or, without an inversion, against iteration 0's image. 0: the mask is not used."),
-                io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", **ADVANCED, tooltip=(
+                io.Float.Input("background_weight", default=10.0, min=0.0, max=1000.0, step=0.5, optional=True, tooltip="With a mask: weight c of the background loss, the mean squared error outside the mask against the inverted photo (editing; paper: 10) or, without an inversion, against iteration 0's image. 0: the mask is not used."),
+                io.Combo.Input("low_memory", options=list(LOW_MEMORY), default="auto", optional=True, **ADVANCED, tooltip=(
                     "Gradient checkpointing of the denoiser, the decoder and both similarity networks: they keep only "
                     "block inputs and recompute the rest in backward (same results, slower). auto: only when the run "
                     "would not fit in the device's free memory without it (estimated before the run; the report says "
@@ -143,7 +143,8 @@ class SISOOptimize(CheckedNode):
                     "GPU operations. Helps on NVIDIA GPUs; the first run pays a one-time compile (tens of seconds to minutes; the report says "
                     "how long), later runs with the same size and settings reuse it. Results equal the uncompiled run "
                     "within rounding. auto: on NVIDIA GPUs, off on the CPU (measured no faster there). on / off: "
-                    "always / never.")),
+                    "always / never. API prompts saved before this input existed (no compile in them) run uncompiled, "
+                    "as they did; a workflow opened in the editor shows this input at auto.")),
                 Inversion.Input("inversion", optional=True, tooltip="Editing: the photo inverted by SISO ReNoise Invert (with the same model). Leave empty to generate from the seed."),
                 io.Mask.Input("mask", optional=True, tooltip=(
                     "The subject (1 = subject); everything outside it is kept by the background loss. Editing: the "

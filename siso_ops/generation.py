@@ -73,7 +73,7 @@ class GenerationResult(OptimizationResult):
     memory: memory.MemoryPlan | None = None   # the estimate and the low_memory choice
     loading: str = ""                         # fully loaded, or streamed per layer by ComfyUI
     compiled: str = ""                        # what was compiled or reused, and a TorchCompileModel input
-    settings: str = ""                        # the size, steps, grad_steps and rate used, and where each came from
+    settings: str = ""                        # the size, steps, grad_steps, rate and precision used, and where each came from
 
 
 def _between_phases():
@@ -100,6 +100,8 @@ def optimize_subject(model, vae, positive, subject: SubjectPhoto, dino_path: str
     log.info("SISO Optimize on %s: %s", host.describe_model(model), settings_used)
     device = host.compute_device()
     dtype = compute_dtype(device, settings.precision)
+    # the report names the precision that ran (auto's choice depends on the device)
+    settings_used += f"; compute {str(dtype).removeprefix('torch.')} (precision {settings.precision})"
     compiled.compiles(device, settings.compile)   # compile on with nothing to build code: refused before any work
     memory_plan = _plan_memory(model, vae, positive, settings, device, dtype, dino_path, ir_path, feature_networks)
     checkpointing = memory_plan.checkpointing

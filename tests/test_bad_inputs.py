@@ -609,6 +609,43 @@ def test_a_workflow_saved_with_low_memory_true_or_false_keeps_its_meaning(server
         assert entry["status"]["status_str"] == "success", _execution_errors(entry)
 
 
+# The API twins of the templates as the 0.2.0 release (d7c740d, the version the Comfy registry
+# published) wrote them, kept verbatim: the prompts users' scripts and API clients hold.
+RELEASED = sorted((WORKFLOWS / "release-0.2.0").glob("*_api.json"))
+
+
+def test_every_pack_input_added_since_the_0_2_0_release_is_optional(object_info):
+    """ComfyUI refuses a prompt that lacks a required input ("Required input is missing") before the
+    node runs, so an input added after a release must be optional with the old behaviour as its
+    default: low_memory (added after 0.2.0, was required) refused every 0.2.0 API prompt of SISO
+    Optimize. Every pack node of every released API twin has every input the server requires."""
+    assert len(RELEASED) == 5
+    checked = set()
+    for path in RELEASED:
+        for node_id, node in json.loads(path.read_text()).items():
+            if node["class_type"] not in PACK_NODES:
+                continue
+            required = set(object_info[node["class_type"]]["input"]["required"])
+            missing = required - set(node["inputs"])
+            assert not missing, f"{path.name} node {node_id} {node['class_type']}: {sorted(missing)} now required"
+            checked.add(node["class_type"])
+    assert {"SISOOptimize", "LoadSubject", "ApplySISOLoRA", "ReNoiseInvert", "SubjectMask"} <= checked, checked
+
+
+def test_the_0_2_0_two_stage_api_prompt_queues_and_runs_as_it_did(server):
+    """The released two-stage API prompt, as saved, through the real server: accepted, run, and
+    run as it ran then (float32: precision's default for a prompt without it)."""
+    prompt = json.loads((WORKFLOWS / "release-0.2.0" / "siso_two_stage_api.json").read_text())
+    optimize = node_of(prompt, "SISOOptimize")
+    assert not {"low_memory", "precision", "compile"} & set(prompt[optimize]["inputs"])
+    code, body = _queue(server, prompt)
+    assert code == 200, body
+    entry = wait_for_history(server, body["prompt_id"], timeout=600)
+    assert entry["status"]["status_str"] == "success", _execution_errors(entry)
+    report = entry["outputs"][optimize]["text"][0]
+    assert "compute float32 (precision fp32)" in report, report
+
+
 # ----------------------------------------------------------------------------- issue 31: saving, quiet accepts
 def _lora_only(file_name: str, save_as: str) -> dict:
     """SISO Load LoRA of ``file_name`` saved again as ``save_as``: a save without an optimisation."""
