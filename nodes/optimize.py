@@ -78,6 +78,12 @@ class SISOOptimize(CheckedNode):
     LEGACY_CHOICES = {"low_memory": LEGACY_LOW_MEMORY}
     CHOICE_CHECKS = WEIGHT_FILE_CHECKS
 
+    def __init__(self):
+        super().__init__()
+        # ComfyUI keeps one object per node of the running workflow; the similarity networks stay
+        # loaded while one lives, so "Free model and node cache" releases them.
+        host.keep_similarity_networks_while(self)
+
     @classmethod
     def define_schema(cls):
         weight_files = host.weight_file_choices()

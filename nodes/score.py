@@ -18,6 +18,12 @@ log = logging.getLogger("siso")
 class SISOSubjectScore(CheckedNode):
     CHOICE_CHECKS = WEIGHT_FILE_CHECKS
 
+    def __init__(self):
+        super().__init__()
+        # ComfyUI keeps one object per node of the running workflow; the similarity networks stay
+        # loaded while one lives, so "Free model and node cache" releases them.
+        host.keep_similarity_networks_while(self)
+
     @classmethod
     def define_schema(cls):
         weight_files = host.weight_file_choices()
@@ -93,6 +99,7 @@ class SISOSubjectScore(CheckedNode):
             bar.update_absolute(done, total)
             host.throw_if_interrupted()
 
+        host.make_room_for(loaded_networks.weight_bytes((dino, ir)), device)   # what ComfyUI holds on a GPU
         with loaded_networks.on_device((dino, ir), device):
             scores = score_images(images[..., :3].permute(0, 3, 1, 2), subject.images, dino, ir, dino_weight,
                                   ir_weight, device, dtype, on_chunk)

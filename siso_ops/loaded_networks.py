@@ -9,6 +9,8 @@ import ctypes.util
 import functools
 import gc
 import os
+import threading
+import weakref
 
 import torch
 
@@ -39,10 +41,27 @@ def release_freed_memory():
 class _NetworkCache:
     """Similarity networks stay loaded (on the CPU between runs) so a second run in the same
     session skips the file read; keyed by path, modification time and the weights' dtype
-    (stored in the compute precision: bfloat16 halves their memory)."""
+    (stored in the compute precision: bfloat16 halves their memory). They are released by
+    ``clear()`` and when the last holder registered with ``hold`` (a node object in ComfyUI's
+    node cache) is garbage-collected."""
 
     def __init__(self):
         self.entries = {}
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    def hold(self, owner) -> None:
+        with self._lock:
+            self._holders += 1
+        weakref.finalize(owner, self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._holders = max(0, self._holders - 1)
+            last = self._holders == 0
+        if last and self.entries:
+            self.entries.clear()
+            release_freed_memory()
 
     def get(self, kind: str, path: str, dtype: torch.dtype = torch.float32):
         key = (kind, os.path.abspath(path), os.path.getmtime(path), dtype)
@@ -82,6 +101,12 @@ def load(dino_path: str | None, ir_path: str | None, dino_weight: float, ir_weig
         between()
     ir = networks.get("ir", ir_path, dtype) if ir_weight > 0 else None
     return dino, ir
+
+
+def weight_bytes(feature_networks) -> int:
+    """The bytes of the given networks' weights (None entries skipped), as they are stored now."""
+    return sum(tensor.numel() * tensor.element_size() for network in feature_networks if network is not None
+               for tensor in network.module.state_dict().values())
 
 
 @contextlib.contextmanager

@@ -430,3 +430,90 @@ def test_a_forward_that_reads_its_conditionings_values_is_counted_with_them_real
     assert shapes.count_kept(lambda: probe(meta_x, short), [probe], (), torch.float32, "cpu",
                              real_inputs=True).kept == _kept_bytes(lambda: module(x, short), _storages(module)) < real
     assert torch.equal(short, short_before)
+
+
+# ----------------------------------------------------------------------------- releasing the networks
+class _Server:
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self, *args, **kwargs):
+        pass
+
+
+def test_free_model_and_node_cache_releases_the_similarity_networks(feature_files):
+    """DINOv2 and IR stay loaded between runs (a second run reads no file) while a SISO node object
+    lives in ComfyUI's node cache; "Free model and node cache" (POST /free with free_memory:
+    unload_all_models, then PromptExecutor.reset, as main.py runs it) releases them: nothing of the
+    pack keeps them, so their RAM is freed. Before, a module-level cache held them for the life of
+    the process (1.75 GiB in bfloat16, 3.5 GiB in float32)."""
+    import gc
+    import uuid
+    import weakref
+
+    import numpy as np
+    from PIL import Image
+
+    import comfy.model_management
+    import execution
+    import folder_paths
+    networks = siso("siso_ops.loaded_networks").networks
+    name = f"subject-{uuid.uuid4().hex}.png"
+    pixels = (torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).numpy().astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder_paths.get_input_directory(), name))
+    dino, ir = feature_files
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+              "2": {"class_type": "LoadSubject", "inputs": {"image": ["1", 0], "mask_marks": "subject",
+                                                            "background": "white"}},
+              "3": {"class_type": "SISOSubjectScore", "inputs": {
+                  "images": ["1", 0], "subject": ["2", 0], "dino_weights": dino, "ir_weights": ir,
+                  "dino_weight": 1.0, "ir_weight": 1.0, "precision": "fp32"}},
+              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 3]}}}
+    networks.clear()
+    # cache_args as main.py passes them (0.33 reads "ram_inactive"; 0.3.75 ignores it)
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor.execute(prompt, "p1", {}, ["4"])
+    assert executor.success, executor.status_messages
+    assert set(networks.entries) == {"dino", "ir"}
+    alive = [weakref.ref(entry[1]) for entry in networks.entries.values()]
+    prompt["3"]["inputs"]["dino_weight"] = 0.5      # a second run reuses them: the same objects
+    executor.execute(prompt, "p2", {}, ["4"])
+    assert executor.success and [a() for a in alive] == [e[1] for e in networks.entries.values()]
+    comfy.model_management.unload_all_models()
+    executor.reset()
+    gc.collect()
+    assert networks.entries == {}
+    assert all(ref() is None for ref in alive), "the networks' memory is released"
+
+
+def test_subject_score_asks_comfyui_for_room_before_its_networks_go_to_the_device(feature_files, subject,
+                                                                                   monkeypatch):
+    """After a KSampler ComfyUI keeps the diffusion model loaded up to its reserve; SISO Subject
+    Score's networks (1.75 GiB and more) then asked for nothing and could run a 12 GB card out of
+    memory. It asks ComfyUI to offload their weights' bytes plus its inference reserve first, as
+    ComfyUI's loaders do; on a CPU nothing is unloaded."""
+    import comfy.model_management
+    import nodes as comfy_nodes
+    asked = []
+    monkeypatch.setattr(comfy.model_management, "free_memory",
+                        lambda required, device, keep_loaded=(): asked.append((required, device)) or [object()])
+    assert host.make_room_for(1000, torch.device("cpu")) == 0 and asked == []
+    assert host.make_room_for(1000, torch.device("cuda", 1)) == 1
+    assert asked == [(1000 + comfy.model_management.minimum_inference_memory(), torch.device("cuda", 1))]
+    loaded = siso("siso_ops.loaded_networks")
+    events = []
+    monkeypatch.setattr(host, "make_room_for", lambda nbytes, device: events.append(("room", nbytes, device)))
+    real_on_device = loaded.on_device
+    monkeypatch.setattr(loaded, "on_device", lambda networks, device, *a: events.append(("device",)) or
+                        real_on_device(networks, device, *a))
+    dino, ir = feature_files
+    score = comfy_nodes.NODE_CLASS_MAPPINGS["SISOSubjectScore"]
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    score.execute(images, subject, dino, ir, 1.0, 1.0, precision="fp32")
+    networks = [loaded.networks.peek(kind, host.weight_file_path(kind, name), torch.float32)
+                for kind, name in (("dino", dino), ("ir", ir))]
+    expected = sum(t.numel() * t.element_size() for n in networks for t in n.module.state_dict().values())
+    assert expected > 0 and events == [("room", expected, host.compute_device()), ("device",)]

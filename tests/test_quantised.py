@@ -367,3 +367,20 @@ def test_what_the_stock_lora_loaders_make_of_a_siso_lora_on_each_layout(layout, 
             bypassed = stock_image(bypass(model, None, tensors, 1.0, 0)[0], vae, positive)
         print(f"{layout}: LoraLoaderBypassModelOnly differs by {float((bypassed - ours).abs().max()):.2e}")
         torch.testing.assert_close(bypassed, ours, atol=1e-4, rtol=0)
+
+
+def test_a_lora_applied_on_the_fly_keeps_no_copy_on_the_compute_device():
+    """SISO Apply LoRA's on-the-fly layers (the quantised layers 8-16 GB users load) kept the first
+    call's device copy of their LoRA for good: ComfyUI's unload knows nothing of it, so "Unload
+    models" left rank x (in + out) float32 values per layer on the GPU (2.4 GB for Flux at rank 128).
+    The copy is made for the call only. The meta device stands in for a GPU: a call there computes
+    the output there, and the layer's own tensors stay where they were, on the CPU."""
+    layer = torch.nn.Linear(8, 4)
+    up, down = torch.randn(4, 2), torch.randn(2, 8)
+    on_the_fly = host.models.LoRAOnTheFly(layer, up, down, 0.5,
+                                          previous=lambda x, *a, **k: torch.zeros(*x.shape[:-1], 4, device=x.device))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(on_the_fly(x), 0.5 * x @ down.T @ up.T)     # the LoRA's term, on the CPU
+    out = on_the_fly(torch.empty(3, 8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 4)
+    assert on_the_fly.up.device.type == on_the_fly.down.device.type == "cpu"

@@ -36,7 +36,8 @@ from .models import (  # noqa: F401
     throw_if_interrupted, is_flow, latent_channels, lora_target_names, checkpoint_block_classes,
     diffusers_lora_targets, apply_lora, stored_quantised, is_dynamic, self_checked_path)
 from .training import training_clone, TrainableModel  # noqa: F401
-from .device_memory import free_cached_memory, make_room_for_training, unload_everything_from  # noqa: F401
+from .device_memory import (  # noqa: F401
+    free_cached_memory, make_room_for_training, make_room_for, unload_everything_from, keep_similarity_networks_while)
 from .environment import training_mode  # noqa: F401
 from .sampling import (  # noqa: F401
     SCHEDULERS, sigma_schedule, seed_noise, run_with_denoiser)

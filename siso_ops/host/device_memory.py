@@ -11,6 +11,16 @@ import comfy.model_management
 log = logging.getLogger("siso")
 
 
+def keep_similarity_networks_while(node) -> None:
+    """The similarity networks (about 1.75 GiB in bfloat16, twice that in float32) stay loaded
+    between runs while a SISO Optimize or SISO Subject Score node object lives in ComfyUI's node
+    cache, as SubjectMask's models do (keep_segmentation_models_while): "Free model and node cache"
+    (POST /free with free_memory) replaces that cache, the objects are collected and the networks
+    released; the next run reads their files again."""
+    from .. import loaded_networks
+    loaded_networks.networks.hold(node)
+
+
 def unload_loaded(which):
     """Unload (weights unpatched, off the device) every model ComfyUI holds loaded whose patcher
     satisfies ``which``."""
@@ -40,6 +50,17 @@ def make_room_for_training(device) -> int:
     if unloaded:
         log.info("SISO: unloaded %d model(s) from %s to make room for training", unloaded, device)
     return unloaded
+
+
+def make_room_for(nbytes: int, device) -> int:
+    """Before SISO Subject Score puts the similarity networks (``nbytes`` of weights) on a GPU, ask
+    ComfyUI to offload what it must for them plus its inference reserve, as its own loaders do
+    (a diffusion model left loaded after a KSampler fills a 12 GB card). On a CPU nothing is
+    unloaded. Returns how many models were unloaded."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return 0
+    return len(comfy.model_management.free_memory(nbytes + comfy.model_management.minimum_inference_memory(), device))
 
 
 def unload_everything_from(device) -> int:

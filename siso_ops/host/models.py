@@ -247,9 +247,10 @@ class LoRAOnTheFly:
         layer_input = x if self.input_read_only else x.clone()
         out = self.previous(layer_input, *args, **kwargs) if self.previous is not None else \
             type(self.module).forward(self.module, layer_input, *args, **kwargs)
-        if self.up.device != x.device:
-            self.up, self.down = self.up.to(x.device), self.down.to(x.device)
-        return lora.lora_output(x, self.down, self.up, self.scale, base=out)
+        # moved for this call only: a copy kept on the device would stay there after ComfyUI
+        # unloads the model (its accounting and unpatching know nothing of it), rank x (in + out)
+        # float32 values per layer (about 2.4 GB for Flux's linear layers at rank 128)
+        return lora.lora_output(x, self.down.to(x.device), self.up.to(x.device), self.scale, base=out)
 
 
 def apply_lora(model, lora_tensors: dict, strength: float):
