@@ -2,7 +2,7 @@ from comfy_api.v0_0_2 import io
 
 from ..siso_ops.dreambooth import training_set
 from .checks import CheckedNode, checked
-from .graph_types import CATEGORY
+from .graph_types import CATEGORY, search_aliases
 
 
 class DreamBoothTrainingSet(CheckedNode):
@@ -12,6 +12,8 @@ class DreamBoothTrainingSet(CheckedNode):
             node_id="DreamBoothTrainingSet",
             display_name="DreamBooth Training Set (subject + class images)",
             category=CATEGORY,
+            # searching "SISO" finds every node of the pack, this one too (its name is the paper's baseline's)
+            **search_aliases("SISO DreamBooth", "single-image DreamBooth", "class images"),
             description=(
                 "Single-image DreamBooth with prior preservation, for ComfyUI's own Train LoRA node: your subject "
                 "photo with a rare-token prompt ('a photo of sks dog') and class images the model generated itself "

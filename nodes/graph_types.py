@@ -29,3 +29,12 @@ FIXED_SEED = getattr(getattr(io, "ControlAfterGenerate", None), "fixed", True)
 # changes only when the user changes it, on every ComfyUI; saved workflows keep their values
 # (the seed is the node's last widget, so a saved control value after it is ignored).
 NO_SEED_CONTROL = False
+
+
+def search_aliases(*words: str) -> dict:
+    """Keyword arguments of a node's Schema: other words the node search finds it by, on a
+    ComfyUI whose Schema takes ``search_aliases`` (0.33 does; 0.3.75's search reads the name and
+    display name only). Read from the Schema's own fields, not from a version number."""
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(io.Schema)} if dataclasses.is_dataclass(io.Schema) else set()
+    return {"search_aliases": list(words)} if "search_aliases" in fields else {}

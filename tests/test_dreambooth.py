@@ -165,3 +165,19 @@ def test_the_dreambooth_lora_loads_in_the_stock_lora_loader(server, comparison):
     in_graph = _images(server, comparison["outputs"][DB_RENDERS])[:2]
     assert len(loaded) == 2 and all(np.array_equal(a, b) for a, b in zip(loaded, in_graph))
     assert any(not np.array_equal(a, b) for a, b in zip(loaded, base)), "the LoRA changes nothing"
+
+
+def test_searching_siso_finds_every_node_of_the_pack(object_info):
+    """The node search reads a node's name, display name and (0.33) search aliases: every other
+    node of the pack says SISO in its display name, DreamBooth Training Set (the paper's baseline)
+    through its aliases where this ComfyUI's Schema takes them, detected, not assumed."""
+    import dataclasses
+    from comfy_api.v0_0_2 import io
+    from conftest import pack_node_ids
+    info = object_info["DreamBoothTrainingSet"]
+    if "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}:
+        assert "SISO DreamBooth" in info["search_aliases"], info.get("search_aliases")
+    else:
+        assert not info.get("search_aliases")
+    others = [n for n in pack_node_ids() if n != "DreamBoothTrainingSet"]
+    assert len(others) == 8 and all("SISO" in object_info[n]["display_name"] for n in others)
