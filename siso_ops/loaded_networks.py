@@ -48,7 +48,7 @@ class _NetworkCache:
     def __init__(self):
         self.entries = {}
         self._holders = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # a finalizer may run inside hold() on this thread
 
     def hold(self, owner) -> None:
         with self._lock:
@@ -72,8 +72,9 @@ class _NetworkCache:
             with torch.inference_mode(False):
                 network = (load_dino if kind == "dino" else load_ir)(path).to(dtype=dtype)
             self.entries[kind] = (key, network)
-            release_freed_memory()
-        return self.entries[kind][1]
+            release_freed_memory()   # its collection may release the cache (``_release``): return our own reference
+            return network
+        return entry[1]
 
     def peek(self, kind: str, path: str | None, dtype: torch.dtype = torch.float32):
         """The cached network ``get`` would return without reading the file, or None."""

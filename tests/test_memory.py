@@ -517,3 +517,29 @@ def test_subject_score_asks_comfyui_for_room_before_its_networks_go_to_the_devic
                 for kind, name in (("dino", dino), ("ir", ir))]
     expected = sum(t.numel() * t.element_size() for n in networks for t in n.module.state_dict().values())
     assert expected > 0 and events == [("room", expected, host.compute_device()), ("device",)]
+
+
+def test_a_holder_collected_while_a_network_is_read_leaves_the_read_network_to_its_caller(feature_files,
+                                                                                          monkeypatch):
+    """The last holder's collection can come in the garbage collection that follows a file read
+    (release_freed_memory): the cache is then emptied, and the run that asked still gets the
+    network it read, not a KeyError."""
+    import gc
+    loaded = siso("siso_ops.loaded_networks")
+    cache = loaded._NetworkCache()
+
+    class Node:
+        pass
+
+    holder = [Node()]
+    cache.hold(holder[0])
+    real = loaded.release_freed_memory
+
+    def collect_the_holder():
+        holder.clear()
+        gc.collect()
+        real()
+    monkeypatch.setattr(loaded, "release_freed_memory", collect_the_holder)
+    dino, _ = feature_files
+    network = cache.get("dino", host.weight_file_path("dino", dino))
+    assert isinstance(network, fn.FeatureNetwork) and cache.entries == {}
