@@ -4,6 +4,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..siso_ops import host, loaded_networks
+from ..siso_ops.memory_networks import network_bytes
 from ..siso_ops.precision import PRECISIONS, compute_dtype, precision_warnings
 from ..siso_ops.score import score_images, size_problem
 from ..siso_ops.similarity import weights_problem
@@ -99,7 +100,8 @@ class SISOSubjectScore(CheckedNode):
             bar.update_absolute(done, total)
             host.throw_if_interrupted()
 
-        host.make_room_for(loaded_networks.weight_bytes((dino, ir)), device)   # what ComfyUI holds on a GPU
+        # what ComfyUI holds on a GPU makes room for the networks' weights
+        host.make_room_for(sum(network_bytes(n.module) for n in (dino, ir) if n is not None), device)
         with loaded_networks.on_device((dino, ir), device):
             scores = score_images(images[..., :3].permute(0, 3, 1, 2), subject.images, dino, ir, dino_weight,
                                   ir_weight, device, dtype, on_chunk)

@@ -21,13 +21,13 @@ token count, head size) is checked and a mismatch is reported with the file name
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .packages import install_command, installed
 from .weights import WeightFileError, block_count, load_exactly, read_checkpoint  # noqa: F401  (WeightFileError: re-exported)
 
 DINO_IMAGE_SIZE = 518
@@ -151,17 +151,11 @@ class FeatureNetwork:
 
 
 def timm_missing() -> str | None:
-    """What to do where timm, which builds both networks, is not installed (None where it is),
-    found without importing it (ComfyUI's start stays cheap)."""
-    try:
-        found = importlib.util.find_spec("timm") is not None
-    except (ImportError, ValueError):
-        found = False
-    if found:
+    """What to do where timm, which builds both networks, is not installed (None where it is)."""
+    if installed("timm"):
         return None
-    requirements = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements.txt")
     return ("SISO's similarity networks (DINOv2 and the image-retrieval network) are built with timm, which is not "
-            f"installed in ComfyUI's Python. Run 'python -m pip install -r \"{requirements}\"' with ComfyUI's own "
+            f"installed in ComfyUI's Python. Run {install_command('requirements.txt')} with ComfyUI's own "
             "Python (the one that starts ComfyUI), then restart ComfyUI.")
 
 

@@ -104,12 +104,6 @@ def load(dino_path: str | None, ir_path: str | None, dino_weight: float, ir_weig
     return dino, ir
 
 
-def weight_bytes(feature_networks) -> int:
-    """The bytes of the given networks' weights (None entries skipped), as they are stored now."""
-    return sum(tensor.numel() * tensor.element_size() for network in feature_networks if network is not None
-               for tensor in network.module.state_dict().values())
-
-
 @contextlib.contextmanager
 def on_device(feature_networks, device, checkpointing: bool = False):
     """The given networks (None entries skipped) on ``device`` for the body, with gradient

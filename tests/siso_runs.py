@@ -57,3 +57,31 @@ def random_lora(model, scale: float, alpha: float | None = None, rank: int = 4, 
         if alpha is not None:
             tensors[f"diffusion_model.{name}.alpha"] = torch.tensor(alpha)
     return tensors
+
+
+class _QuietServer:
+    """What ComfyUI's PromptExecutor needs of the server when no client listens."""
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+    def queue_updated(self, *args, **kwargs):
+        pass
+
+
+def prompt_executor():
+    """ComfyUI's own executor in this process, with its node caches as main.py sets them up
+    (cache_args as main.py passes them: 0.33 reads "ram_inactive"; 0.3.75 ignores it)."""
+    import execution
+    return execution.PromptExecutor(_QuietServer(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+
+
+def free_model_and_node_cache(executor) -> None:
+    """POST /free {"unload_models": true, "free_memory": true}, as main.py's prompt_worker runs it,
+    then a collection."""
+    import gc
+    comfy.model_management.unload_all_models()
+    executor.reset()
+    gc.collect()

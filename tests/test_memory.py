@@ -433,33 +433,20 @@ def test_a_forward_that_reads_its_conditionings_values_is_counted_with_them_real
 
 
 # ----------------------------------------------------------------------------- releasing the networks
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self, *args, **kwargs):
-        pass
-
-
 def test_free_model_and_node_cache_releases_the_similarity_networks(feature_files):
     """DINOv2 and IR stay loaded between runs (a second run reads no file) while a SISO node object
     lives in ComfyUI's node cache; "Free model and node cache" (POST /free with free_memory:
     unload_all_models, then PromptExecutor.reset, as main.py runs it) releases them: nothing of the
     pack keeps them, so their RAM is freed. Before, a module-level cache held them for the life of
     the process (1.75 GiB in bfloat16, 3.5 GiB in float32)."""
-    import gc
     import uuid
     import weakref
 
     import numpy as np
     from PIL import Image
 
-    import comfy.model_management
-    import execution
     import folder_paths
+    from siso_runs import free_model_and_node_cache, prompt_executor
     networks = siso("siso_ops.loaded_networks").networks
     name = f"subject-{uuid.uuid4().hex}.png"
     pixels = (torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).numpy().astype(np.uint8)
@@ -473,8 +460,7 @@ def test_free_model_and_node_cache_releases_the_similarity_networks(feature_file
                   "dino_weight": 1.0, "ir_weight": 1.0, "precision": "fp32"}},
               "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 3]}}}
     networks.clear()
-    # cache_args as main.py passes them (0.33 reads "ram_inactive"; 0.3.75 ignores it)
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor = prompt_executor()
     executor.execute(prompt, "p1", {}, ["4"])
     assert executor.success, executor.status_messages
     assert set(networks.entries) == {"dino", "ir"}
@@ -482,9 +468,7 @@ def test_free_model_and_node_cache_releases_the_similarity_networks(feature_file
     prompt["3"]["inputs"]["dino_weight"] = 0.5      # a second run reuses them: the same objects
     executor.execute(prompt, "p2", {}, ["4"])
     assert executor.success and [a() for a in alive] == [e[1] for e in networks.entries.values()]
-    comfy.model_management.unload_all_models()
-    executor.reset()
-    gc.collect()
+    free_model_and_node_cache(executor)
     assert networks.entries == {}
     assert all(ref() is None for ref in alive), "the networks' memory is released"
 

@@ -8,7 +8,6 @@ depend on it: Swin-T at 800 px takes about 8 s per image on a 2-core CPU."""
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -570,19 +569,8 @@ def test_the_models_load_and_predict_without_touching_the_network(files, fast, m
     assert set(seg.MODELS.loaded()) == {"grounding_dino", "sam"}
 
 
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs):
-        pass
-
-    def queue_updated(self, *args, **kwargs):
-        pass
-
-
 def test_free_model_and_node_cache_releases_the_models(files, fast):
-    import execution
+    from siso_runs import free_model_and_node_cache, prompt_executor
     name = f"subject-{uuid.uuid4().hex}.png"
     Image.fromarray((photos(batch=1)[0] * 255).numpy().astype(np.uint8)).save(
         os.path.join(folder_paths.get_input_directory(), name))
@@ -593,8 +581,7 @@ def test_free_model_and_node_cache_releases_the_models(files, fast):
                   "keep": "most confident", "grow_pixels": 0, "when_nothing_found": "error"}},
               "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}}}
     seg.MODELS.clear()
-    # cache_args as main.py passes them (0.33 reads "ram_inactive"; 0.3.75 ignores it)
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    executor = prompt_executor()
     executor.execute(prompt, "p1", {}, ["3"])
     assert executor.success, executor.status_messages
     loaded = seg.MODELS.loaded()
@@ -605,10 +592,7 @@ def test_free_model_and_node_cache_releases_the_models(files, fast):
     executor.execute(prompt, "p2", {}, ["3"])
     assert executor.success and all(a() is b for a, b in zip(alive, seg.MODELS.loaded().values()))
     del loaded
-    # POST /free {"unload_models": true, "free_memory": true}, as main.py's prompt_worker runs it.
-    comfy.model_management.unload_all_models()
-    executor.reset()
-    gc.collect()
+    free_model_and_node_cache(executor)
     assert seg.MODELS.loaded() == {}
     assert all(ref() is None for ref in alive), "the models' memory is released"
 

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import os
 
+from ..packages import PACK_FOLDER, install_command, installed
 from ..weights import WeightFileError, read_checkpoint as read_state
 
 BERT_FOLDER = "bert-base-uncased"
@@ -23,9 +24,8 @@ SAM_SOURCE = ("sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pt
 DRAWN_MASK_WAY_OUT = ("Without these files, draw the mask by hand instead of using SISO Subject Mask: open the photo "
                       "in Load Image's mask editor (right-click > Open in MaskEditor), paint the subject and connect "
                       "Load Image's MASK where SISO Subject Mask's mask went (template siso_subject_swap_drawn_mask).")
-# The pack's folder (the one ComfyUI loaded it from) and the file that installs Grounding DINO's package.
-SUBJECT_MASK_REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                         "requirements-subject-mask.txt")
+# The file that installs Grounding DINO's package, in the pack's folder.
+SUBJECT_MASK_REQUIREMENTS = os.path.join(PACK_FOLDER, "requirements-subject-mask.txt")
 # Community pairs of checkpoint and config file names (as other ComfyUI packs expect them).
 KNOWN_CONFIGS = {"groundingdino_swint_ogc": "GroundingDINO_SwinT_OGC.cfg.py",
                  "groundingdino_swinb_cogcoor": "GroundingDINO_SwinB.cfg.py"}
@@ -91,19 +91,15 @@ def _statement_kind(node) -> str:
 
 
 def grounding_dino_package_missing() -> str | None:
-    """What to do where the groundingdino-py package is not installed (None where it is), found
-    without importing it. requirements.txt leaves it out on purpose (requirements-subject-mask.txt
-    says why), so a user who installed the pack meets this before their first found mask."""
-    try:
-        spec = importlib.util.find_spec("groundingdino")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
+    """What to do where the groundingdino-py package is not installed (None where it is).
+    requirements.txt leaves it out on purpose (requirements-subject-mask.txt says why), so a user
+    who installed the pack meets this before their first found mask."""
+    if installed("groundingdino"):
         return None
     return ("SISO Subject Mask finds the subject with Grounding DINO, and its package (groundingdino-py) is not "
             "installed in ComfyUI's Python: the pack's requirements.txt leaves it out because it changes packages "
             "other packs share (supervision, opencv-python, possibly numpy). To install it, run "
-            f"'python -m pip install -r \"{SUBJECT_MASK_REQUIREMENTS}\"' with ComfyUI's own Python (on Windows "
+            f"{install_command(os.path.basename(SUBJECT_MASK_REQUIREMENTS))} with ComfyUI's own Python (on Windows "
             "with a Chinese, Japanese or Korean locale, set PYTHONUTF8=1 first), then restart ComfyUI. Or connect "
             "ComfyUI's own SAM3 to sam3_model and sam3_clip (no package needed). " + DRAWN_MASK_WAY_OUT)
 

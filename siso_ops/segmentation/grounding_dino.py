@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks as M
+from ..packages import install_command
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize
 from ..weights import WeightFileError, load_exactly
 from .config import (SUBJECT_MASK_REQUIREMENTS, check_bert_folder, grounding_dino_config, grounding_dino_package_missing,
@@ -105,7 +106,7 @@ def _import_groundingdino():
         hint = (" opencv-python (a groundingdino-py dependency) needs libGL; on a server without a display "
                 "install opencv-python-headless instead." if "libGL" in str(error) or error.name == "cv2" else "")
         raise ImportError(f"groundingdino-py is installed but could not be imported ({error}); reinstall it with "
-                          f"'python -m pip install -r \"{SUBJECT_MASK_REQUIREMENTS}\"' in ComfyUI's Python.{hint}") from error
+                          f"{install_command(os.path.basename(SUBJECT_MASK_REQUIREMENTS))} in ComfyUI's Python.{hint}") from error
     return build_model
 
 
